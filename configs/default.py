@@ -1,0 +1,122 @@
+"""Default configuration: the authors' Puzzle-CAM recipe (spec §1, §4, §5) for ResNet-50 on VOC 2012 + SBD.
+
+Every other config imports this one and overrides fields. Override any field on the command line with
+``--config.section.field=value``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Stages to run, in order (see puzzle_jax/pipeline.py for the names); a comma-separated string also works.
+    config.stages = ("train_cam", "infer_cam", "eval_cam")
+    # Seed of parameter initialisation and of the data order.
+    config.seed = 0
+
+    config.mesh = ml_collections.ConfigDict()
+    # Devices of the ('data',) mesh; 0 uses every visible device.
+    config.mesh.num_devices = 0
+
+    config.data = ml_collections.ConfigDict()
+    # Dataset name: "puzzle_demo" (built-in synthetic set); the VOC/COCO/folder builders come with the datasets issue.
+    config.data.dataset = "voc2012_aug"
+    # Where tfds keeps prepared datasets (array_record files).
+    config.data.data_dir = "~/tensorflow_datasets"
+    # Keyword arguments of the dataset builder (e.g. the demo set's sizes); empty for the defaults.
+    config.data.builder_kwargs = ml_collections.ConfigDict()
+    # Split the CAM classifier trains on (VOC: train_aug, 10,582 images).
+    config.data.train_split = "train_aug"
+    # Random crop side of training images (the authors' --image_size).
+    config.data.crop_size = 512
+    # Range of the random long-side rescale before the crop (the authors' --min/--max_image_size).
+    config.data.rescale_range = (320, 640)
+    # Host worker processes of the grain loader (0 = in the main process).
+    config.data.worker_count = 0
+
+    config.model = ml_collections.ConfigDict()
+    # Backbone: resnet50, resnet101, resnest50, resnest101, resnest200, resnest269 or resnet_tiny (CPU demos).
+    config.model.arch = "resnet50"
+    # Output stride of the backbone (16 as the authors; 8 or 32 also possible).
+    config.model.output_stride = 16
+    # BatchNorm: "global" (statistics over the global batch), "per_replica" (per group of bn_group_size images,
+    # the authors' unsynchronised 4-GPU BN) or "frozen" (running statistics, trainable scale/bias: their "fix").
+    config.model.bn_mode = "per_replica"
+    # Images per BatchNorm group in "per_replica" mode (32 images over 4 GPUs = 8).
+    config.model.bn_group_size = 8
+    # Exported model (folder) whose backbone initialises training: converted ImageNet weights
+    # (python -m puzzle_jax.weights.convert) or the "pretrain" stage's export. Empty = random init.
+    config.model.init_from = ""
+    # Also take the 1x1 classifier head from init_from (it must have the same classes); off for ImageNet weights.
+    config.model.init_head = False
+    # Compute dtype of the backbone: "float32" or "bfloat16" (parameters and BN statistics stay float32).
+    config.model.dtype = "float32"
+    # Rematerialise each residual block in the backward pass (saves memory for ResNeSt-269 at 512x512).
+    config.model.remat = False
+
+    config.cam = ml_collections.ConfigDict()
+    # Loss terms, as the authors' --loss_option: cl (plain CAM), cl_pcl, cl_re, cl_pcl_re (Puzzle-CAM).
+    config.cam.loss_option = "cl_pcl_re"
+    # Tiles per side of the puzzle grid (2 = the authors' num_pieces 4).
+    config.cam.grid = 2
+    # Maps the reconstruction loss compares: "feature" (raw class maps, authors' default) or "cam" (normalised).
+    config.cam.level = "feature"
+    # Reconstruction norm: "l1" or "l2".
+    config.cam.re_loss = "l1"
+    # Reconstruction reduction: "masking" (GT classes, mean over all), "selection" or "none".
+    config.cam.re_loss_option = "masking"
+    # Final weight of the reconstruction loss (README 4.0).
+    config.cam.alpha = 4.0
+    # Fraction of training over which alpha ramps up linearly from 0 (0 = constant alpha).
+    config.cam.alpha_schedule = 0.5
+
+    config.train = ml_collections.ConfigDict()
+    # Global batch size (images per step over all devices and processes).
+    config.train.batch_size = 32
+    # Epochs over the training split (steps per epoch = floor(images / batch_size)).
+    config.train.epochs = 15
+    # Base learning rate of the pretrained backbone weights (biases x2, head x10, head biases x20).
+    config.train.learning_rate = 0.1
+    # Weight decay of weights (biases and BN shifts get none).
+    config.train.weight_decay = 1e-4
+    # Power of the polynomial learning-rate decay.
+    config.train.poly_power = 0.9
+    # Nesterov momentum (the authors: on).
+    config.train.nesterov = True
+    # "authors": their PolyOptimizer's effective momentum (= weight_decay, i.e. almost none; spec §4), which is what
+    # their numbers were produced with; "standard": momentum = train.momentum.
+    config.train.momentum_mode = "authors"
+    # Momentum used when momentum_mode is "standard".
+    config.train.momentum = 0.9
+    # Steps between metric records (JSON lines and TensorBoard).
+    config.train.log_every_steps = 10
+    # Steps between checkpoints (the final step is always saved).
+    config.train.checkpoint_every_steps = 200
+    # Checkpoints kept on disk.
+    config.train.max_to_keep = 2
+
+    config.pretrain = ml_collections.ConfigDict()
+    # Classification-only pretraining on data.pretrain_split, the stand-in for ImageNet weights on the demo set.
+    # Split used by the "pretrain" stage (images disjoint from train_split).
+    config.pretrain.split = "pretrain"
+    # Epochs of the pretrain stage.
+    config.pretrain.epochs = 10
+    # Global batch size of the pretrain stage.
+    config.pretrain.batch_size = 32
+    # Learning rate of the pretrain stage (every parameter is trained from scratch there).
+    config.pretrain.learning_rate = 0.1
+
+    config.infer = ml_collections.ConfigDict()
+    # Split whose CAMs are computed and evaluated (the paper reports CAM mIoU on VOC train, 1,464 images).
+    config.infer.split = "train"
+    # Input scales of CAM inference; each is also run flipped and the maps are summed (spec §5).
+    config.infer.scales = (0.5, 1.0, 1.5, 2.0)
+    # Run the horizontally flipped image too.
+    config.infer.flip = True
+    # Images are padded up to a multiple of this side so XLA compiles once per size bucket, not once per image.
+    config.infer.pad_multiple = 64
+
+    config.eval = ml_collections.ConfigDict()
+    # Background thresholds swept by eval_cam: start, stop (inclusive) and step (the authors: 0.05..0.75 by 0.05).
+    config.eval.threshold_range = (0.05, 0.75, 0.05)
+    return config

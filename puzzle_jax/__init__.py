@@ -1,0 +1,1 @@
+"""puzzle_jax: Puzzle-CAM weakly-supervised semantic segmentation in JAX/Flax NNX."""

@@ -1,0 +1,88 @@
+"""The stage registry and the workdir layout: the one place that knows where each artefact lives.
+
+A run is a pipeline of stages over one workdir. Each stage module exposes ``run(config, workdir) -> dict``; it
+reads earlier stages' artefacts through ``Workdir``, writes its own atomically, skips what is already complete, and
+returns a summary that is written to ``<workdir>/<stage>/summary.json``. Stages never import each other.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+
+import jax
+import ml_collections
+
+from puzzle_jax import fileio
+
+# Stage name -> module. Order here is the pipeline order; config.stages picks a subsequence.
+STAGES: dict[str, str] = {
+        "pretrain": "puzzle_jax.stages.pretrain",
+        "train_cam": "puzzle_jax.stages.train_cam",
+        "infer_cam": "puzzle_jax.stages.infer_cam",
+        "eval_cam": "puzzle_jax.stages.eval_cam",
+}
+
+
+class Workdir:
+    """Paths of every artefact of a run, relative to its root folder."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(os.path.expanduser(root))
+
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.root, stage)
+
+    def summary_path(self, stage: str) -> str:
+        return os.path.join(self.stage_dir(stage), "summary.json")
+
+    def exported_model(self, stage: str) -> str:
+        """The inference-only model a training stage exports when it finishes."""
+        return os.path.join(self.stage_dir(stage), "model")
+
+    def cam_dir(self) -> str:
+        """One ``<image id>.npz`` per image (``keys``, ``cam``, ``hr_cam``), written by ``infer_cam``."""
+        return os.path.join(self.stage_dir("infer_cam"), "cams")
+
+
+def check_stages(stages: list[str] | tuple[str, ...]) -> list[str]:
+    """Validates ``config.stages`` and returns it as a list."""
+    if isinstance(stages, str):
+        stages = [name.strip() for name in stages.split(",") if name.strip()]
+    unknown = [name for name in stages if name not in STAGES]
+    if unknown or not stages:
+        raise ValueError(
+                f"config.stages={list(stages)!r}: unknown or empty; allowed stage names are {list(STAGES)}."
+        )
+    return list(stages)
+
+
+def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+    """Runs ``config.stages`` in order and writes each stage's summary; returns the summaries."""
+    stages = check_stages(config.stages)
+    layout = Workdir(workdir)
+    os.makedirs(layout.root, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(layout.root, "config.txt"), "w") as handle:
+            handle.write(str(config))
+    summaries = {}
+    for name in stages:
+        _announce(f"[{name}] starting (workdir {layout.root})")
+        started = time.time()
+        module = importlib.import_module(STAGES[name])
+        summary = dict(module.run(config, layout))
+        summary["seconds"] = round(time.time() - started, 1)
+        if summary.get("skipped") and os.path.exists(layout.summary_path(name)):
+            # The stage's output was complete already: keep the summary of the run that produced it.
+            summary = {**fileio.read_json(layout.summary_path(name)), "skipped": True}
+        elif jax.process_index() == 0:
+            fileio.write_json(layout.summary_path(name), summary)
+        _announce(f"[{name}] done in {summary['seconds']:.1f} s -> {layout.summary_path(name)}")
+        summaries[name] = summary
+    return summaries
+
+
+def _announce(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)

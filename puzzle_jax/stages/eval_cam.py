@@ -1,0 +1,62 @@
+"""Stage ``eval_cam``: CAM mIoU of ``infer_cam``'s outputs with a background-threshold sweep (spec §6).
+
+One confusion matrix per threshold over the whole split (every class including background, GT 255 ignored); the
+best threshold's mIoU, its per-class IoU and the whole sweep go to the summary and are printed as a table.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from puzzle_jax.data import datasets
+from puzzle_jax.evaluation import miou, report
+from puzzle_jax.pipeline import Workdir
+
+
+def thresholds_from(threshold_range) -> np.ndarray:
+    """``(start, stop, step)`` with ``stop`` included, rounded so 0.05 steps do not drift."""
+    start, stop, step = (float(value) for value in threshold_range)
+    if step <= 0 or stop < start:
+        raise ValueError(f"eval.threshold_range={tuple(threshold_range)}: need start <= stop and step > 0.")
+    count = int(round((stop - start) / step)) + 1
+    return np.round(start + step * np.arange(count), 6)
+
+
+def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
+    source, info = datasets.load_split(
+        config.data.dataset, config.infer.split, data_dir=os.path.expanduser(config.data.data_dir),
+        **dict(config.data.builder_kwargs)
+    )
+    cam_dir = workdir.cam_dir()
+    class_names = ["background"] + list(info.class_names)
+    sweep = miou.ThresholdSweep(len(class_names), thresholds_from(config.eval.threshold_range))
+    missing = []
+    for index in tqdm(range(len(source)), desc="eval_cam", disable=jax.process_index() != 0):
+        record = source[index]
+        path = os.path.join(cam_dir, f"{record['id']}.npz")
+        if not os.path.exists(path):
+            missing.append(path)
+            continue
+        with np.load(path) as cams:
+            sweep.update(cams["hr_cam"], cams["keys"], record["mask"])
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(source)} CAM files are missing (first: {missing[0]}); run infer_cam first."
+        )
+    result = sweep.result()
+    # JSON has no NaN: a class absent from both GT and prediction is reported as null.
+    per_class = [None if np.isnan(iou) else iou for iou in result["per_class_iou"]]
+    print(report.format_sweep_table(class_names, result), flush=True)
+    return {
+        "miou": result["miou"],
+        "best_threshold": result["best_threshold"],
+        "per_class_iou": dict(zip(class_names, per_class)),
+        "per_threshold_miou": dict(zip(map(str, result["thresholds"]), result["per_threshold_miou"])),
+        "num_images": result["num_images"],
+        "split": config.infer.split,
+    }

@@ -1,0 +1,61 @@
+"""Stage ``infer_cam``: multi-scale + flip CAMs of ``config.infer.split`` (spec §5), one ``.npz`` per image.
+
+Reads ``train_cam/model``; writes ``infer_cam/cams/<id>.npz`` with ``keys``, ``cam`` and ``hr_cam`` (numpy only).
+Each file is written atomically and existing files are skipped, so an interrupted run resumes where it stopped.
+Processes split the images between them (every image exactly once).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+from tqdm import tqdm
+
+from puzzle_jax import cam_inference, classifier_training, fileio
+from puzzle_jax.data import datasets
+from puzzle_jax.pipeline import Workdir
+
+
+def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
+    model_dir = workdir.exported_model("train_cam")
+    model, model_config = classifier_training.load_exported_classifier(model_dir)
+    source, _ = datasets.load_split(
+        config.data.dataset, config.infer.split, data_dir=os.path.expanduser(config.data.data_dir),
+        **dict(config.data.builder_kwargs)
+    )
+    forward = cam_inference.create_forward(model)
+    output_dir = workdir.cam_dir()
+    os.makedirs(output_dir, exist_ok=True)
+    indices = range(jax.process_index(), len(source), jax.process_count())
+    written = skipped = 0
+    started = time.perf_counter()
+    progress = tqdm(indices, desc="infer_cam", disable=jax.process_index() != 0, dynamic_ncols=True)
+    for index in progress:
+        record = source[index]
+        path = os.path.join(output_dir, f"{record['id']}.npz")
+        if os.path.exists(path):
+            skipped += 1
+            continue
+        cams = cam_inference.compute_cams(
+            forward,
+            record["image"],
+            record["labels"],
+            scales=tuple(config.infer.scales),
+            flip=bool(config.infer.flip),
+            pad_multiple=int(config.infer.pad_multiple),
+            output_stride=int(model_config["output_stride"]),
+        )
+        fileio.write_npz(path, **cams)
+        written += 1
+        progress.set_postfix(images_per_second=f"{written / (time.perf_counter() - started):.1f}", refresh=False)
+    return {
+        "cam_dir": output_dir,
+        "written": written,
+        "skipped_existing": skipped,
+        "scales": list(config.infer.scales),
+        "flip": bool(config.infer.flip),
+        "split": config.infer.split,
+    }

@@ -1,0 +1,287 @@
+"""The one generic sharded training loop: state, the jitted step, checkpoints, logging and progress.
+
+The model is an NNX module, but the step is a pure function. ``nnx.split`` happens once; the jitted step receives
+pure arrays (``nnx.as_pure``) for the parameters and the BatchNorm statistics, merges them into a module inside the
+trace, takes ``jax.value_and_grad`` of the objective, applies optax and returns the new pure state. Passing NNX
+Variables across the jit boundary instead makes BatchNorm raise ``TraceContextError`` (DESIGN.md).
+
+Stages supply the objective: ``compute_loss(model, batch, step) -> (loss, metrics)``, where ``model`` is the merged
+module in training mode, ``batch`` a dict of global arrays and ``metrics`` a dict of scalars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from puzzle_jax import checkpointing, sharding
+
+LossFunction = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes, as pure arrays (a pytree)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
+    """Splits a model into its graph definition and pure parameter and batch-statistic states."""
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, nnx.as_pure(params), nnx.as_pure(batch_stats)
+
+
+def merge_model(graphdef: nnx.GraphDef, params: Any, batch_stats: Any) -> nnx.Module:
+    """Rebuilds a module from ``split_model``'s parts."""
+    return nnx.merge(graphdef, params, batch_stats)
+
+
+def create_train_state(
+        model: nnx.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, TrainState]:
+    """Creates the replicated training state of ``model`` (which must be in training mode).
+
+    Returns:
+        The graph definition the step merges into and the state, already placed on every device of the mesh.
+    """
+    graphdef, params, batch_stats = split_model(model)
+    replicated = sharding.replicated(mesh)
+
+    def initial_state(params, batch_stats):
+        return TrainState(
+                step=jnp.zeros((), jnp.int32),
+                params=params,
+                batch_stats=batch_stats,
+                opt_state=optimizer.init(params),
+        )
+
+    # Created already replicated: the optimizer state is allocated in place on every device.
+    state = jax.jit(initial_state, out_shardings=replicated)(params, batch_stats)
+    return graphdef, state
+
+
+def make_train_step(
+        graphdef: nnx.GraphDef,
+        optimizer: optax.GradientTransformation,
+        compute_loss: LossFunction,
+        mesh: jax.sharding.Mesh,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the jitted, state-donating training step for a data-parallel mesh.
+
+    The batch arrives sharded along ``'data'``; the state is replicated. Under ``jit`` the BatchNorm statistics of a
+    sharded batch are global (what ``bn_mode='global'`` means): XLA inserts the cross-device reductions.
+    """
+    replicated = sharding.replicated(mesh)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        def loss_of(params):
+            model = merge_model(graphdef, params, state.batch_stats)
+            loss, metrics = compute_loss(model, batch, state.step)
+            new_batch_stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+            return loss, (metrics, new_batch_stats)
+
+        (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+                state.params
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        new_state = TrainState(
+                step=state.step + 1, params=params, batch_stats=new_batch_stats, opt_state=opt_state
+        )
+        return new_state, metrics
+
+    return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+class MetricsWriter:
+    """Writes scalar metrics as JSON lines and TensorBoard events (process 0 only)."""
+
+    def __init__(self, directory: str):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        os.makedirs(directory, exist_ok=True)
+        self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+        from tensorboardX import SummaryWriter  # Imported lazily: only process 0 writes events.
+
+        self._tensorboard = SummaryWriter(logdir=os.path.join(directory, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(name, float(value), int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was saved because the job was asked to stop (SIGTERM or a cluster preemption)."""
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Turns SIGTERM into a flag the loop polls, so a preempted job saves before it exits."""
+    requested = {"stop": False}
+
+    def handler(signum, frame):  # noqa: ARG001 (signal handler signature)
+        requested["stop"] = True
+
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # Not the main thread (e.g. inside some test runners): no handler, nothing to restore.
+        previous = None
+    try:
+        yield requested
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def fit(
+        *,
+        model: nnx.Module,
+        optimizer: optax.GradientTransformation,
+        compute_loss: LossFunction,
+        loader: Iterable,
+        total_steps: int,
+        mesh: jax.sharding.Mesh,
+        workdir: str,
+        checkpoint_every_steps: int,
+        log_every_steps: int,
+        description: str,
+        scalar_schedules: dict[str, Callable[[int], float]] | None = None,
+        max_to_keep: int = 2,
+        stop_after_steps: int | None = None,
+) -> tuple[nnx.GraphDef, TrainState, dict]:
+    """Trains ``model`` for ``total_steps``, resuming from ``workdir/checkpoints`` when a checkpoint is there.
+
+    Args:
+        model: the NNX module, already initialised (pretrained weights loaded) and in training mode.
+        optimizer: the optax transformation.
+        compute_loss: the objective (see the module docstring).
+        loader: a grain loader; its iterator's ``get_state``/``set_state`` are checkpointed with the model.
+        total_steps: number of optimisation steps of the whole run.
+        mesh: the data-parallel mesh.
+        workdir: the stage's folder: ``checkpoints/`` and ``metrics.jsonl``/TensorBoard events go there.
+        checkpoint_every_steps: checkpoint period; the last step is always saved.
+        log_every_steps: how often metrics are fetched from the device and written.
+        description: progress-bar label.
+        scalar_schedules: extra host-side scalars to log per step (e.g. the learning rate).
+        max_to_keep: checkpoints kept.
+        stop_after_steps: stop (after saving) once this step is reached, as if preempted. For tests and time-boxed jobs.
+
+    Returns:
+        ``(graphdef, final_state, summary)``; the summary holds the last logged metrics and throughput.
+
+    Raises:
+        Preempted: when a stop was requested; the state was saved first.
+        FloatingPointError: when the loss becomes NaN or infinite (the message names the step).
+    """
+    from tqdm import tqdm
+
+    graphdef, state = create_train_state(model, optimizer, mesh)
+    checkpointer = checkpointing.TrainingCheckpointer(
+            os.path.join(workdir, "checkpoints"),
+            save_every_steps=checkpoint_every_steps,
+            max_to_keep=max_to_keep,
+    )
+    iterator = iter(loader)
+    restored = checkpointer.restore_or_none(state)
+    start_step = 0
+    if restored is not None:
+        state, data_state, start_step = restored
+        if data_state and "iterator" in data_state:
+            iterator.set_state(data_state["iterator"].encode())
+    train_step = make_train_step(graphdef, optimizer, compute_loss, mesh)
+    writer = MetricsWriter(workdir)
+    schedules = scalar_schedules or {}
+    summary: dict = {"start_step": start_step, "total_steps": total_steps}
+    progress = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=description,
+            disable=jax.process_index() != 0,
+            dynamic_ncols=True,
+    )
+    pending: list[tuple[int, dict]] = []
+    images_seen, window_start = 0, time.perf_counter()
+    step = start_step
+    try:
+        with _stop_requests() as stop:
+            while step < total_steps:
+                host_batch = next(iterator)
+                batch = sharding.host_batch_to_global(host_batch, mesh)
+                state, metrics = train_step(state, batch)
+                step += 1
+                images_seen += len(next(iter(host_batch.values()))) * jax.process_count()
+                pending.append((step, metrics))
+                progress.update(1)
+                if step % log_every_steps == 0 or step == total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    last = _write_metrics(writer, pending, schedules, images_seen / elapsed)
+                    progress.set_postfix({k: f"{last[k]:.4f}" for k in ("loss",) if k in last})
+                    summary["last_metrics"] = last
+                    pending, images_seen, window_start = [], 0, time.perf_counter()
+                preempt = stop["stop"] or checkpointer.reached_preemption(step)
+                stopping = preempt or (stop_after_steps is not None and step >= stop_after_steps)
+                data_state = {"iterator": iterator.get_state().decode()}
+                checkpointer.save(step, state, data_state, force=stopping or step == total_steps)
+                if stopping and step < total_steps:
+                    checkpointer.wait_until_finished()
+                    raise Preempted(f"{description}: stopped at step {step} of {total_steps}; checkpoint saved.")
+    finally:
+        progress.close()
+        writer.close()
+        checkpointer.close()
+    summary["final_step"] = step
+    return graphdef, state, summary
+
+
+def _write_metrics(
+        writer: MetricsWriter,
+        pending: list[tuple[int, dict]],
+        schedules: dict[str, Callable[[int], float]],
+        images_per_second: float,
+) -> dict[str, float]:
+    """Fetches buffered device metrics, checks them for NaN, and writes one record per step."""
+    host = jax.device_get(pending)
+    last: dict[str, float] = {}
+    for step, metrics in host:
+        scalars = {name: float(np.asarray(value)) for name, value in metrics.items()}
+        if not math.isfinite(scalars["loss"]):
+            raise FloatingPointError(
+                    f"The loss became {scalars['loss']} at step {step} (metrics: {scalars}). Lower the learning rate "
+                    "or check the input data; the last checkpoint is still on disk."
+            )
+        for name, schedule in schedules.items():
+            scalars[name] = float(schedule(step - 1))
+        scalars["images_per_second"] = images_per_second
+        writer.write(step, scalars)
+        last = scalars
+    return last
