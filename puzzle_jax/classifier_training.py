@@ -17,7 +17,6 @@ import ml_collections
 from flax import nnx
 
 from puzzle_jax import checkpointing, losses, models, optim, puzzle, sharding, training
-from puzzle_jax.data import datasets, input_pipeline
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -171,6 +170,10 @@ def train_classifier(
     Returns:
       The stage summary (steps, final metrics, export path).
     """
+    # Imported here, not at module level: the objectives above are also used where tfds and grain are not
+    # installed (benchmarks on an accelerator machine).
+    from puzzle_jax.data import datasets, input_pipeline
+
     export_dir = os.path.join(stage_dir, "model")
     if checkpointing.is_exported_model(export_dir):
         logging.info("%s already exported: skipping training.", export_dir)
