@@ -1,0 +1,154 @@
+"""The dataset registry: dataset names (`config.data.dataset`) -> tfds builders, and `load_split`.
+
+This module owns how a named dataset becomes a random-access source of decoded numpy records: it
+prepares the tfds builder to `array_record` on first use (no TensorFlow needed), opens the split
+with `tfds.data_source`-style random access, and converts each record to the layout every stage
+uses:
+
+    image   uint8 (H, W, 3) RGB
+    mask    uint8 (H, W): 0 background, 1..C classes, 255 ignored
+    id      str
+    labels  float32 (C,) multi-hot image-level labels
+
+To add a dataset, write a builder module that exposes `create_builder(*, data_dir, **kwargs)`
+returning a tfds builder with a `class_names` property, and add it to `DATASET_BUILDERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from puzzle_jax.data import demo
+
+# Name (the value of config.data.dataset) -> builder factory taking data_dir and builder options.
+DATASET_BUILDERS: dict[str, Callable[..., tfds.core.DatasetBuilder]] = {
+    "puzzle_demo": demo.create_builder,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    """What a stage needs to know about a loaded split.
+
+    Attributes:
+      name: dataset name (a key of DATASET_BUILDERS).
+      split: split name.
+      num_examples: number of records in the split.
+      num_classes: number of foreground classes C (labels have shape (C,), mask values 1..C).
+      class_names: the C foreground class names, in label order.
+      split_sizes: every split of the dataset and its number of records.
+      tfds_info: the underlying tfds DatasetInfo, for anything else.
+    """
+
+    name: str
+    split: str
+    num_examples: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    split_sizes: Mapping[str, int]
+    tfds_info: Any
+
+
+class DecodedRecords(Sequence):
+    """Random-access view of a tfds data source with records in the project's layout.
+
+    Picklable (it only holds the tfds data source), so grain worker processes can read from it.
+    """
+
+    def __init__(self, data_source: Sequence[dict]):
+        self._data_source = data_source
+
+    def __len__(self) -> int:
+        return len(self._data_source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not isinstance(index, (int, np.integer)):
+            raise TypeError(f"Records are indexed by int; got {type(index).__name__} {index!r}.")
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"Record index {index} is out of range for {len(self)} records.")
+        return decode_record(self._data_source[int(index) % len(self)])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def __repr__(self) -> str:
+        return f"DecodedRecords({self._data_source!r})"
+
+
+def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Converts one tfds numpy record to the project's layout (see the module docstring)."""
+    example_id = record["id"]
+    if isinstance(example_id, bytes):
+        example_id = example_id.decode("utf-8")
+    mask = np.asarray(record["mask"], np.uint8)
+    if mask.ndim == 3:
+        # Masks are stored as single-channel PNGs, which tfds decodes as (H, W, 1).
+        mask = mask[..., 0]
+    return {
+        "image": np.asarray(record["image"], np.uint8),
+        "mask": mask,
+        "id": str(example_id),
+        "labels": np.asarray(record["labels"], np.float32),
+    }
+
+
+def create_builder(name: str, *, data_dir: str, **builder_kwargs) -> tfds.core.DatasetBuilder:
+    """Returns the tfds builder registered under `name` (not prepared yet).
+
+    Raises:
+      ValueError: when `name` is not a registered dataset.
+    """
+    if name not in DATASET_BUILDERS:
+        raise ValueError(
+            f"Unknown dataset {name!r} (config field data.dataset); allowed values: "
+            f"{sorted(DATASET_BUILDERS)}."
+        )
+    return DATASET_BUILDERS[name](data_dir=data_dir, **builder_kwargs)
+
+
+def load_split(
+    name: str, split: str, *, data_dir: str, **builder_kwargs
+) -> tuple[DecodedRecords, SplitInfo]:
+    """Prepares dataset `name` in `data_dir` if needed and opens one split for random access.
+
+    Args:
+      name: dataset name, the value of config.data.dataset (e.g. "puzzle_demo").
+      split: split name (e.g. "train").
+      data_dir: tfds data directory; the dataset is generated or prepared there on first use.
+      **builder_kwargs: dataset options, e.g. for puzzle_demo: seed, num_classes, num_pretrain,
+        num_train, num_val, min_side, max_side.
+
+    Returns:
+      (source, info): `source` is a random-access sequence of records (dicts of numpy arrays:
+      `image`, `mask`, `id`, `labels`); `info` describes the split and the classes.
+
+    Raises:
+      ValueError: for an unknown dataset name, dataset option or split.
+    """
+    builder = create_builder(name, data_dir=data_dir, **builder_kwargs)
+    # A no-op when the data is already prepared; tfds writes to a temporary directory and renames
+    # it, so an interrupted preparation never leaves a half-written dataset behind.
+    builder.download_and_prepare()
+    split_sizes = {key: value.num_examples for key, value in builder.info.splits.items()}
+    if split not in split_sizes:
+        raise ValueError(
+            f"Unknown split {split!r} of dataset {name!r}; allowed: {sorted(split_sizes)}."
+        )
+    source = DecodedRecords(builder.as_data_source(split))
+    class_names = tuple(builder.class_names)
+    info = SplitInfo(
+        name=name,
+        split=split,
+        num_examples=len(source),
+        num_classes=len(class_names),
+        class_names=class_names,
+        split_sizes=split_sizes,
+        tfds_info=builder.info,
+    )
+    return source, info

@@ -1,0 +1,184 @@
+"""Tests for the built-in demo dataset (data/demo.py) and the registry (data/datasets.py)."""
+
+import hashlib
+import pickle
+
+import cv2
+import numpy as np
+import pytest
+
+from puzzle_jax.data import datasets, demo
+
+SIZES = dict(num_pretrain=6, num_train=12, num_val=4)
+SPLITS = ("pretrain", "train", "val")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("demo_data"))
+
+
+@pytest.fixture(scope="module")
+def demo_splits(data_dir):
+    return {
+        split: datasets.load_split("puzzle_demo", split, data_dir=data_dir, seed=3, **SIZES)
+        for split in SPLITS
+    }
+
+
+def image_digest(image: np.ndarray) -> str:
+    return hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()
+
+
+def test_split_counts_info_and_feature_layout(demo_splits):
+    for split, (source, info) in demo_splits.items():
+        assert len(source) == SIZES[f"num_{split}"] == info.num_examples
+        assert info.split_sizes == {name: SIZES[f"num_{name}"] for name in SPLITS}
+        assert info.num_classes == 5 and len(info.class_names) == 5
+        assert len(set(info.class_names)) == 5
+        ids = []
+        for record in source:
+            assert set(record) == {"image", "mask", "id", "labels"}
+            image, mask = record["image"], record["mask"]
+            assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            assert 80 <= image.shape[0] <= 128 and 80 <= image.shape[1] <= 128
+            assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
+            assert record["labels"].dtype == np.float32 and record["labels"].shape == (5,)
+            assert isinstance(record["id"], str)
+            ids.append(record["id"])
+        assert ids == [f"{split}_{index:05d}" for index in range(len(source))]
+
+
+def test_image_sizes_vary(demo_splits):
+    shapes = {record["image"].shape for record in demo_splits["train"][0]}
+    assert len(shapes) > 6
+
+
+def test_labels_are_exactly_the_classes_in_the_mask(demo_splits):
+    for source, info in demo_splits.values():
+        for record in source:
+            values = set(np.unique(record["mask"]).tolist())
+            assert values <= set(range(info.num_classes + 1)) | {255}
+            classes_in_mask = sorted(value for value in values if 1 <= value <= info.num_classes)
+            expected_label_indices = [value - 1 for value in classes_in_mask]
+            assert np.flatnonzero(record["labels"]).tolist() == expected_label_indices
+            assert set(np.unique(record["labels"]).tolist()) <= {0.0, 1.0}
+            assert 1 <= len(classes_in_mask) <= 3
+
+
+def test_objects_are_outlined_by_255_like_voc(demo_splits):
+    for record in demo_splits["train"][0]:
+        mask = record["mask"].astype(int)
+        assert np.any(mask == 255)
+        # No two 4-neighbours carry different real labels: every label change passes through 255.
+        for a, b in ((mask[1:], mask[:-1]), (mask[:, 1:], mask[:, :-1])):
+            touching = (a != b) & (a != 255) & (b != 255)
+            assert not touching.any(), record["id"]
+        # The border is thin: every 255 pixel lies within 2 pixels of a labelled pixel (where
+        # borders of touching objects meet it can be thicker than 2 pixels, never wider than 5).
+        void = (mask == 255).astype(np.uint8)
+        eroded = cv2.erode(void, np.ones((5, 5), np.uint8), borderType=cv2.BORDER_REPLICATE)
+        assert not np.any(eroded)
+        assert np.mean(mask == 255) < 0.15
+
+
+def test_objects_are_large_with_class_specific_head_colours_inside(demo_splits):
+    source, info = demo_splits["train"]
+    foreground_fractions = []
+    for record in source:
+        mask, image = record["mask"], record["image"].astype(int)
+        foreground_fractions.append(np.mean((mask >= 1) & (mask <= info.num_classes)))
+        for class_index in np.flatnonzero(record["labels"]):
+            appearance = demo.CLASS_APPEARANCES[class_index]
+            inside = mask == class_index + 1
+            # The head core is the class evidence: its colour (up to blur and noise) lies in the
+            # object.
+            distance = np.abs(image - np.array(appearance.head_core_rgb)).max(axis=-1)
+            assert np.count_nonzero(inside & (distance < 40)) >= 4, (record["id"], appearance.name)
+    assert 0.12 < np.mean(foreground_fractions) < 0.7
+
+
+def test_source_is_picklable_for_grain_workers(demo_splits):
+    source, _ = demo_splits["val"]
+    restored = pickle.loads(pickle.dumps(source))
+    np.testing.assert_array_equal(restored[1]["image"], source[1]["image"])
+    assert restored[-1]["id"] == source[len(source) - 1]["id"]
+    with pytest.raises(IndexError):
+        source[len(source)]
+
+
+def test_pretrain_images_are_disjoint_from_train_and_val(demo_splits):
+    digests = {split: {image_digest(r["image"]) for r in demo_splits[split][0]} for split in SPLITS}
+    assert not digests["pretrain"] & digests["train"]
+    assert not digests["pretrain"] & digests["val"]
+    assert not digests["train"] & digests["val"]
+
+
+def test_generation_is_deterministic_by_seed(demo_splits, tmp_path):
+    # Regenerated from scratch into another directory: same seed, same bytes.
+    same, _ = datasets.load_split(
+        "puzzle_demo", "train", data_dir=str(tmp_path / "a"), seed=3, **SIZES
+    )
+    other, _ = datasets.load_split(
+        "puzzle_demo", "train", data_dir=str(tmp_path / "b"), seed=4, **SIZES
+    )
+    original = demo_splits["train"][0]
+    for index in range(len(original)):
+        np.testing.assert_array_equal(same[index]["image"], original[index]["image"])
+        np.testing.assert_array_equal(same[index]["mask"], original[index]["mask"])
+        np.testing.assert_array_equal(same[index]["labels"], original[index]["labels"])
+    other_digests = {image_digest(record["image"]) for record in other}
+    assert other_digests.isdisjoint(image_digest(record["image"]) for record in original)
+
+
+def test_stored_records_equal_freshly_rendered_examples(demo_splits):
+    """PNG storage is lossless and record i of a split is example i of that split's stream."""
+    source, _ = demo_splits["val"]
+    for index in range(len(source)):
+        image, mask, labels = demo.generate_example(
+            demo.example_rng(3, "val", index), num_classes=5, min_side=80, max_side=128
+        )
+        np.testing.assert_array_equal(source[index]["image"], image)
+        np.testing.assert_array_equal(source[index]["mask"], mask)
+        np.testing.assert_array_equal(source[index]["labels"], labels)
+
+
+def test_configurable_classes_and_sides(tmp_path):
+    source, info = datasets.load_split(
+        "puzzle_demo", "val", data_dir=str(tmp_path), num_classes=3, min_side=48, max_side=56,
+        num_pretrain=1, num_train=1, num_val=5,
+    )
+    assert info.num_classes == 3
+    assert info.class_names == tuple(appearance.name for appearance in demo.CLASS_APPEARANCES[:3])
+    for record in source:
+        assert record["labels"].shape == (3,)
+        assert 48 <= min(record["image"].shape[:2]) and max(record["image"].shape[:2]) <= 56
+        assert set(np.unique(record["mask"]).tolist()) <= {0, 1, 2, 3, 255}
+
+
+def test_default_config_sizes_and_registered_name():
+    config = demo.create_demo_config()
+    assert (config.num_pretrain, config.num_train, config.num_val) == (1200, 600, 200)
+    assert config is demo.PuzzleDemo.BUILDER_CONFIGS[0]
+    assert demo.create_demo_config(seed=1).name != config.name
+
+
+def test_unknown_dataset_split_and_option_are_clear_errors(data_dir):
+    with pytest.raises(ValueError, match=r"'voc_oops'.*data\.dataset.*puzzle_demo"):
+        datasets.load_split("voc_oops", "train", data_dir=data_dir)
+    with pytest.raises(ValueError, match=r"'test'.*\['pretrain', 'train', 'val'\]"):
+        datasets.load_split("puzzle_demo", "test", data_dir=data_dir, seed=3, **SIZES)
+    with pytest.raises(ValueError, match=r"\['num_objects'\].*allowed"):
+        datasets.load_split("puzzle_demo", "train", data_dir=data_dir, num_objects=3)
+    with pytest.raises(ValueError, match="num_classes=9"):
+        datasets.load_split("puzzle_demo", "train", data_dir=data_dir, num_classes=9)
+
+
+def test_preview_command_writes_contact_sheet(data_dir, tmp_path):
+    output = tmp_path / "sheet.png"
+    demo.main(["--preview", str(output), "--data_dir", data_dir, "--seed", "3", "--count", "8",
+               "--num_pretrain", "6", "--num_train", "12", "--num_val", "4"])
+    sheet = cv2.imread(str(output))
+    # 8 pairs in 4 columns: 2 rows of 128-pixel cells plus captions.
+    assert sheet.shape[1] == 4 * (2 * 128 + 16) and sheet.shape[0] == 2 * (128 + 14 + 4)
+    assert sheet.std() > 20

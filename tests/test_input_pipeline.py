@@ -1,0 +1,195 @@
+"""Tests for puzzle_jax.data.input_pipeline: batches, sharding, determinism and resumption.
+
+Most tests use a fake source whose image i is a constant colour that encodes i, so the index of
+every image in a batch can be read back after augmentation (a constant image stays constant under
+resize, flip and crop) without trusting any of the pipeline's bookkeeping.
+"""
+
+import numpy as np
+import pytest
+
+from puzzle_jax.data import datasets, input_pipeline
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+NUM_CLASSES = 4
+
+
+def make_fake_source(num_records: int, side: int = 40) -> list[dict]:
+    records = []
+    for index in range(num_records):
+        labels = np.zeros(NUM_CLASSES, np.float32)
+        labels[index % NUM_CLASSES] = 1.0
+        labels[(index // NUM_CLASSES) % NUM_CLASSES] = 1.0
+        records.append(
+            {
+                "image": np.full((side, side + index % 3, 3), 10 + 3 * index, np.uint8),
+                "mask": np.full((side, side + index % 3), 1 + index % NUM_CLASSES, np.uint8),
+                "id": f"fake_{index}",
+                "labels": labels,
+            }
+        )
+    return records
+
+
+def decode_indices(batch_images: np.ndarray) -> list[int]:
+    """Reads each image's source index back from its constant colour (inverse normalisation)."""
+    pixel_values = (batch_images * STD + MEAN) * 255.0
+    indices = []
+    for image_values in pixel_values:
+        assert np.ptp(image_values) < 1e-3, "a constant source image must stay constant"
+        indices.append(int(round((float(image_values[0, 0, 0]) - 10) / 3)))
+    return indices
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def loader_kwargs(**overrides):
+    # Rescale long side >= 32 and crop 24: the crop always lies inside the (constant) image.
+    kwargs = dict(global_batch_size=4, crop_size=24, rescale_range=(32, 40), seed=7)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def test_batches_have_expected_shapes_dtypes_and_matching_labels():
+    source = make_fake_source(12)
+    batches = list(input_pipeline.create_train_loader(source, num_epochs=1, **loader_kwargs()))
+    assert len(batches) == 3
+    seen = []
+    for batch in batches:
+        assert set(batch) == {"image", "labels"}
+        assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.float32
+        assert batch["labels"].shape == (4, NUM_CLASSES) and batch["labels"].dtype == np.float32
+        indices = decode_indices(batch["image"])
+        for row, index in enumerate(indices):
+            np.testing.assert_array_equal(batch["labels"][row], source[index]["labels"])
+        seen += indices
+    assert sorted(seen) == list(range(12)), "one epoch must visit every record exactly once"
+    assert seen != list(range(12)), "the order must be shuffled"
+
+
+def test_repeated_epochs_each_visit_every_record_once():
+    source = make_fake_source(12)
+    loader = input_pipeline.create_train_loader(source, num_epochs=2, **loader_kwargs())
+    seen = [index for batch in loader for index in decode_indices(batch["image"])]
+    assert len(seen) == 24
+    assert sorted(seen[:12]) == list(range(12)) and sorted(seen[12:]) == list(range(12))
+
+
+def test_same_seed_same_stream_and_other_seed_other_stream():
+    source = make_fake_source(16)
+
+    def stream(seed):
+        iterator = iter(input_pipeline.create_train_loader(source, **loader_kwargs(seed=seed)))
+        return take(iterator, 6)
+
+    first, again, other = stream(3), stream(3), stream(4)
+    for batch_a, batch_b in zip(first, again):
+        np.testing.assert_array_equal(batch_a["image"], batch_b["image"])
+        np.testing.assert_array_equal(batch_a["labels"], batch_b["labels"])
+    assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+
+
+def test_two_processes_split_the_data_exactly_once_with_half_batches():
+    source = make_fake_source(13)
+    seen_by_process = []
+    for process_index in range(2):
+        loader = input_pipeline.create_train_loader(
+            source, num_epochs=1, process_index=process_index, process_count=2, **loader_kwargs()
+        )
+        batches = list(loader)
+        # 13 records -> 6 per process (the remainder is dropped so processes stay in step), 2 per
+        # batch.
+        assert len(batches) == 3
+        assert all(batch["image"].shape[0] == 2 for batch in batches)
+        seen_by_process.append([i for batch in batches for i in decode_indices(batch["image"])])
+    first, second = (set(seen) for seen in seen_by_process)
+    assert len(first) == 6 and len(second) == 6
+    assert not first & second
+    assert len(first | second) == 12 and (first | second) <= set(range(13))
+
+
+def test_resumed_iterator_continues_with_the_same_batches():
+    source = make_fake_source(10)
+    iterator = iter(input_pipeline.create_train_loader(source, **loader_kwargs()))
+    take(iterator, 4)  # Crosses an epoch boundary: 10 records, 4 per batch.
+    state = iterator.get_state()
+    expected = take(iterator, 5)
+
+    resumed = iter(input_pipeline.create_train_loader(source, **loader_kwargs()))
+    resumed.set_state(state)
+    for batch, expected_batch in zip(take(resumed, 5), expected):
+        np.testing.assert_array_equal(batch["image"], expected_batch["image"])
+        np.testing.assert_array_equal(batch["labels"], expected_batch["labels"])
+
+
+def test_create_train_loader_rejects_bad_batch_and_process_settings():
+    source = make_fake_source(8)
+    with pytest.raises(ValueError, match="global_batch_size=5.*process_count=2"):
+        input_pipeline.create_train_loader(
+            source, process_count=2, **loader_kwargs(global_batch_size=5)
+        )
+    with pytest.raises(ValueError, match="process_index=2"):
+        input_pipeline.create_train_loader(
+            source, process_index=2, process_count=2, **loader_kwargs()
+        )
+    with pytest.raises(ValueError, match="8 records"):
+        input_pipeline.create_train_loader(source, **loader_kwargs(global_batch_size=16))
+
+
+@pytest.mark.parametrize(
+    "num_examples,global_batch_size,expected",
+    [(10582, 32, 330), (12, 4, 3), (13, 4, 3), (600, 16, 37)],
+)
+def test_steps_per_epoch_is_floor(num_examples, global_batch_size, expected):
+    assert input_pipeline.steps_per_epoch(num_examples, global_batch_size) == expected
+
+
+def test_steps_per_epoch_rejects_epoch_without_step():
+    with pytest.raises(ValueError, match="num_examples=3.*global_batch_size=4"):
+        input_pipeline.steps_per_epoch(3, 4)
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_iterate_eval_covers_every_record_exactly_once_across_processes(process_count):
+    source = make_fake_source(13)
+    seen = []
+    for process_index in range(process_count):
+        for example in input_pipeline.iterate_eval(
+            source, process_index=process_index, process_count=process_count
+        ):
+            record = source[example["index"]]
+            assert example["id"] == record["id"]
+            assert example["original_size"] == record["image"].shape[:2]
+            assert example["image"].dtype == np.float32
+            np.testing.assert_allclose(
+                example["image"],
+                (record["image"] / np.float32(255.0) - MEAN) / STD,
+                rtol=1e-5,
+                atol=1e-6,
+            )
+            np.testing.assert_array_equal(example["mask"], record["mask"])
+            np.testing.assert_array_equal(example["labels"], record["labels"])
+            seen.append(example["id"])
+    assert sorted(seen) == sorted(record["id"] for record in source)
+
+
+def test_train_loader_over_the_demo_dataset(tmp_path):
+    source, info = datasets.load_split(
+        "puzzle_demo", "train", data_dir=str(tmp_path), num_pretrain=2, num_train=12, num_val=2
+    )
+    loader = input_pipeline.create_train_loader(
+        source, global_batch_size=4, crop_size=64, rescale_range=(48, 96), seed=0, num_epochs=1
+    )
+    batches = list(loader)
+    assert len(batches) == input_pipeline.steps_per_epoch(info.num_examples, 4) == 3
+    low, high = -MEAN / STD, (1 - MEAN) / STD
+    for batch in batches:
+        assert batch["image"].shape == (4, 64, 64, 3)
+        assert np.all(batch["image"] >= low - 1e-5) and np.all(batch["image"] <= high + 1e-5)
+        assert batch["labels"].shape == (4, info.num_classes)
+        assert np.all(batch["labels"].sum(-1) >= 1)
+    all_labels = sorted(tuple(row) for batch in batches for row in batch["labels"])
+    assert all_labels == sorted(tuple(record["labels"]) for record in source)
