@@ -76,9 +76,11 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dic
         if summary.get("skipped") and os.path.exists(layout.summary_path(name)):
             # The stage's output was complete already: keep the summary of the run that produced it.
             summary = {**fileio.read_json(layout.summary_path(name)), "skipped": True}
-        elif jax.process_index() == 0:
-            fileio.write_json(layout.summary_path(name), summary)
-        _announce(f"[{name}] done in {summary['seconds']:.1f} s -> {layout.summary_path(name)}")
+            _announce(f"[{name}] already complete: skipped (kept {layout.summary_path(name)})")
+        else:
+            if jax.process_index() == 0:
+                fileio.write_json(layout.summary_path(name), summary)
+            _announce(f"[{name}] done in {summary['seconds']:.1f} s -> {layout.summary_path(name)}")
         summaries[name] = summary
     return summaries
 

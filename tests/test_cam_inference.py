@@ -1,0 +1,89 @@
+"""Tests of multi-scale + flip CAM computation against a torch transcription of the authors' inference (spec §5)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from puzzle_jax import cam_inference
+from puzzle_jax.data import transforms
+
+STRIDE = 16
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+def _cell_sums(images: np.ndarray) -> np.ndarray:
+    """A fake 'network' with output stride 16: per-cell sums of the first 3 channels, class k = channel k.
+
+    Zero padding leaves cell sums unchanged, so its maps on a padded input equal its maps on the unpadded one.
+    """
+    n, h, w, c = images.shape
+    ph, pw = math.ceil(h / STRIDE) * STRIDE, math.ceil(w / STRIDE) * STRIDE
+    padded = np.zeros((n, ph, pw, c), np.float32)
+    padded[:, :h, :w] = images
+    sums = padded.reshape(n, ph // STRIDE, STRIDE, pw // STRIDE, STRIDE, c).sum(axis=(2, 4))
+    return np.maximum(sums - 20.0, 0.0)  # ReLU, with an offset so that some cells are zero
+
+
+def _torch_reference(image: np.ndarray, labels: np.ndarray, scales, flip=True):
+    """The authors' inference_classification.py loop, transcribed (NCHW torch, PIL bicubic resize)."""
+    height, width = image.shape[:2]
+    strided_size = (math.ceil(height / 4), math.ceil(width / 4))
+    up_size = (math.ceil(height / 16) * 16, math.ceil(width / 16) * 16)
+    strided, high = [], []
+    for scale in scales:
+        size = (round(width * scale), round(height * scale))
+        resized = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC), np.float32)
+        normalised = (resized / 255.0 - MEAN) / STD
+        x = torch.from_numpy(normalised.astype(np.float32)).permute(2, 0, 1)[None]
+        batch = torch.cat([x, x.flip(-1)]) if flip else x
+        maps = torch.from_numpy(_cell_sums(batch.permute(0, 2, 3, 1).numpy())).permute(0, 3, 1, 2)
+        maps = maps[0:1] + maps[1:2].flip(-1) if flip else maps[0:1]
+        strided.append(F.interpolate(maps, strided_size, mode="bilinear", align_corners=False)[0])
+        high.append(F.interpolate(maps, up_size, mode="bilinear", align_corners=False)[0, :, :height, :width])
+    keys = np.nonzero(labels)[0]
+    strided = torch.stack(strided).sum(0)[keys]
+    high = torch.stack(high).sum(0)[keys]
+    strided = strided / (F.adaptive_max_pool2d(strided, (1, 1)) + 1e-5)
+    high = high / (F.adaptive_max_pool2d(high, (1, 1)) + 1e-5)
+    return np.pad(keys + 1, (1, 0)), strided.numpy(), high.numpy()
+
+
+@pytest.mark.parametrize("height,width", [(48, 64), (37, 53)])
+def test_cams_equal_the_torch_transcription(height, width):
+    rng = np.random.default_rng(height)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image[: height // 2, : width // 3] = 250  # a bright region so the maps have structure
+    labels = np.array([1.0, 0.0, 1.0])
+    scales = (1.0, 0.5, 1.5)
+    result = cam_inference.compute_cams(
+        _cell_sums, image, labels, scales=scales, flip=True, pad_multiple=64, output_stride=STRIDE
+    )
+    keys, strided, high = _torch_reference(image, labels, scales)
+    np.testing.assert_array_equal(result["keys"], keys)
+    assert result["cam"].shape == (2, math.ceil(height / 4), math.ceil(width / 4))
+    assert result["hr_cam"].shape == (2, height, width)
+    np.testing.assert_allclose(result["cam"], strided, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result["hr_cam"], high, rtol=1e-4, atol=1e-5)
+    assert result["hr_cam"].max() <= 1.0 and result["hr_cam"].max() > 0.99
+
+
+def test_flip_is_added_back_in_place():
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[:, :16] = 255  # bright on the left only
+    result = cam_inference.compute_cams(
+        _cell_sums, image, np.array([1.0, 0, 0]), scales=(1.0,), flip=True, pad_multiple=16, output_stride=STRIDE
+    )
+    # Flipped-back maps land on the left again, so the right half stays dark.
+    assert result["hr_cam"][0, :, :16].mean() > 0.5
+    assert result["hr_cam"][0, :, 40:].max() < 1e-6
+
+
+def test_resize_image_uses_pil_bicubic():
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(image).resize((45, 30), Image.BICUBIC))
+    np.testing.assert_array_equal(transforms.resize_image(image, 30, 45), expected)

@@ -1,0 +1,71 @@
+"""End to end: the demo config's four stages through the real command line, on a tiny demo dataset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config.data.builder_kwargs={'num_pretrain': 32, 'num_train': 16, 'num_val': 4}",
+    "--config.pretrain.epochs=1",
+    "--config.pretrain.batch_size=8",
+    "--config.train.epochs=2",
+    "--config.train.batch_size=8",
+    "--config.data.crop_size=64",
+    "--config.data.rescale_range=(48, 96)",
+    "--config.infer.scales=(1.0, 0.5)",
+]
+
+
+def _run(workdir, data_dir, *extra):
+    environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    command = [sys.executable, "-m", "puzzle_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+               f"--config.data.data_dir={data_dir}", *TINY, *extra]
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end_and_resume(tmp_path):
+    workdir, data_dir = tmp_path / "run", tmp_path / "data"
+    first = _run(workdir, data_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for stage in ("pretrain", "train_cam", "infer_cam", "eval_cam"):
+        assert (workdir / stage / "summary.json").exists(), stage
+    evaluation = json.loads((workdir / "eval_cam" / "summary.json").read_text())
+    assert 0.0 < evaluation["miou"] <= 100.0
+    assert evaluation["num_images"] == 16
+    assert evaluation["best_threshold"] in [round(0.05 * k, 2) for k in range(1, 16)]
+    assert set(evaluation["per_class_iou"]) >= {"background"}
+    assert "CAM mIoU" in first.stdout and "background" in first.stdout
+    cams = sorted(os.listdir(workdir / "infer_cam" / "cams"))
+    assert len(cams) == 16
+    with np.load(workdir / "infer_cam" / "cams" / cams[0]) as payload:
+        assert payload["keys"][0] == 0 and payload["hr_cam"].shape[0] == len(payload["keys"]) - 1
+        assert payload["cam"].shape[1:] == tuple(-(-s // 4) for s in payload["hr_cam"].shape[1:])
+    metrics = [json.loads(line) for line in (workdir / "train_cam" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "class_loss", "puzzle_class_loss", "reconstruction_loss", "alpha", "learning_rate",
+            "images_per_second"} <= set(metrics[-1])
+    assert any(name.startswith("events") for name in os.listdir(workdir / "train_cam" / "tensorboard"))
+
+    # A second run finds every artefact complete and redoes nothing.
+    os.remove(workdir / "infer_cam" / "cams" / cams[0])  # ... except one lost CAM file
+    second = _run(workdir, data_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[pretrain] already complete: skipped" in second.stdout
+    assert "[train_cam] already complete: skipped" in second.stdout
+    assert json.loads((workdir / "train_cam" / "summary.json").read_text())["final_step"] == 4
+    inference = json.loads((workdir / "infer_cam" / "summary.json").read_text())
+    assert (inference["written"], inference["skipped_existing"]) == (1, 15)
+    assert json.loads((workdir / "eval_cam" / "summary.json").read_text())["miou"] == pytest.approx(
+        evaluation["miou"], abs=1e-6
+    )
+
+
+def test_bad_config_value_is_named(tmp_path):
+    result = _run(tmp_path / "run", tmp_path / "data", "--config.stages=train_cam,fly")
+    assert result.returncode != 0
+    assert "config.stages" in result.stderr and "allowed stage names" in result.stderr

@@ -1,0 +1,283 @@
+"""Tests for puzzle_jax.models.layers: BatchNorm modes, convolution, pooling with torch semantics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from puzzle_jax.models import layers
+
+EPS = 1e-5
+
+
+def _inputs(shape, seed=0):
+    rng = np.random.RandomState(seed)
+    return (rng.randn(*shape) * 2.0 + 0.5).astype(np.float32)
+
+
+def _bn_with_random_affine(channels, seed=1, **kwargs):
+    bn = layers.BatchNorm(channels, **kwargs)
+    rng = np.random.RandomState(seed)
+    bn.scale.set_value(jnp.asarray(rng.rand(channels).astype(np.float32) + 0.5))
+    bn.bias.set_value(jnp.asarray(rng.randn(channels).astype(np.float32)))
+    bn.mean.set_value(jnp.asarray(rng.randn(channels).astype(np.float32) * 0.1))
+    bn.var.set_value(jnp.asarray(rng.rand(channels).astype(np.float32) + 0.5))
+    return bn
+
+
+def _reference_normalize(x, mean, var, scale, bias):
+    return (x - mean) / np.sqrt(var + EPS) * scale + bias
+
+
+# ----------------------------------------------------------------------------------------------- BatchNorm
+
+
+def test_batch_norm_global_train_matches_closed_form():
+    x = _inputs((4, 5, 6, 3))
+    bn = _bn_with_random_affine(3, mode="global")
+    scale, bias = np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
+    old_mean, old_var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
+
+    out = np.asarray(bn(jnp.asarray(x)))
+
+    mean = x.mean(axis=(0, 1, 2))
+    biased_var = x.var(axis=(0, 1, 2))
+    unbiased_var = x.var(axis=(0, 1, 2), ddof=1)
+    np.testing.assert_allclose(out, _reference_normalize(x, mean, biased_var, scale, bias), atol=1e-5)
+    np.testing.assert_allclose(bn.mean[...], 0.9 * old_mean + 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.var[...], 0.9 * old_var + 0.1 * unbiased_var, rtol=1e-5)
+
+
+def test_batch_norm_per_replica_uses_group_statistics():
+    x = _inputs((6, 3, 4, 2), seed=3)
+    x[2:4] += 5.0  # groups must really differ
+    bn = _bn_with_random_affine(2, mode="per_replica", group_size=2)
+    scale, bias = np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
+    old_mean, old_var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
+
+    out = np.asarray(bn(jnp.asarray(x)))
+
+    groups = x.reshape(3, 2, 3, 4, 2)
+    means = groups.mean(axis=(1, 2, 3))
+    biased = groups.var(axis=(1, 2, 3))
+    unbiased = groups.var(axis=(1, 2, 3), ddof=1)
+    expected = np.concatenate(
+        [_reference_normalize(groups[g], means[g], biased[g], scale, bias) for g in range(3)]
+    )
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    np.testing.assert_allclose(bn.mean[...], 0.9 * old_mean + 0.1 * means.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.var[...], 0.9 * old_var + 0.1 * unbiased.mean(0), rtol=1e-5)
+
+
+def test_batch_norm_per_replica_with_whole_batch_equals_global():
+    x = jnp.asarray(_inputs((4, 3, 3, 5)))
+    per_replica = _bn_with_random_affine(5, mode="per_replica", group_size=4)
+    global_bn = _bn_with_random_affine(5, mode="global")
+    np.testing.assert_allclose(per_replica(x), global_bn(x), atol=1e-6)
+    np.testing.assert_allclose(per_replica.var[...], global_bn.var[...], rtol=1e-6)
+
+
+def test_batch_norm_frozen_uses_running_statistics_and_trains_affine():
+    x = _inputs((2, 3, 3, 4))
+    bn = _bn_with_random_affine(4, mode="frozen")
+    mean, var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
+    scale, bias = np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
+    bn.train()
+
+    out = np.asarray(bn(jnp.asarray(x)))
+
+    np.testing.assert_allclose(out, _reference_normalize(x, mean, var, scale, bias), atol=1e-5)
+    np.testing.assert_array_equal(bn.mean[...], mean)
+    np.testing.assert_array_equal(bn.var[...], var)
+
+    graphdef, params, batch_stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params, batch_stats)(jnp.asarray(x)) ** 2)
+
+    grads = jax.grad(loss)(params)
+    assert float(jnp.abs(grads["scale"][...]).sum()) > 0
+    assert float(jnp.abs(grads["bias"][...]).sum()) > 0
+
+
+def test_batch_norm_train_eval_switching():
+    x = jnp.asarray(_inputs((2, 3, 3, 4)))
+    bn = _bn_with_random_affine(4, mode="global")
+    mean, var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
+    expected_eval = _reference_normalize(
+        np.asarray(x), mean, var, np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
+    )
+
+    bn.eval()
+    assert bn.use_running_average
+    np.testing.assert_allclose(bn(x), expected_eval, atol=1e-5)
+    np.testing.assert_array_equal(bn.mean[...], mean)
+
+    evaluated = nnx.view(bn, use_running_average=True)
+    bn.train()
+    assert not bn.use_running_average and evaluated.use_running_average
+    np.testing.assert_allclose(evaluated(x), expected_eval, atol=1e-5)
+    bn(x)
+    assert not np.allclose(bn.mean[...], mean)
+
+
+def test_batch_norm_matches_torch_in_training():
+    x = _inputs((4, 6, 5, 3), seed=7)
+    torch_bn = torch.nn.BatchNorm2d(3).train()
+    bn = layers.BatchNorm(3, mode="global")
+    for step in range(2):
+        batch = x + step
+        expected = torch_bn(torch.from_numpy(batch.transpose(0, 3, 1, 2))).detach().numpy()
+        np.testing.assert_allclose(bn(jnp.asarray(batch)), expected.transpose(0, 2, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(bn.mean[...], torch_bn.running_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(bn.var[...], torch_bn.running_var.numpy(), rtol=1e-5)
+
+
+def test_batch_norm_reduced_precision_keeps_float32_state():
+    bn = layers.BatchNorm(3, mode="global", dtype=jnp.bfloat16)
+    out = bn(jnp.asarray(_inputs((2, 4, 4, 3))).astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    assert bn.mean[...].dtype == jnp.float32 and bn.scale[...].dtype == jnp.float32
+
+
+def test_batch_norm_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="bn_mode"):
+        layers.BatchNorm(3, mode="sync")
+    with pytest.raises(ValueError, match="bn_group_size"):
+        layers.BatchNorm(3, mode="per_replica")
+    bn = layers.BatchNorm(3, mode="per_replica", group_size=4)
+    with pytest.raises(ValueError, match="multiple of bn_group_size"):
+        bn(jnp.zeros((6, 2, 2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["global", "per_replica"])
+def test_batch_norm_sharded_batch_matches_single_device(mode):
+    """Under jit with the batch split over 8 devices, statistics are still those of the mode's groups."""
+    devices = jax.devices()
+    assert len(devices) == 8, "conftest.py should give 8 CPU devices"
+    mesh = jax.make_mesh((8,), ("data",))
+    x = _inputs((16, 3, 3, 4), seed=11)
+    x[8:] += 3.0
+    kwargs = dict(mode=mode, group_size=2 if mode == "per_replica" else None)
+    reference = _bn_with_random_affine(4, **kwargs)
+    expected = reference(jnp.asarray(x))
+
+    bn = _bn_with_random_affine(4, **kwargs)
+    graphdef, state = nnx.split(bn)
+
+    @jax.jit
+    def step(state, batch):
+        module = nnx.merge(graphdef, state)
+        return module(batch), nnx.state(module)
+
+    batch = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("data")))
+    out, new_state = step(state, batch)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    np.testing.assert_allclose(new_state["mean"][...], reference.mean[...], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_state["var"][...], reference.var[...], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- convolution
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=3, padding=2, dilation=2, groups=2, use_bias=True),
+        dict(kernel_size=7, stride=2, padding=3),
+        dict(kernel_size=1, stride=2),
+    ],
+)
+def test_conv_matches_torch(kwargs):
+    x = _inputs((2, 9, 11, 4))
+    conv = layers.create_conv(4, 6, rngs=nnx.Rngs(0), **kwargs)
+    if conv.bias is not None:
+        conv.bias.set_value(jnp.arange(6, dtype=jnp.float32))
+    weight = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy())
+    bias = None if conv.bias is None else torch.from_numpy(np.array(conv.bias[...]))
+    expected = F.conv2d(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)),
+        weight,
+        bias,
+        stride=kwargs.get("stride", 1),
+        padding=kwargs.get("padding", 0),
+        dilation=kwargs.get("dilation", 1),
+        groups=kwargs.get("groups", 1),
+    ).numpy()
+    np.testing.assert_allclose(conv(jnp.asarray(x)), expected.transpose(0, 2, 3, 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,fan", [("fan_out", 3 * 3 * 256), ("fan_in", 3 * 3 * 128)])
+def test_conv_kaiming_initialisation(mode, fan):
+    for rngs in (nnx.Rngs(0), layers.KernelInitializer(nnx.Rngs(0))):
+        conv = layers.Conv2d(128, 256, 3, init_mode=mode, rngs=rngs)
+        if isinstance(rngs, layers.KernelInitializer):
+            rngs.finalize()
+        kernel = np.asarray(conv.kernel[...])
+        assert kernel.shape == (3, 3, 128, 256)
+        assert abs(kernel.std() / np.sqrt(2.0 / fan) - 1) < 0.02
+        assert abs(kernel.mean()) < 0.01 * kernel.std()
+
+
+def test_kernel_initializer_gives_the_same_values_under_jit():
+    def create():
+        kernels = layers.KernelInitializer(nnx.Rngs(3))
+        convs = nnx.List([layers.Conv2d(8, 16, 3, rngs=kernels), layers.Conv2d(16, 4, 1, rngs=kernels)])
+        kernels.finalize()
+        return convs
+
+    eager = create()
+    jitted = nnx.jit(create)()
+    for a, b in zip(eager, jitted):
+        np.testing.assert_array_equal(a.kernel[...], b.kernel[...])
+    assert not np.allclose(eager[0].kernel[...][..., :4].ravel()[:36], eager[1].kernel[...].ravel()[:36])
+
+
+# --------------------------------------------------------------------------------------------- pooling
+
+
+def _torch_nhwc(function, x, **kwargs):
+    out = function(torch.from_numpy(x.transpose(0, 3, 1, 2)), **kwargs).numpy()
+    return out.transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("size", [(7, 9), (8, 8), (5, 6)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+        dict(kernel_size=2, stride=2, padding=0, ceil_mode=True),
+        dict(kernel_size=3, stride=1, padding=1),
+    ],
+)
+def test_max_pool_matches_torch(size, kwargs):
+    x = _inputs((2, *size, 3)) - 3.0  # mostly negative: zero padding would win the max
+    expected = _torch_nhwc(F.max_pool2d, x, **kwargs)
+    np.testing.assert_array_equal(layers.max_pool2d(jnp.asarray(x), **kwargs), expected)
+    np.testing.assert_array_equal(layers.MaxPool2d(**kwargs)(jnp.asarray(x)), expected)
+
+
+@pytest.mark.parametrize("size", [(7, 9), (8, 8), (5, 6)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=2, stride=2, ceil_mode=True, count_include_pad=False),  # avg_down
+        dict(kernel_size=3, stride=1, padding=1),  # avd, stride 1
+        dict(kernel_size=3, stride=2, padding=1),  # avd, stride 2
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=True),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        dict(kernel_size=1, stride=1, ceil_mode=True, count_include_pad=False),
+    ],
+)
+def test_avg_pool_matches_torch(size, kwargs):
+    x = _inputs((2, *size, 3))
+    expected = _torch_nhwc(F.avg_pool2d, x, **kwargs)
+    np.testing.assert_allclose(layers.avg_pool2d(jnp.asarray(x), **kwargs), expected, atol=1e-6)
+    np.testing.assert_allclose(layers.AvgPool2d(**kwargs)(jnp.asarray(x)), expected, atol=1e-6)

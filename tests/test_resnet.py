@@ -1,0 +1,146 @@
+"""Tests for puzzle_jax.models.resnet and the create_backbone API."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from torch_reference import random_images, relative_error, torch_resnet, torch_stages
+
+from puzzle_jax.models import ARCHITECTURES, create_backbone
+from puzzle_jax.weights import load_torch_weights
+
+STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5")
+
+
+@pytest.mark.parametrize("output_stride", [16, 32, 8])
+def test_resnet50_matches_torch_reference(output_stride):
+    """Converted weights, eval mode: every stage within 1e-4 relative error of the torch network."""
+    reference = torch_resnet((3, 4, 6, 3), output_stride)
+    images = random_images(batch=2, size=64)
+    expected = torch_stages(reference, images)
+
+    model = create_backbone("resnet50", output_stride=output_stride, bn_mode="global", rngs=nnx.Rngs(0))
+    load_torch_weights(model, reference.state_dict(), arch="resnet50")
+    model.eval()
+    outputs = model(jnp.asarray(images))
+
+    sizes = {"stage1": 16, "stage2": 16, "stage3": 8, "stage4": 4, "stage5": 2}
+    if output_stride <= 16:
+        sizes["stage5"] = 4
+    if output_stride == 8:
+        sizes["stage4"] = sizes["stage5"] = 8
+    for name in STAGES:
+        assert outputs[name].shape[1:3] == (sizes[name],) * 2, name
+        assert relative_error(outputs[name], expected[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("output_stride,final_size", [(8, 8), (16, 4), (32, 2)])
+def test_resnet_tiny_shapes(output_stride, final_size):
+    model = create_backbone("resnet_tiny", output_stride=output_stride, rngs=nnx.Rngs(0))
+    outputs = model(jnp.zeros((2, 64, 64, 3)))
+    assert model.stage_features == (16, 64, 128, 256, 512)
+    assert model.out_features == 512
+    for name, channels in zip(STAGES, model.stage_features):
+        assert outputs[name].shape[-1] == channels
+    assert outputs["stage5"].shape == (2, final_size, final_size, 512)
+    assert outputs["stage1"].shape == (2, 16, 16, 16)
+
+
+def test_resnet101_block_counts():
+    model = nnx.eval_shape(lambda: create_backbone("resnet101", rngs=nnx.Rngs(0)))
+    assert [len(layer) for layer in (model.layer1, model.layer2, model.layer3, model.layer4)] == [3, 4, 23, 3]
+    params = nnx.state(model, nnx.Param)
+    assert sum(np.prod(v.shape) for _, v in nnx.to_flat_state(params)) == 42_500_160  # torchvision, no fc
+
+
+def test_model_holds_only_params_and_batch_stats():
+    model = create_backbone("resnet_tiny", bn_mode="global", rngs=nnx.Rngs(0))
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    kinds = {type(v) for _, v in nnx.to_flat_state(nnx.state(model))}
+    assert kinds == {nnx.Param, nnx.BatchStat}
+    paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(params)}
+    assert {"conv1/kernel", "bn1/scale", "layer1/0/downsample/0/kernel", "layer4/0/conv2/kernel"} <= paths
+    assert {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(batch_stats)} >= {"bn1/mean", "bn1/var"}
+
+
+@pytest.mark.parametrize("bn_mode,changes", [("global", True), ("per_replica", True), ("frozen", False)])
+def test_training_forward_updates_batch_statistics(bn_mode, changes):
+    model = create_backbone(
+        "resnet_tiny", bn_mode=bn_mode, bn_group_size=2 if bn_mode == "per_replica" else None,
+        rngs=nnx.Rngs(0),
+    )
+    before = np.asarray(model.layer2[0].bn2.mean[...])
+    model(jnp.asarray(random_images(batch=4, size=32)))
+    assert changes == (not np.allclose(model.layer2[0].bn2.mean[...], before))
+    model.eval()
+    after_training = np.asarray(model.layer2[0].bn2.mean[...])
+    model(jnp.asarray(random_images(batch=4, size=32)))
+    np.testing.assert_array_equal(model.layer2[0].bn2.mean[...], after_training)
+
+
+def _loss_and_grads(model, images):
+    """The training step's pattern (DESIGN.md): pure arrays across jit, merge inside value_and_grad."""
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, batch_stats = nnx.as_pure(params), nnx.as_pure(batch_stats)
+
+    @jax.jit
+    def step(params, batch_stats, images):
+        def loss_fn(params):
+            module = nnx.merge(graphdef, params, batch_stats)
+            loss = jnp.mean(module(images)["stage5"] ** 2)
+            return loss, nnx.as_pure(nnx.state(module, nnx.BatchStat))
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, grads, new_stats
+
+    return step(params, batch_stats, images)
+
+
+def test_remat_gives_the_same_loss_gradients_and_statistics():
+    images = jnp.asarray(random_images(batch=2, size=32))
+    results = [
+        _loss_and_grads(create_backbone("resnet_tiny", bn_mode="global", remat=remat, rngs=nnx.Rngs(0)), images)
+        for remat in (False, True)
+    ]
+    (loss_a, grads_a, stats_a), (loss_b, grads_b, stats_b) = results
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(stats_a), jax.tree.leaves(stats_b)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads_a))
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    images = jnp.asarray(random_images(batch=2, size=32))
+    full = create_backbone("resnet_tiny", rngs=nnx.Rngs(0))
+    half = create_backbone("resnet_tiny", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    outputs = half(images)
+    assert all(outputs[name].dtype == jnp.bfloat16 for name in STAGES)
+    assert {v.dtype for _, v in nnx.to_flat_state(nnx.state(half))} == {jnp.dtype(jnp.float32)}
+    assert relative_error(outputs["stage5"].astype(jnp.float32), full(images)["stage5"]) < 0.1
+
+
+def test_creation_is_deterministic_and_seeded():
+    a = create_backbone("resnet_tiny", rngs=nnx.Rngs(0))
+    b = create_backbone("resnet_tiny", rngs=nnx.Rngs(0))
+    c = create_backbone("resnet_tiny", rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(a.layer3[0].conv2.kernel[...], b.layer3[0].conv2.kernel[...])
+    assert not np.allclose(a.layer3[0].conv2.kernel[...], c.layer3[0].conv2.kernel[...])
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(arch="resnet18"), "arch"),
+        (dict(arch="resnet_tiny", output_stride=4), "output_stride"),
+        (dict(arch="resnet_tiny", bn_mode="sync"), "bn_mode"),
+        (dict(arch="resnet_tiny", bn_mode="per_replica"), "bn_group_size"),
+    ],
+)
+def test_create_backbone_rejects_unknown_values(kwargs, field):
+    with pytest.raises(ValueError, match=field) as error:
+        create_backbone(rngs=nnx.Rngs(0), **kwargs)
+    if field == "arch":
+        assert all(name in str(error.value) for name in ARCHITECTURES)
