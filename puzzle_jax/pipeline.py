@@ -49,7 +49,9 @@ class Workdir:
 def check_stages(stages: list[str] | tuple[str, ...]) -> list[str]:
     """Validates ``config.stages`` and returns it as a list."""
     if isinstance(stages, str):
-        stages = [name.strip() for name in stages.split(",") if name.strip()]
+        stages = [stages]
+    # "--config.stages=a,b" on the command line arrives as the one-element tuple ("a,b",): split it.
+    stages = [name.strip() for entry in stages for name in entry.split(",") if name.strip()]
     unknown = [name for name in stages if name not in STAGES]
     if unknown or not stages:
         raise ValueError(

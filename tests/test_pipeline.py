@@ -7,6 +7,7 @@ from puzzle_jax import fileio, main, pipeline
 
 def test_stage_names_are_checked():
     assert pipeline.check_stages("train_cam, eval_cam") == ["train_cam", "eval_cam"]
+    assert pipeline.check_stages(("train_cam,infer_cam",)) == ["train_cam", "infer_cam"]
     with pytest.raises(ValueError, match="allowed stage names"):
         pipeline.check_stages(["train_cam", "train_everything"])
     with pytest.raises(ValueError, match="unknown or empty"):
