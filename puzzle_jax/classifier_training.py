@@ -178,10 +178,7 @@ def train_classifier(
     if checkpointing.is_exported_model(export_dir):
         logging.info("%s already exported: skipping training.", export_dir)
         return {"exported_model": export_dir, "skipped": True}
-    source, info = datasets.load_split(
-        config.data.dataset, split, data_dir=os.path.expanduser(config.data.data_dir),
-        **dict(config.data.builder_kwargs)
-    )
+    source, info = datasets.load_split_from_config(config.data, split)
     mesh = sharding.create_mesh(config.mesh.num_devices)
     sharding.check_batch_size(batch_size, mesh, "the training batch size")
     total_steps = epochs * input_pipeline.steps_per_epoch(len(source), batch_size)

@@ -17,17 +17,22 @@ returning a tfds builder with a `class_names` property, and add it to `DATASET_B
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from puzzle_jax.data import demo
+from puzzle_jax.data import coco, demo, voc, voc_folder
 
 # Name (the value of config.data.dataset) -> builder factory taking data_dir and builder options.
+# The builders of downloaded data take the data's folder as the option `root`.
 DATASET_BUILDERS: dict[str, Callable[..., tfds.core.DatasetBuilder]] = {
     "puzzle_demo": demo.create_builder,
+    "voc2012_aug": voc.create_builder,
+    "coco2014": coco.create_builder,
+    "voc_folder": voc_folder.create_builder,
 }
 
 
@@ -152,3 +157,17 @@ def load_split(
         tfds_info=builder.info,
     )
     return source, info
+
+
+def load_split_from_config(data_config: Any, split: str) -> tuple[DecodedRecords, SplitInfo]:
+    """`load_split` for the `config.data` section of a run (dataset, data_dir, root, builder_kwargs).
+
+    `data.root` (the folder of a dataset the user downloaded) is passed to the builder as its `root` option
+    when set; the built-in demo set takes none.
+    """
+    builder_kwargs = dict(data_config.builder_kwargs)
+    if data_config.root:
+        builder_kwargs["root"] = os.path.expanduser(data_config.root)
+    return load_split(
+        data_config.dataset, split, data_dir=os.path.expanduser(data_config.data_dir), **builder_kwargs
+    )

@@ -28,10 +28,7 @@ def thresholds_from(threshold_range) -> np.ndarray:
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
-    source, info = datasets.load_split(
-        config.data.dataset, config.infer.split, data_dir=os.path.expanduser(config.data.data_dir),
-        **dict(config.data.builder_kwargs)
-    )
+    source, info = datasets.load_split_from_config(config.data, config.infer.split)
     cam_dir = workdir.cam_dir()
     class_names = ["background"] + list(info.class_names)
     sweep = miou.ThresholdSweep(len(class_names), thresholds_from(config.eval.threshold_range))

@@ -22,10 +22,7 @@ from puzzle_jax.pipeline import Workdir
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     model_dir = workdir.exported_model("train_cam")
     model, model_config = classifier_training.load_exported_classifier(model_dir)
-    source, _ = datasets.load_split(
-        config.data.dataset, config.infer.split, data_dir=os.path.expanduser(config.data.data_dir),
-        **dict(config.data.builder_kwargs)
-    )
+    source, _ = datasets.load_split_from_config(config.data, config.infer.split)
     forward = cam_inference.create_forward(model)
     output_dir = workdir.cam_dir()
     os.makedirs(output_dir, exist_ok=True)
