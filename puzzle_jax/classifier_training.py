@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from puzzle_jax import checkpointing, losses, models, optim, puzzle, sharding, training
+
+if TYPE_CHECKING:  # Type hints only: the objectives also run where ml_collections is not installed.
+    import ml_collections
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

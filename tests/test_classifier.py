@@ -44,7 +44,7 @@ def test_parameter_paths_follow_the_authors_keys(classifier):
 
 def test_bfloat16_classifier_returns_float32_logits():
     model = create_classifier("resnet_tiny", 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    logits, class_maps = model(jnp.asarray(random_images(batch=1, size=32)))
+    logits, class_maps = model(jnp.asarray(random_images(batch=4, size=32)))  # shapes of test_resnet.py
     assert logits.dtype == jnp.float32 and class_maps.dtype == jnp.bfloat16
 
 
@@ -52,3 +52,32 @@ def test_bfloat16_classifier_returns_float32_logits():
 def test_rejects_bad_num_classes(num_classes):
     with pytest.raises(ValueError, match="num_classes"):
         create_classifier("resnet_tiny", num_classes, rngs=nnx.Rngs(0))
+
+
+def test_authors_checkpoint_gives_the_authors_class_maps(tmp_path):
+    """An authors'-format checkpoint (backbone under ``model.``, stage aliases, head, DataParallel prefix),
+    read from a .pth file, gives the class maps of the torch transcription of Classifier.forward(with_cam=True)."""
+    import torch
+    from torch_reference import AuthorsClassifier, relative_error, torch_resnest
+
+    from puzzle_jax.weights import load_torch_weights
+
+    reference = AuthorsClassifier(torch_resnest("resnest50", 16), num_classes=20).eval()
+    state_dict = {f"module.{key}": value for key, value in reference.state_dict().items()}
+    assert any(key.startswith("module.stage1.") for key in state_dict)
+    path = tmp_path / "ResNeSt50@Puzzle.pth"
+    torch.save(state_dict, path)
+
+    images = random_images(batch=2, size=64)
+    with torch.no_grad():
+        expected_logits, expected_maps = reference(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+
+    model = nnx.eval_shape(lambda: create_classifier("resnest50", 20, rngs=nnx.Rngs(0)))
+    result = load_torch_weights(model, path, arch="resnest50")
+    assert result["initialised"] == []
+    assert "classifier.weight" in result["loaded"]
+    assert any(key.startswith("stage5.") for key in result["dropped"])
+    model.eval()
+    logits, class_maps = nnx.jit(lambda module, batch: module(batch))(model, jnp.asarray(images))
+    assert relative_error(class_maps, expected_maps.permute(0, 2, 3, 1).numpy()) < 1e-4
+    assert relative_error(logits, expected_logits.numpy()) < 1e-4

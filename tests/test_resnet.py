@@ -1,38 +1,50 @@
 """Tests for puzzle_jax.models.resnet and the create_backbone API."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from torch_reference import random_images, relative_error, torch_resnet, torch_stages
+from torch_reference import (
+    assert_backbone_parity,
+    converted_backbone,
+    random_images,
+    relative_error,
+    torch_resnet,
+)
 
-from puzzle_jax.models import ARCHITECTURES, create_backbone
-from puzzle_jax.weights import load_torch_weights
+from puzzle_jax.models import ARCHITECTURES, create_backbone, layers
 
 STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5")
 
 
-@pytest.mark.parametrize("output_stride", [16, 32, 8])
+@pytest.mark.parametrize("output_stride", [16, 8, 32])
 def test_resnet50_matches_torch_reference(output_stride):
-    """Converted weights, eval mode: every stage within 1e-4 relative error of the torch network."""
+    """Converted weights: stage outputs (eval and train mode) and BN batch statistics within 1e-4 relative
+    error of the torch network (see torch_reference.assert_backbone_parity for the error measures)."""
     reference = torch_resnet((3, 4, 6, 3), output_stride)
-    images = random_images(batch=2, size=64)
-    expected = torch_stages(reference, images)
+    size = 128 if output_stride == 32 else 64  # stage5 at least 4x4
+    images = random_images(batch=4, size=size)
 
-    model = create_backbone("resnet50", output_stride=output_stride, bn_mode="global", rngs=nnx.Rngs(0))
-    load_torch_weights(model, reference.state_dict(), arch="resnet50")
-    model.eval()
-    outputs = model(jnp.asarray(images))
+    def create_model(dtype):
+        return converted_backbone("resnet50", reference, output_stride, dtype)
 
-    sizes = {"stage1": 16, "stage2": 16, "stage3": 8, "stage4": 4, "stage5": 2}
-    if output_stride <= 16:
-        sizes["stage5"] = 4
-    if output_stride == 8:
-        sizes["stage4"] = sizes["stage5"] = 8
+    model = create_model(jnp.float32)
+    shapes = nnx.eval_shape(lambda module, batch: module(batch), model, jnp.asarray(images))
+    strides = {"stage1": 4, "stage2": 4, "stage3": 8, "stage4": min(16, output_stride), "stage5": output_stride}
     for name in STAGES:
-        assert outputs[name].shape[1:3] == (sizes[name],) * 2, name
-        assert relative_error(outputs[name], expected[name]) < 1e-4, name
+        assert shapes[name].shape[1:3] == (size // strides[name],) * 2, name
+
+    # OS32 differs from OS16 only in geometry, which the (well-conditioned) eval check covers.
+    errors = assert_backbone_parity(
+        create_model,
+        reference,
+        images,
+        train_float32=output_stride == 16,
+        float64=output_stride != 32,
+    )
+    print(f"resnet50 OS{output_stride} relative errors: {errors}")
 
 
 @pytest.mark.parametrize("output_stride,final_size", [(8, 8), (16, 4), (32, 2)])
@@ -79,41 +91,69 @@ def test_training_forward_updates_batch_statistics(bn_mode, changes):
     np.testing.assert_array_equal(model.layer2[0].bn2.mean[...], after_training)
 
 
-def _loss_and_grads(model, images):
+def _loss_and_grads_fn(model):
     """The training step's pattern (DESIGN.md): pure arrays across jit, merge inside value_and_grad."""
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.as_pure(params), nnx.as_pure(batch_stats)
 
-    @jax.jit
     def step(params, batch_stats, images):
         def loss_fn(params):
             module = nnx.merge(graphdef, params, batch_stats)
-            loss = jnp.mean(module(images)["stage5"] ** 2)
+            outputs = module(images)
+            loss = jnp.mean((outputs["stage5"] if isinstance(outputs, dict) else outputs) ** 2)
             return loss, nnx.as_pure(nnx.state(module, nnx.BatchStat))
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, grads, new_stats
 
-    return step(params, batch_stats, images)
+    return step, params, batch_stats
+
+
+def _count_checkpoints(jaxpr) -> int:
+    count = 0
+    for equation in jaxpr.eqns:
+        count += equation.primitive.name.startswith("remat") or equation.primitive.name == "checkpoint"
+        for sub in jax.extend.core.jaxprs_in_params(equation.params):
+            count += _count_checkpoints(sub)
+    return count
+
+
+@pytest.mark.parametrize("remat,expected", [(False, 0), (True, 4)])
+def test_remat_checkpoints_every_block(remat, expected):
+    """Traced only: each of resnet_tiny's four blocks runs under jax.checkpoint when remat is on."""
+    model = create_backbone("resnet_tiny", bn_mode="global", remat=remat, rngs=nnx.Rngs(0))
+    step, params, batch_stats = _loss_and_grads_fn(model)
+    jaxpr = jax.make_jaxpr(step)(params, batch_stats, jnp.zeros((2, 32, 32, 3)))
+    assert _count_checkpoints(jaxpr.jaxpr) == expected
 
 
 def test_remat_gives_the_same_loss_gradients_and_statistics():
-    images = jnp.asarray(random_images(batch=2, size=32))
-    results = [
-        _loss_and_grads(create_backbone("resnet_tiny", bn_mode="global", remat=remat, rngs=nnx.Rngs(0)), images)
-        for remat in (False, True)
-    ]
+    """Numerically, on one block (cheap to compile): rematerialisation changes nothing."""
+    images = jnp.asarray(random_images(batch=4, size=8)[..., :1].repeat(64, axis=-1))
+    results = []
+    for remat in (False, True):
+        block = create_backbone("resnet_tiny", bn_mode="global", rngs=nnx.Rngs(0)).layer2[0]
+
+        class Wrapper(nnx.Module):
+            def __init__(self, block, remat):
+                self.block, self.remat = block, remat
+
+            def __call__(self, x):
+                return layers.call_block(self.block, x, self.remat)
+
+        step, params, batch_stats = _loss_and_grads_fn(Wrapper(block, remat))
+        results.append(jax.jit(step)(params, batch_stats, images))
     (loss_a, grads_a, stats_a), (loss_b, grads_b, stats_b) = results
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     for a, b in zip(jax.tree.leaves(stats_a), jax.tree.leaves(stats_b)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads_a))
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads_a))
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
-    images = jnp.asarray(random_images(batch=2, size=32))
+    images = jnp.asarray(random_images(batch=4, size=32))
     full = create_backbone("resnet_tiny", rngs=nnx.Rngs(0))
     half = create_backbone("resnet_tiny", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     outputs = half(images)

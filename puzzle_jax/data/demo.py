@@ -112,7 +112,7 @@ class DemoGenerationParameters:
     min_body_inside: float = 0.75
     max_overlap: float = 0.25
     placement_attempts: int = 40
-    body_hue_std: float = 0.05
+    body_hue_std: float = 0.025
     body_saturation: tuple[float, float] = (0.35, 0.8)
     body_value: tuple[float, float] = (0.45, 0.9)
     body_stripe_amplitude: tuple[float, float] = (0.0, 0.2)

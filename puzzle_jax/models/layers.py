@@ -1,0 +1,455 @@
+"""Building blocks with PyTorch semantics: BatchNorm in three modes, conv factory, pooling.
+
+This module owns the numerics that must match the authors' PyTorch code exactly:
+
+* ``BatchNorm``: epsilon 1e-5, torch momentum 0.1 (``running = 0.9 * running + 0.1 * batch``), the running
+  variance updated with the *unbiased* batch variance while the input is normalised with the biased one, and
+  three modes (``global``, ``per_replica``, ``frozen``; see the class docstring).
+* ``max_pool2d`` / ``avg_pool2d``: padding, ``ceil_mode`` and ``count_include_pad`` exactly as
+  ``torch.nn.functional`` defines them (max pooling pads with -inf, not with zeros).
+* ``Conv2d`` / ``create_conv``: torch-style convolution arguments (symmetric padding, dilation, groups) and
+  torch's Kaiming-normal initialisations.
+
+Parameter-free layers (``ReLU``, ``MaxPool2d``, ``AvgPool2d``) are tiny modules so that they can sit inside an
+``nnx.List`` at the same index as in a torch ``nn.Sequential``; that keeps the torch keys (``conv1.6.weight``,
+``downsample.1.weight``) valid NNX paths. They hold only static configuration, never variables.
+
+Everything is NHWC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+BN_MODES = ("global", "per_replica", "frozen")
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    first, second = value
+    return (int(first), int(second))
+
+
+def kaiming_std(shape: Sequence[int], mode: str) -> float:
+    """Standard deviation of ``torch.nn.init.kaiming_normal_`` (gain sqrt(2)) for an HWIO kernel.
+
+    ``mode="fan_out"`` (kh * kw * out) is what torchvision and ResNeSt use for backbone convolutions;
+    ``mode="fan_in"`` (kh * kw * in / groups) is torch's default, used by the authors' classifier head.
+    """
+    if mode not in ("fan_in", "fan_out"):
+        raise ValueError(f"init_mode must be 'fan_in' or 'fan_out', got {mode!r}")
+    receptive = math.prod(shape[:-2])
+    fan = receptive * (shape[-2] if mode == "fan_in" else shape[-1])
+    return math.sqrt(2.0 / fan)
+
+
+class KernelInitializer:
+    """Initialises all the convolution kernels of a model from one normal draw.
+
+    A model constructor takes one key from ``nnx.Rngs``, passes this object to its ``Conv2d`` layers as
+    ``rngs`` (they get placeholders and register themselves), and calls ``finalize()`` at its end, which draws
+    ``sum(kernel sizes)`` standard normal values at once and hands each kernel its slice times its std, in
+    creation order. Two costs are avoided that way, both of which made creating a ResNeSt take minutes on CPU:
+    one RNG kernel compiled per distinct shape (eagerly) or one inlined per layer (under ``jax.jit``, where
+    XLA's compile time grows with their number), and one ``nnx.Rngs`` counter mutation per layer (under a
+    trace each costs time proportional to the trace so far). Eager and jitted creation give the same values.
+    """
+
+    def __init__(self, rngs: nnx.Rngs | jax.Array):
+        self.key = rngs.params() if isinstance(rngs, nnx.Rngs) else rngs
+        self.traced = isinstance(self.key, jax.core.Tracer)
+        self.pending: list[tuple[nnx.Param, float]] = []
+
+    def placeholder(self, shape: Sequence[int]) -> jax.Array:
+        # Outside a trace, numpy zeros avoid compiling one fill kernel per shape; inside, jnp.zeros avoids
+        # embedding large constants in the program.
+        if self.traced:
+            return jnp.zeros(shape, jnp.float32)
+        return jnp.asarray(np.zeros(shape, np.float32))
+
+    def register(self, kernel: nnx.Param, std: float) -> None:
+        self.pending.append((kernel, std))
+
+    def finalize(self) -> None:
+        """Draws the values and writes every registered kernel; call once, after the last ``Conv2d``."""
+        sizes = [math.prod(kernel.shape) for kernel, _ in self.pending]
+        flat = jax.random.normal(self.key, (sum(sizes),), jnp.float32)
+        if not self.traced:
+            flat = np.asarray(flat)
+        offset = 0
+        for (kernel, std), size in zip(self.pending, sizes, strict=True):
+            values = flat[offset : offset + size].reshape(kernel.shape) * np.float32(std)
+            kernel.set_value(jnp.asarray(values))
+            offset += size
+        self.pending = []
+
+
+class Conv2d(nnx.Module):
+    """An NHWC convolution that computes what ``torch.nn.Conv2d`` with the same arguments computes.
+
+    Variables: ``kernel`` (HWIO; torch's OIHW transposed by (2, 3, 1, 0)) and, if ``use_bias``, ``bias``.
+    Grouped convolutions order output channels by group in both frameworks.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        use_bias: bool = False,
+        init_mode: str = "fan_out",
+        dtype=jnp.float32,
+        rngs: nnx.Rngs | KernelInitializer,
+    ):
+        """Creates the layer.
+
+        Args:
+          in_features: input channels.
+          out_features: output channels.
+          kernel_size: int or (kh, kw).
+          stride: int or (sh, sw).
+          padding: symmetric zero padding, int or (ph, pw), as torch's ``padding``.
+          dilation: int or (dh, dw).
+          groups: torch ``groups``.
+          use_bias: torch ``bias`` (initialised to zeros).
+          init_mode: Kaiming-normal fan mode of the kernel init, ``"fan_out"`` (ResNet/ResNeSt backbones)
+            or ``"fan_in"`` (torch's ``kaiming_normal_`` default).
+          dtype: compute dtype; parameters stay float32.
+          rngs: ``nnx.Rngs``, or a model's ``KernelInitializer`` (the kernel is then written by its
+            ``finalize()``). Not stored.
+        """
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups={groups} must divide in ({in_features}) and out ({out_features})")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.dtype = dtype
+        shape = (*self.kernel_size, in_features // groups, out_features)
+        std = kaiming_std(shape, init_mode)
+        if isinstance(rngs, KernelInitializer):
+            self.kernel = nnx.Param(rngs.placeholder(shape))
+            rngs.register(self.kernel, std)
+        else:
+            self.kernel = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * std)
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            window_strides=self.stride,
+            padding=tuple((p, p) for p in self.padding),
+            rhs_dilation=self.dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def create_conv(
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    use_bias: bool = False,
+    init_mode: str = "fan_out",
+    dtype=jnp.float32,
+    rngs: nnx.Rngs | KernelInitializer,
+) -> Conv2d:
+    """Creates a ``Conv2d`` from torch-style arguments (see ``Conv2d``)."""
+    return Conv2d(
+        in_features,
+        out_features,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        use_bias=use_bias,
+        init_mode=init_mode,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+class BatchNorm(nnx.Module):
+    """``torch.nn.BatchNorm2d`` for NHWC inputs, with three training behaviours.
+
+    Modes:
+      * ``global``: in training, statistics over the whole (global) batch and all spatial positions. Under
+        ``jax.jit`` with a batch sharded over devices this is synchronised BN.
+      * ``per_replica``: in training, the batch is cut into consecutive groups of ``group_size`` images and each
+        group is normalised with its own statistics. This reproduces ``nn.DataParallel`` with unsynchronised BN
+        (the authors' setting: 4 GPUs, 8 images each). The running statistics are updated with the mean over
+        groups of the group means and of the unbiased group variances.
+      * ``frozen``: always normalises with the running statistics (the authors' ``FixedBatchNorm``); ``scale``
+        and ``bias`` stay trainable parameters and the running statistics never change.
+
+    Training versus evaluation is the ``use_running_average`` attribute, which ``model.train()`` /
+    ``model.eval()`` (``nnx.Module.set_attributes``) and ``nnx.view`` switch. In evaluation every mode uses the
+    running statistics.
+
+    Variables: ``scale`` and ``bias`` (``nnx.Param``), ``mean`` and ``var`` (``nnx.BatchStat``), all float32.
+    Statistics are reduced in float32 (float64 for float64 inputs), whatever the compute ``dtype``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        mode: str = "global",
+        group_size: int | None = None,
+        momentum: float = 0.1,
+        epsilon: float = 1e-5,
+        use_running_average: bool = False,
+        dtype=jnp.float32,
+    ):
+        """Creates the layer.
+
+        Args:
+          num_features: channels (last axis).
+          mode: one of ``BN_MODES``.
+          group_size: images per statistics group, required for (and only used by) ``per_replica``.
+          momentum: torch momentum: ``running = (1 - momentum) * running + momentum * batch``.
+          epsilon: added to the variance.
+          use_running_average: start in evaluation (True) or training (False) behaviour.
+          dtype: dtype of the output.
+        """
+        if mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {mode!r}")
+        if mode == "per_replica" and (group_size is None or group_size < 1):
+            raise ValueError(
+                f"bn_group_size must be a positive int when bn_mode='per_replica', got {group_size!r}"
+            )
+        self.num_features = num_features
+        self.mode = mode
+        self.group_size = group_size if mode == "per_replica" else None
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.use_running_average = use_running_average
+        self.dtype = dtype
+        # From numpy: eager jnp.ones/zeros would compile a fill kernel per distinct width.
+        ones, zeros = np.ones((num_features,), np.float32), np.zeros((num_features,), np.float32)
+        self.scale = nnx.Param(jnp.asarray(ones))
+        self.bias = nnx.Param(jnp.asarray(zeros))
+        self.mean = nnx.BatchStat(jnp.asarray(zeros))
+        self.var = nnx.BatchStat(jnp.asarray(ones))
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Hook for ``nnx.view``: switches between training and evaluation behaviour."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    def _normalize(self, x, mean, var):
+        # Everything in x's precision (float32 variables would otherwise cap a float64 computation), and
+        # (x - mean) first, as torch does: folding the mean into the bias (x * a + (b - mean * a)) loses
+        # precision when |mean| >> std.
+        dtype = x.dtype
+        inverse = jax.lax.rsqrt(var.astype(dtype) + self.epsilon) * self.scale[...].astype(dtype)
+        return (x - mean.astype(dtype)) * inverse + self.bias[...].astype(dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalises ``x`` of shape (B, ..., C); updates the running statistics when training."""
+        # Statistics in float32 at least (bfloat16 inputs are promoted; float64 ones, used by the parity tests
+        # under jax.enable_x64, are kept).
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.mode == "frozen" or self.use_running_average:
+            return self._normalize(x, self.mean[...], self.var[...]).astype(self.dtype)
+
+        if self.mode == "global":
+            groups = x[None]
+        else:
+            batch = x.shape[0]
+            if batch % self.group_size:
+                raise ValueError(
+                    f"per_replica BatchNorm: batch size {batch} is not a multiple of "
+                    f"bn_group_size={self.group_size}"
+                )
+            groups = x.reshape((batch // self.group_size, self.group_size) + x.shape[1:])
+        # Axes of one group: images and all spatial positions, i.e. everything but the group and the channels.
+        axes = tuple(range(1, groups.ndim - 1))
+        count = math.prod(groups.shape[1:-1])
+        group_mean = jnp.mean(groups, axis=axes, keepdims=True)
+        # Two-pass variance: E[(x - mean)^2] is exact where E[x^2] - mean^2 cancels badly.
+        group_var = jnp.mean(jnp.square(groups - group_mean), axis=axes, keepdims=True)
+        out = self._normalize(groups, group_mean, group_var).reshape(x.shape)
+
+        # torch updates the running variance with the unbiased estimate (count / (count - 1)).
+        unbiased = count / max(count - 1, 1)
+        batch_mean = jnp.mean(group_mean.reshape(-1, self.num_features), axis=0)
+        batch_var = jnp.mean(group_var.reshape(-1, self.num_features), axis=0) * unbiased
+        momentum = self.momentum
+        new_mean = (1.0 - momentum) * self.mean[...] + momentum * batch_mean
+        new_var = (1.0 - momentum) * self.var[...] + momentum * batch_var
+        # set_value, not ``self.mean[...] = ...``: the indexed form probes the tracer's sharding, which under
+        # jit costs time proportional to the whole trace, for every BN layer (quadratic tracing). The stored
+        # statistics stay float32 whatever the compute precision.
+        self.mean.set_value(new_mean.astype(self.mean[...].dtype))
+        self.var.set_value(new_var.astype(self.var[...].dtype))
+        return out.astype(self.dtype)
+
+
+class ReLU(nnx.Module):
+    """Parameter-free ReLU, a placeholder that keeps torch ``nn.Sequential`` indices aligned."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(x)
+
+
+def _pool_geometry(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> tuple[int, int]:
+    """Returns (output size, extra right padding) as torch computes them for one spatial axis."""
+    span = size + 2 * padding - kernel
+    if span < 0:
+        raise ValueError(f"pooling window {kernel} larger than padded input {size + 2 * padding}")
+    if ceil_mode:
+        out = -(-span // stride) + 1
+        # torch: the last window must start inside the input or the left padding.
+        if (out - 1) * stride >= size + padding:
+            out -= 1
+    else:
+        out = span // stride + 1
+    extra = max((out - 1) * stride + kernel - (size + 2 * padding), 0)
+    return out, extra
+
+
+def _window_padding(shape, kernel, stride, padding, ceil_mode):
+    pads = []
+    for axis in range(2):
+        _, extra = _pool_geometry(shape[1 + axis], kernel[axis], stride[axis], padding[axis], ceil_mode)
+        pads.append((padding[axis], padding[axis] + extra))
+    return pads
+
+
+def _window_sum_2d(array: np.ndarray, kernel, strides) -> np.ndarray:
+    """Sums of ``kernel`` windows of a 2-D numpy array taken with ``strides`` (no padding)."""
+    out_h = (array.shape[0] - kernel[0]) // strides[0] + 1
+    out_w = (array.shape[1] - kernel[1]) // strides[1] + 1
+    sums = np.zeros((out_h, out_w), array.dtype)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            sums += array[i : i + strides[0] * out_h : strides[0], j : j + strides[1] * out_w : strides[1]]
+    return sums
+
+
+def max_pool2d(
+    x: jax.Array,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    ceil_mode: bool = False,
+) -> jax.Array:
+    """``torch.nn.functional.max_pool2d`` on NHWC: pads with -inf, so padding never wins the max."""
+    kernel = _pair(kernel_size)
+    strides = _pair(stride if stride is not None else kernel_size)
+    pads = _window_padding(x.shape, kernel, strides, _pair(padding), ceil_mode)
+    return jax.lax.reduce_window(
+        x,
+        -jnp.inf,  # A Python scalar: JAX then recognises the max monoid and can differentiate the pool.
+        jax.lax.max,
+        (1, *kernel, 1),
+        (1, *strides, 1),
+        ((0, 0), *pads, (0, 0)),
+    )
+
+
+def avg_pool2d(
+    x: jax.Array,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> jax.Array:
+    """``torch.nn.functional.avg_pool2d`` on NHWC.
+
+    The divisor follows torch: with ``count_include_pad`` the explicit zero padding counts but the extra
+    overhang that ``ceil_mode`` adds past it does not; without it only real input positions count.
+    """
+    kernel = _pair(kernel_size)
+    strides = _pair(stride if stride is not None else kernel_size)
+    padding = _pair(padding)
+    if kernel == (1, 1) and strides == (1, 1) and padding == (0, 0):
+        return x
+    pads = _window_padding(x.shape, kernel, strides, padding, ceil_mode)
+    window = (1, *kernel, 1)
+    window_strides = (1, *strides, 1)
+    full_pads = ((0, 0), *pads, (0, 0))
+    # A concrete (numpy) init value: a traced one makes reduce_window fall back to its generic form, which has
+    # no gradient ("Linearization failed").
+    zero = np.array(0, x.dtype)
+    total = jax.lax.reduce_window(x, zero, jax.lax.add, window, window_strides, full_pads)
+
+    # The divisor depends on the shapes only: count, with the same windows, the positions torch counts.
+    height, width = x.shape[1], x.shape[2]
+    if count_include_pad:
+        mask = np.ones((height + 2 * padding[0], width + 2 * padding[1]), np.float32)
+        mask_pads = ((0, pads[0][1] - padding[0]), (0, pads[1][1] - padding[1]))
+    else:
+        mask = np.ones((height, width), np.float32)
+        mask_pads = tuple(pads)
+    count = _window_sum_2d(np.pad(mask, mask_pads), kernel, strides)
+    return (total / jnp.asarray(count[None, :, :, None], x.dtype)).astype(x.dtype)
+
+
+class MaxPool2d(nnx.Module):
+    """Parameter-free ``nn.MaxPool2d`` (NHWC)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride if stride is not None else kernel_size)
+        self.padding = _pair(padding)
+        self.ceil_mode = ceil_mode
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
+
+
+class AvgPool2d(nnx.Module):
+    """Parameter-free ``nn.AvgPool2d`` (NHWC)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride if stride is not None else kernel_size)
+        self.padding = _pair(padding)
+        self.ceil_mode = ceil_mode
+        self.count_include_pad = count_include_pad
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return avg_pool2d(
+            x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad
+        )
+
+
+def apply_sequential(layers: nnx.List, x: jax.Array) -> jax.Array:
+    """Applies the modules of an ``nnx.List`` in order, like a torch ``nn.Sequential``."""
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def call_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
+    """Calls a residual block, under ``nnx.remat`` (activation recomputation) when ``remat`` is set."""
+    if remat:
+        return nnx.remat(lambda module, inputs: module(inputs))(block, x)
+    return block(x)

@@ -1,0 +1,269 @@
+"""Tests of the benchmark runner ``puzzle_jax.bench``: a tiny run, FLOP counts, budget, errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from puzzle_jax import bench
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# bench.py must run where none of these is installed (the GPU machine): its JAX and PyTorch rows may
+# not import them.
+UNAVAILABLE_ON_GPU_MACHINE = (
+    "tensorflow_datasets",
+    "tensorflow",
+    "grain",
+    "tensorboardX",
+    "array_record",
+)
+
+
+def _write_import_recorder(directory) -> str:
+    """A ``sitecustomize`` recording at exit which of those modules each process imported."""
+    path = directory / "sitecustomize.py"
+    path.write_text(
+        textwrap.dedent(f"""
+        import atexit, json, os, sys
+
+        def _record():
+            watched = {UNAVAILABLE_ON_GPU_MACHINE!r}
+            imported = sorted(name for name in sys.modules if name.split(".")[0] in watched)
+            path = os.path.join({str(directory)!r}, f"modules-{{os.getpid()}}.json")
+            with open(path, "w") as file:
+                json.dump(imported, file)
+
+        atexit.register(_record)
+    """)
+    )
+    return str(directory)
+
+
+def test_smoke_run_reports_real_numbers_and_ratios(tmp_path):
+    """A run in child processes: the train rows have numbers; no process imported tfds or grain."""
+    json_path = tmp_path / "bench.json"
+    environment = dict(os.environ)
+    recorder = _write_import_recorder(tmp_path)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [recorder, REPO_ROOT, environment.get("PYTHONPATH", "")]
+    )
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "puzzle_jax.bench",
+            "--suite",
+            "smoke",
+            "--kinds",
+            "train",
+            "--image-size",
+            "32",
+            "--cpu-threads",
+            "1",
+            "--json",
+            str(json_path),
+        ],
+        cwd=REPO_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    document = json.loads(json_path.read_text())
+    rows = {row["framework"]: row for row in document["rows"]}
+    assert set(rows) == {"jax", "torch"}, document["rows"]
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["images_per_second"] > 0 and row["step_time_ms"] > 0
+        # Images per second and step time come from the same measurement: batch = img/s x step time.
+        assert row["images_per_second"] * row["step_time_ms"] / 1000 == pytest.approx(
+            row["batch"], rel=1e-6
+        )
+        assert math_isfinite(row["final_loss"])
+    jax_row, torch_row = rows["jax"], rows["torch"]
+    assert jax_row["compile_time_s"] > 0
+    assert jax_row["flops_per_image"] > 0 and jax_row["flops_source"].startswith("xla")
+    assert jax_row["peak_memory_bytes"] > 0
+    assert torch_row["torch_counted_flops_per_image"] > 0
+    assert jax_row["jax_over_torch"] == pytest.approx(
+        jax_row["images_per_second"] / torch_row["images_per_second"], rel=1e-9
+    )
+    assert jax_row["jax_over_torch_float32"] == pytest.approx(jax_row["jax_over_torch"], rel=1e-9)
+    assert "jax" in document["environments"] and "torch" in document["environments"]
+    imported = [json.loads(path.read_text()) for path in tmp_path.glob("modules-*.json")]
+    assert (
+        len(imported) == 3 and imported == [[]] * 3
+    ), imported  # the parent, the JAX and the PyTorch worker
+    # The table is the last thing printed, one line per row after its header.
+    last_lines = completed.stdout.rstrip().splitlines()[-4:]
+    assert last_lines[0].split()[:3] == ["kind", "fw", "arch"]
+    assert [line.split()[1] for line in last_lines[2:]] == ["jax", "torch"]
+
+
+def math_isfinite(value) -> bool:
+    return value is not None and np.isfinite(value)
+
+
+@pytest.fixture
+def single_torch_thread():
+    """PyTorch's OpenMP threads stall on a shared 2-core machine; one thread is fast and steady."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_xla_flops_of_our_step_match_torch_flop_counter_of_the_authors_step(single_torch_thread):
+    """Our ResNet-50 step and the PyTorch transcription do the same work (FLOPs within 20%).
+
+    XLA counts only the multiply-adds that touch real input (not padding) and adds elementwise
+    work; PyTorch's counter counts every kernel tap of convolutions and matmuls. At 64x64 the
+    padding share is large, so XLA's count is somewhat lower; a missing tiled pass, a missing
+    backward or a different depth would be 2x off.
+    """
+    batch, size = 1, 64
+    train_step, state, inputs, _ = bench.build_jax_train_step(
+        "resnet50", batch_per_device=batch, height=size, width=size
+    )
+    xla_flops = bench._xla_flops(train_step.lower(state, inputs).cost_analysis()) / batch
+    torch_step, images, labels = bench.build_torch_train_step(
+        "resnet50",
+        batch=batch,
+        height=size,
+        width=size,
+        dtype="float32",
+        layout="nchw",
+        device=torch.device("cpu"),
+    )
+    with FlopCounterMode(display=False) as counter:
+        torch_step(images, labels)
+    torch_flops = counter.get_total_flops() / batch
+    assert 0.8 < xla_flops / torch_flops < 1.05, (xla_flops, torch_flops)
+
+
+def test_torch_tile_is_piece_major_and_merge_inverts_it():
+    """The authors' order: [all top-left, all top-right, all bottom-left, all bottom-right]."""
+    images = torch.arange(3 * 2 * 4 * 6, dtype=torch.float32).reshape(3, 2, 4, 6)
+    tiles = bench.torch_tile(images, 2)
+    expected = torch.cat(
+        [images[:, :, :2, :3], images[:, :, :2, 3:], images[:, :, 2:, :3], images[:, :, 2:, 3:]],
+        dim=0,
+    )
+    assert torch.equal(tiles, expected)
+    assert torch.equal(bench.torch_merge(tiles, 2, 3), images)
+
+
+def test_torch_optimizer_reproduces_authors_groups_and_momentum():
+    """Groups with lr x1/x2/x10/x20, decay on weights only, momentum = decay, Nesterov, poly lr."""
+    model = torch.nn.Module()
+    # The backbone: weight (pretrained_weight) and bias (pretrained_bias).
+    model.model = torch.nn.BatchNorm2d(4)
+    model.classifier = torch.nn.Conv2d(4, 2, 1, bias=True)  # scratch weight and bias
+    optimizer, set_step = bench.create_torch_optimizer(model, learning_rate=0.1, weight_decay=1e-4)
+    settings = sorted(
+        (group["lr"], group["weight_decay"], group["momentum"], group["nesterov"])
+        for group in optimizer.param_groups
+    )
+    assert settings == sorted(
+        [
+            (0.1, 1e-4, 1e-4, True),
+            (0.2, 0.0, 1e-4, True),
+            (1.0, 1e-4, 1e-4, True),
+            (2.0, 0.0, 1e-4, True),
+        ]
+    )
+    set_step(bench.TRAIN_TOTAL_STEPS // 2)
+    factor = 0.5**0.9
+    assert sorted(group["lr"] for group in optimizer.param_groups) == pytest.approx(
+        [0.1 * factor, 0.2 * factor, 1.0 * factor, 2.0 * factor]
+    )
+
+
+def test_rows_past_the_time_budget_are_skipped_and_listed(tmp_path):
+    json_path = tmp_path / "bench.json"
+    status = bench.main(
+        [
+            "--suite",
+            "gpu",
+            "--time-budget-s",
+            "0",
+            "--hard-limit-s",
+            "0",
+            "--started-at",
+            "1",
+            "--json",
+            str(json_path),
+        ]
+    )
+    assert status == 0
+    document = json.loads(json_path.read_text())
+    planned = bench.build_suite("gpu", bench.parse_arguments(["--suite", "gpu"]))
+    assert [row["id"] for row in document["rows"]] == [spec.row_id for spec in planned]
+    assert {row["status"] for row in document["rows"]} == {"skipped"}
+
+
+def test_a_failing_row_is_recorded_and_the_next_row_still_runs(single_torch_thread):
+    settings = bench.WorkerSettings(soft_deadline=1e12, hard_deadline=1e12)
+    specs = [
+        bench.RowSpec("train", "torch", "no_such_arch", 2, 32, 32, "float32", "nchw", 1, 1),
+        bench.RowSpec("inference", "torch", "resnet_tiny", 1, 32, 32, "float32", "nchw", 1, 1),
+    ]
+    messages = []
+    bench.run_rows("torch", specs, settings, messages.append)
+    rows = [message["row"] for message in messages if message["type"] == "row"]
+    assert rows[0]["status"] == "error" and "no_such_arch" in rows[0]["error"]
+    assert rows[1]["status"] == "ok" and rows[1]["images_per_second"] > 0
+
+
+def test_mfu_and_ratios_follow_from_the_measurements():
+    def row(framework, dtype, images_per_second, layout, flops=None):
+        return {
+            "id": f"{framework}/{dtype}/{layout}",
+            "kind": "train",
+            "framework": framework,
+            "arch": "resnest101",
+            "batch": 16,
+            "height": 512,
+            "width": 512,
+            "dtype": dtype,
+            "layout": layout,
+            "status": "ok",
+            "images_per_second": images_per_second,
+            "flops_per_image": flops,
+            "devices": 1,
+        }
+
+    rows = [
+        row("jax", "bfloat16", 300.0, "nhwc", flops=1e12),
+        row("jax", "float32", 120.0, "nhwc", flops=1e12),
+        row("torch", "bfloat16", 150.0, "channels_last"),
+        row("torch", "bfloat16", 100.0, "nchw"),
+        row("torch", "float32", 60.0, "nchw"),
+    ]
+    environments = {
+        "jax": {"device_kind": "NVIDIA H100 80GB HBM3"},
+        "torch": {"device_kind": "NVIDIA H100 80GB HBM3"},
+    }
+    bench.finalise_rows(rows, environments, "default", {"bfloat16": None, "float32": None})
+    jax_bf16, jax_fp32, torch_bf16 = rows[0], rows[1], rows[2]
+    assert jax_bf16["jax_over_torch"] == pytest.approx(
+        2.0
+    )  # against the faster PyTorch bf16 layout
+    assert jax_bf16["jax_over_torch_float32"] == pytest.approx(5.0)
+    assert jax_fp32["jax_over_torch"] == pytest.approx(2.0)
+    assert jax_bf16["mfu"] == pytest.approx(300e12 / 989.4e12)
+    assert jax_fp32["mfu"] == pytest.approx(120e12 / 494.7e12)  # float32 convolutions run as TF32
+    assert torch_bf16["flops_per_image"] == 1e12  # the same model FLOPs as the JAX row
+    assert torch_bf16["mfu"] == pytest.approx(150e12 / 989.4e12)
+    peak, basis = bench.peak_tflops_for(
+        "NVIDIA H100 PCIe", "bfloat16", "default", {"bfloat16": 500.0}
+    )
+    assert (peak, "override" in basis) == (500.0, True)
+    assert bench.peak_tflops_for("cpu", "float32", "default", {})[0] is None
