@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     # Dataset name: "puzzle_demo" (built-in synthetic set); the VOC/COCO/folder builders come with the datasets issue.
     config.data.dataset = "voc2012_aug"
-      # Folder of a dataset you downloaded (VOCdevkit/VOC2012, the COCO root, or your own VOC-layout folder);
+    # Folder of a dataset you downloaded (VOCdevkit/VOC2012, the COCO root, or your own VOC-layout folder);
     # unused by the built-in demo set. See the README's "Datasets" section.
     config.data.root = ""
     # Where tfds keeps prepared datasets (array_record files).

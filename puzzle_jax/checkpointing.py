@@ -36,18 +36,21 @@ class TrainingCheckpointer:
     """
 
     def __init__(
-            self, directory: str, *, save_every_steps: int, max_to_keep: int = 2, asynchronous: bool = True
+        self,
+        directory: str,
+        *,
+        save_every_steps: int,
+        max_to_keep: int = 2,
+        asynchronous: bool = True,
     ):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-                save_interval_steps=max(1, save_every_steps),
-                max_to_keep=max_to_keep,
-                enable_async_checkpointing=asynchronous,
-                create=True,
+            save_interval_steps=max(1, save_every_steps),
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=asynchronous,
+            create=True,
         )
-        self._manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=(_STATE, _DATA)
-        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _DATA))
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None when there is none."""
@@ -67,21 +70,19 @@ class TrainingCheckpointer:
             return None
         target = jax.tree.map(_as_abstract, abstract_state)
         restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                        **{_STATE: ocp.args.StandardRestore(target), _DATA: ocp.args.JsonRestore()}
-                ),
+            step,
+            args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target), _DATA: ocp.args.JsonRestore()}),
         )
         return restored[_STATE], restored[_DATA], step
 
     def save(self, step: int, state: Any, data_state: dict | None, *, force: bool = False) -> bool:
         """Saves when ``step`` is due (or ``force``); returns whether a save was started."""
         return self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                        **{_STATE: ocp.args.StandardSave(state), _DATA: ocp.args.JsonSave(data_state or {})}
-                ),
-                force=force,
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardSave(state), _DATA: ocp.args.JsonSave(data_state or {})}
+            ),
+            force=force,
         )
 
     def reached_preemption(self, step: int) -> bool:
@@ -115,22 +116,20 @@ def export_model(directory: str, params: Any, batch_stats: Any, model_config: di
     directory = os.path.abspath(directory)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     checkpointer.save(
-            directory,
-            args=ocp.args.Composite(
-                    **{
-                            _ARRAYS: ocp.args.StandardSave({"params": params, "batch_stats": batch_stats}),
-                            _MODEL_CONFIG: ocp.args.JsonSave(dict(model_config)),
-                    }
-            ),
+        directory,
+        args=ocp.args.Composite(
+            **{
+                _ARRAYS: ocp.args.StandardSave({"params": params, "batch_stats": batch_stats}),
+                _MODEL_CONFIG: ocp.args.JsonSave(dict(model_config)),
+            }
+        ),
     )
     checkpointer.close()
 
 
 def is_exported_model(directory: str) -> bool:
     """True when ``directory`` holds a complete exported model."""
-    return os.path.isdir(os.path.join(directory, _ARRAYS)) and os.path.isdir(
-            os.path.join(directory, _MODEL_CONFIG)
-    )
+    return os.path.isdir(os.path.join(directory, _ARRAYS)) and os.path.isdir(os.path.join(directory, _MODEL_CONFIG))
 
 
 def load_model_config(directory: str) -> dict:
@@ -138,7 +137,8 @@ def load_model_config(directory: str) -> dict:
     _check_export(directory)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     restored = checkpointer.restore(
-            os.path.abspath(directory), args=ocp.args.Composite(**{_MODEL_CONFIG: ocp.args.JsonRestore()})
+        os.path.abspath(directory),
+        args=ocp.args.Composite(**{_MODEL_CONFIG: ocp.args.JsonRestore()}),
     )
     return dict(restored[_MODEL_CONFIG])
 
@@ -159,15 +159,18 @@ def load_exported_model(directory: str, target: Any) -> tuple[Any, Any, dict]:
     abstract = jax.tree.map(_as_abstract, target)
     try:
         restored = checkpointer.restore(
-                os.path.abspath(directory),
-                args=ocp.args.Composite(
-                        **{_ARRAYS: ocp.args.StandardRestore(abstract), _MODEL_CONFIG: ocp.args.JsonRestore()}
-                ),
+            os.path.abspath(directory),
+            args=ocp.args.Composite(
+                **{
+                    _ARRAYS: ocp.args.StandardRestore(abstract),
+                    _MODEL_CONFIG: ocp.args.JsonRestore(),
+                }
+            ),
         )
     except (ValueError, KeyError) as error:
         raise ValueError(
-                f"Exported model {directory} does not match the model it is loaded into "
-                f"(different architecture or number of classes?): {error}"
+            f"Exported model {directory} does not match the model it is loaded into "
+            f"(different architecture or number of classes?): {error}"
         ) from error
     arrays = restored[_ARRAYS]
     return arrays["params"], arrays["batch_stats"], dict(restored[_MODEL_CONFIG])
@@ -176,6 +179,6 @@ def load_exported_model(directory: str, target: Any) -> tuple[Any, Any, dict]:
 def _check_export(directory: str) -> None:
     if not is_exported_model(directory):
         raise FileNotFoundError(
-                f"{directory} is not an exported puzzle_jax model (expected the folders '{_ARRAYS}' and "
-                f"'{_MODEL_CONFIG}' inside it)."
+            f"{directory} is not an exported puzzle_jax model (expected the folders '{_ARRAYS}' and "
+            f"'{_MODEL_CONFIG}' inside it)."
         )

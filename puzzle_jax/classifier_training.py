@@ -75,7 +75,10 @@ def initialise_from(model: nnx.Module, directory: str, *, include_head: bool) ->
     _, own_params, own_stats = training.split_model(model)
     parts = ("model", "classifier") if include_head else ("model",)
     for part in parts:
-        for name, own, loaded in (("params", own_params, params), ("batch_stats", own_stats, stats)):
+        for name, own, loaded in (
+            ("params", own_params, params),
+            ("batch_stats", own_stats, stats),
+        ):
             if part not in own:
                 continue
             own_shapes = jax.tree.map(jnp.shape, own[part])
@@ -231,7 +234,10 @@ def train_classifier(
         description=os.path.basename(stage_dir),
         scalar_schedules={
             "learning_rate": lambda step: optim.learning_rate_at(
-                step, learning_rate=learning_rate, total_steps=total_steps, poly_power=config.train.poly_power
+                step,
+                learning_rate=learning_rate,
+                total_steps=total_steps,
+                poly_power=config.train.poly_power,
             )
         },
         max_to_keep=config.train.max_to_keep,

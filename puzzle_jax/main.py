@@ -12,9 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
-_WORKDIR = flags.DEFINE_string(
-        "workdir", None, "Folder of the run's artefacts (default: runs/<config file name>)."
-)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the run's artefacts (default: runs/<config file name>).")
 
 
 def default_workdir(config_path: str) -> str:

@@ -18,10 +18,10 @@ from puzzle_jax import fileio
 
 # Stage name -> module. Order here is the pipeline order; config.stages picks a subsequence.
 STAGES: dict[str, str] = {
-        "pretrain": "puzzle_jax.stages.pretrain",
-        "train_cam": "puzzle_jax.stages.train_cam",
-        "infer_cam": "puzzle_jax.stages.infer_cam",
-        "eval_cam": "puzzle_jax.stages.eval_cam",
+    "pretrain": "puzzle_jax.stages.pretrain",
+    "train_cam": "puzzle_jax.stages.train_cam",
+    "infer_cam": "puzzle_jax.stages.infer_cam",
+    "eval_cam": "puzzle_jax.stages.eval_cam",
 }
 
 
@@ -54,9 +54,7 @@ def check_stages(stages: list[str] | tuple[str, ...]) -> list[str]:
     stages = [name.strip() for entry in stages for name in entry.split(",") if name.strip()]
     unknown = [name for name in stages if name not in STAGES]
     if unknown or not stages:
-        raise ValueError(
-                f"config.stages={list(stages)!r}: unknown or empty; allowed stage names are {list(STAGES)}."
-        )
+        raise ValueError(f"config.stages={list(stages)!r}: unknown or empty; allowed stage names are {list(STAGES)}.")
     return list(stages)
 
 

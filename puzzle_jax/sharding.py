@@ -23,8 +23,8 @@ def create_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     count = available if num_devices in (None, 0) else num_devices
     if count < 1 or count > available:
         raise ValueError(
-                f"mesh.num_devices={num_devices} is not possible: {available} device(s) are visible "
-                "(use 0 for all of them)."
+            f"mesh.num_devices={num_devices} is not possible: {available} device(s) are visible "
+            "(use 0 for all of them)."
         )
     devices = np.asarray(jax.devices()[:count])
     return jax.sharding.Mesh(devices, (DATA_AXIS,))
@@ -45,21 +45,18 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh, field: str
     devices = mesh.devices.size
     if global_batch_size % devices:
         raise ValueError(
-                f"{field}={global_batch_size} must be divisible by the number of devices in the mesh ({devices})."
+            f"{field}={global_batch_size} must be divisible by the number of devices in the mesh ({devices})."
         )
     if global_batch_size % jax.process_count():
         raise ValueError(
-                f"{field}={global_batch_size} must be divisible by the number of processes ({jax.process_count()})."
+            f"{field}={global_batch_size} must be divisible by the number of processes ({jax.process_count()})."
         )
 
 
 def host_batch_to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """Assembles each process's local slice of a batch into global arrays sharded along ``'data'``."""
     sharding = data_sharded(mesh)
-    return {
-            key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-            for key, value in batch.items()
-    }
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:

@@ -54,7 +54,7 @@ def merge_model(graphdef: nnx.GraphDef, params: Any, batch_stats: Any) -> nnx.Mo
 
 
 def create_train_state(
-        model: nnx.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
+    model: nnx.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
 ) -> tuple[nnx.GraphDef, TrainState]:
     """Creates the replicated training state of ``model`` (which must be in training mode).
 
@@ -66,10 +66,10 @@ def create_train_state(
 
     def initial_state(params, batch_stats):
         return TrainState(
-                step=jnp.zeros((), jnp.int32),
-                params=params,
-                batch_stats=batch_stats,
-                opt_state=optimizer.init(params),
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=optimizer.init(params),
         )
 
     # Created already replicated: the optimizer state is allocated in place on every device.
@@ -78,10 +78,10 @@ def create_train_state(
 
 
 def make_train_step(
-        graphdef: nnx.GraphDef,
-        optimizer: optax.GradientTransformation,
-        compute_loss: LossFunction,
-        mesh: jax.sharding.Mesh,
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    compute_loss: LossFunction,
+    mesh: jax.sharding.Mesh,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the jitted, state-donating training step for a data-parallel mesh.
 
@@ -97,15 +97,11 @@ def make_train_step(
             new_batch_stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
             return loss, (metrics, new_batch_stats)
 
-        (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-                state.params
-        )
+        (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-        new_state = TrainState(
-                step=state.step + 1, params=params, batch_stats=new_batch_stats, opt_state=opt_state
-        )
+        new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_batch_stats, opt_state=opt_state)
         return new_state, metrics
 
     return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
@@ -164,20 +160,20 @@ def _stop_requests():
 
 
 def fit(
-        *,
-        model: nnx.Module,
-        optimizer: optax.GradientTransformation,
-        compute_loss: LossFunction,
-        loader: Iterable,
-        total_steps: int,
-        mesh: jax.sharding.Mesh,
-        workdir: str,
-        checkpoint_every_steps: int,
-        log_every_steps: int,
-        description: str,
-        scalar_schedules: dict[str, Callable[[int], float]] | None = None,
-        max_to_keep: int = 2,
-        stop_after_steps: int | None = None,
+    *,
+    model: nnx.Module,
+    optimizer: optax.GradientTransformation,
+    compute_loss: LossFunction,
+    loader: Iterable,
+    total_steps: int,
+    mesh: jax.sharding.Mesh,
+    workdir: str,
+    checkpoint_every_steps: int,
+    log_every_steps: int,
+    description: str,
+    scalar_schedules: dict[str, Callable[[int], float]] | None = None,
+    max_to_keep: int = 2,
+    stop_after_steps: int | None = None,
 ) -> tuple[nnx.GraphDef, TrainState, dict]:
     """Trains ``model`` for ``total_steps``, resuming from ``workdir/checkpoints`` when a checkpoint is there.
 
@@ -207,9 +203,9 @@ def fit(
 
     graphdef, state = create_train_state(model, optimizer, mesh)
     checkpointer = checkpointing.TrainingCheckpointer(
-            os.path.join(workdir, "checkpoints"),
-            save_every_steps=checkpoint_every_steps,
-            max_to_keep=max_to_keep,
+        os.path.join(workdir, "checkpoints"),
+        save_every_steps=checkpoint_every_steps,
+        max_to_keep=max_to_keep,
     )
     iterator = iter(loader)
     restored = checkpointer.restore_or_none(state)
@@ -223,11 +219,11 @@ def fit(
     schedules = scalar_schedules or {}
     summary: dict = {"start_step": start_step, "total_steps": total_steps}
     progress = tqdm(
-            total=total_steps,
-            initial=start_step,
-            desc=description,
-            disable=jax.process_index() != 0,
-            dynamic_ncols=True,
+        total=total_steps,
+        initial=start_step,
+        desc=description,
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
     )
     pending: list[tuple[int, dict]] = []
     images_seen, window_start = 0, time.perf_counter()
@@ -264,10 +260,10 @@ def fit(
 
 
 def _write_metrics(
-        writer: MetricsWriter,
-        pending: list[tuple[int, dict]],
-        schedules: dict[str, Callable[[int], float]],
-        images_per_second: float,
+    writer: MetricsWriter,
+    pending: list[tuple[int, dict]],
+    schedules: dict[str, Callable[[int], float]],
+    images_per_second: float,
 ) -> dict[str, float]:
     """Fetches buffered device metrics, checks them for NaN, and writes one record per step."""
     host = jax.device_get(pending)
@@ -276,8 +272,8 @@ def _write_metrics(
         scalars = {name: float(np.asarray(value)) for name, value in metrics.items()}
         if not math.isfinite(scalars["loss"]):
             raise FloatingPointError(
-                    f"The loss became {scalars['loss']} at step {step} (metrics: {scalars}). Lower the learning rate "
-                    "or check the input data; the last checkpoint is still on disk."
+                f"The loss became {scalars['loss']} at step {step} (metrics: {scalars}). Lower the learning rate "
+                "or check the input data; the last checkpoint is still on disk."
             )
         for name, schedule in schedules.items():
             scalars[name] = float(schedule(step - 1))

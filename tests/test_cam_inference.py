@@ -76,7 +76,13 @@ def test_flip_is_added_back_in_place():
     image = np.zeros((32, 64, 3), np.uint8)
     image[:, :16] = 255  # bright on the left only
     result = cam_inference.compute_cams(
-        _cell_sums, image, np.array([1.0, 0, 0]), scales=(1.0,), flip=True, pad_multiple=16, output_stride=STRIDE
+        _cell_sums,
+        image,
+        np.array([1.0, 0, 0]),
+        scales=(1.0,),
+        flip=True,
+        pad_multiple=16,
+        output_stride=STRIDE,
     )
     # Flipped-back maps land on the left again, so the right half stays dark.
     assert result["hr_cam"][0, :, :16].mean() > 0.5

@@ -11,7 +11,10 @@ from puzzle_jax import checkpointing, sharding
 
 
 def _state(value):
-    return {"params": {"layer1": {0: {"kernel": jnp.full((2, 3), value)}}}, "step": jnp.asarray(value, jnp.int32)}
+    return {
+        "params": {"layer1": {0: {"kernel": jnp.full((2, 3), value)}}},
+        "step": jnp.asarray(value, jnp.int32),
+    }
 
 
 def test_training_checkpoint_round_trip_keeps_placement_and_data_state(tmp_path):
@@ -39,12 +42,18 @@ def test_export_round_trip_and_errors(tmp_path):
     checkpointing.export_model(export, params, stats, {"arch": "x", "num_classes": 2})
     assert checkpointing.is_exported_model(export)
     assert checkpointing.load_model_config(export) == {"arch": "x", "num_classes": 2}
-    target = {"params": jax.tree.map(jnp.zeros_like, params), "batch_stats": jax.tree.map(jnp.zeros_like, stats)}
+    target = {
+        "params": jax.tree.map(jnp.zeros_like, params),
+        "batch_stats": jax.tree.map(jnp.zeros_like, stats),
+    }
     loaded_params, loaded_stats, config = checkpointing.load_exported_model(export, target)
     np.testing.assert_array_equal(loaded_params["model"]["conv1"]["kernel"], params["model"]["conv1"]["kernel"])
     np.testing.assert_array_equal(loaded_stats["model"]["bn1"]["mean"], np.ones(3))
     assert config["arch"] == "x"
-    wrong = {"params": {"model": {"conv1": {"kernel": jnp.zeros((5, 5))}}}, "batch_stats": target["batch_stats"]}
+    wrong = {
+        "params": {"model": {"conv1": {"kernel": jnp.zeros((5, 5))}}},
+        "batch_stats": target["batch_stats"],
+    }
     with pytest.raises(ValueError, match="does not match"):
         checkpointing.load_exported_model(export, wrong)
     with pytest.raises(FileNotFoundError, match="not an exported puzzle_jax model"):

@@ -54,6 +54,7 @@ def test_rejects_bad_num_classes(num_classes):
         create_classifier("resnet_tiny", num_classes, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_authors_checkpoint_gives_the_authors_class_maps(tmp_path):
     """An authors'-format checkpoint (backbone under ``model.``, stage aliases, head, DataParallel prefix),
     read from a .pth file, gives the class maps of the torch transcription of Classifier.forward(with_cam=True)."""

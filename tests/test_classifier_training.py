@@ -29,8 +29,13 @@ class _CountingCamModel(nnx.Module):
 
 def _cam_config(**overrides):
     values = dict(
-        loss_option="cl_pcl_re", grid=2, level="feature", re_loss="l1", re_loss_option="masking",
-        alpha=4.0, alpha_schedule=0.5,
+        loss_option="cl_pcl_re",
+        grid=2,
+        level="feature",
+        re_loss="l1",
+        re_loss_option="masking",
+        alpha=4.0,
+        alpha_schedule=0.5,
     )
     values.update(overrides)
     return ml_collections.ConfigDict(values)
@@ -62,11 +67,17 @@ def test_puzzle_objective_is_the_sum_of_the_spec_terms():
     half_image, half_map = 16, maps.shape[1] // 2
     for row in range(2):
         for column in range(2):
-            quadrant = batch["image"][:, row * half_image:(row + 1) * half_image,
-                                      column * half_image:(column + 1) * half_image]
+            quadrant = batch["image"][
+                :,
+                row * half_image : (row + 1) * half_image,
+                column * half_image : (column + 1) * half_image,
+            ]
             _, quadrant_map = model(jnp.asarray(quadrant))
-            quadrant_maps[:, row * half_map:(row + 1) * half_map,
-                          column * half_map:(column + 1) * half_map] = np.asarray(quadrant_map)
+            quadrant_maps[
+                :,
+                row * half_map : (row + 1) * half_map,
+                column * half_map : (column + 1) * half_map,
+            ] = np.asarray(quadrant_map)
     labels = batch["labels"]
     class_loss = _soft_margin(logits, labels)
     puzzle_class_loss = _soft_margin(quadrant_maps.mean(axis=(1, 2)), labels)
@@ -102,16 +113,31 @@ def test_bad_config_values_name_the_field():
     with pytest.raises(ValueError, match="cam.level"):
         classifier_training.create_puzzle_objective(_cam_config(level="pixels"), 10, 16)
     config = ml_collections.ConfigDict(
-        {"model": dict(arch="resnet_tiny", output_stride=16, bn_mode="global", bn_group_size=8,
-                       dtype="float16", remat=False)}
+        {
+            "model": dict(
+                arch="resnet_tiny",
+                output_stride=16,
+                bn_mode="global",
+                bn_group_size=8,
+                dtype="float16",
+                remat=False,
+            )
+        }
     )
     with pytest.raises(ValueError, match="model.dtype"):
         classifier_training.model_config_from(config, 3)
 
 
 def _model_config(num_classes):
-    return {"arch": "resnet_tiny", "num_classes": num_classes, "output_stride": 16, "bn_mode": "global",
-            "bn_group_size": None, "dtype": "float32", "remat": False}
+    return {
+        "arch": "resnet_tiny",
+        "num_classes": num_classes,
+        "output_stride": 16,
+        "bn_mode": "global",
+        "bn_group_size": None,
+        "dtype": "float32",
+        "remat": False,
+    }
 
 
 def test_export_then_initialise_backbone_only_or_with_head(tmp_path):

@@ -44,12 +44,22 @@ def test_paper_settings_follow_the_spec():
     for name in ("resnet50", "resnest50", "resnest101", "resnest269"):
         config = _load(name)
         assert config.model.arch == name
-        assert (config.train.batch_size, config.train.epochs, config.train.learning_rate) == (32, 15, 0.1)
+        assert (config.train.batch_size, config.train.epochs, config.train.learning_rate) == (
+            32,
+            15,
+            0.1,
+        )
         assert (config.train.weight_decay, config.train.poly_power, config.train.momentum_mode) == (
-            1e-4, 0.9, "authors")
+            1e-4,
+            0.9,
+            "authors",
+        )
         assert (config.data.crop_size, tuple(config.data.rescale_range)) == (512, (320, 640))
         assert (config.cam.alpha, config.cam.alpha_schedule, config.cam.grid) == (4.0, 0.5, 2)
         assert (config.cam.loss_option, config.cam.re_loss, config.cam.re_loss_option) == (
-            "cl_pcl_re", "l1", "masking")
+            "cl_pcl_re",
+            "l1",
+            "masking",
+        )
         assert tuple(config.infer.scales) == (0.5, 1.0, 1.5, 2.0)
         assert config.data.train_split == "train_aug" and config.infer.split == "train"

@@ -23,8 +23,16 @@ TINY = [
 
 def _run(workdir, data_dir, *extra):
     environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    command = [sys.executable, "-m", "puzzle_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
-               f"--config.data.data_dir={data_dir}", *TINY, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "puzzle_jax.main",
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        *TINY,
+        *extra,
+    ]
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=900)
 
 
@@ -47,8 +55,15 @@ def test_demo_pipeline_end_to_end_and_resume(tmp_path):
         assert payload["keys"][0] == 0 and payload["hr_cam"].shape[0] == len(payload["keys"]) - 1
         assert payload["cam"].shape[1:] == tuple(-(-s // 4) for s in payload["hr_cam"].shape[1:])
     metrics = [json.loads(line) for line in (workdir / "train_cam" / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "class_loss", "puzzle_class_loss", "reconstruction_loss", "alpha", "learning_rate",
-            "images_per_second"} <= set(metrics[-1])
+    assert {
+        "loss",
+        "class_loss",
+        "puzzle_class_loss",
+        "reconstruction_loss",
+        "alpha",
+        "learning_rate",
+        "images_per_second",
+    } <= set(metrics[-1])
     assert any(name.startswith("events") for name in os.listdir(workdir / "train_cam" / "tensorboard"))
 
     # A second run finds every artefact complete and redoes nothing.

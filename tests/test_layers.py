@@ -281,3 +281,30 @@ def test_avg_pool_matches_torch(size, kwargs):
     expected = _torch_nhwc(F.avg_pool2d, x, **kwargs)
     np.testing.assert_allclose(layers.avg_pool2d(jnp.asarray(x), **kwargs), expected, atol=1e-6)
     np.testing.assert_allclose(layers.AvgPool2d(**kwargs)(jnp.asarray(x)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "function,torch_function,kwargs",
+    [
+        (layers.max_pool2d, F.max_pool2d, dict(kernel_size=3, stride=2, padding=1)),
+        (layers.avg_pool2d, F.avg_pool2d, dict(kernel_size=2, stride=2, ceil_mode=True, count_include_pad=False)),
+        (layers.avg_pool2d, F.avg_pool2d, dict(kernel_size=3, stride=1, padding=1)),
+    ],
+)
+def test_pool_gradients_under_jit_match_torch(function, torch_function, kwargs):
+    """Differentiable under jit (a traced init value would make reduce_window's generic form, which has no
+    gradient), with torch's gradients."""
+    x = _inputs((2, 7, 9, 3))
+    weights = _inputs((2, 7, 9, 3), seed=5)
+
+    def loss(images):
+        out = function(images, **kwargs)
+        return jnp.sum(out * jnp.asarray(weights[:, : out.shape[1], : out.shape[2]]))
+
+    grads = jax.jit(jax.grad(loss))(jnp.asarray(x))
+
+    images = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    out = torch_function(images, **kwargs)
+    torch_weights = torch.from_numpy(weights.transpose(0, 3, 1, 2)[:, :, : out.shape[2], : out.shape[3]].copy())
+    (out * torch_weights).sum().backward()
+    np.testing.assert_allclose(grads, images.grad.numpy().transpose(0, 2, 3, 1), atol=1e-5)

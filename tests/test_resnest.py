@@ -1,6 +1,5 @@
 """Tests for puzzle_jax.models.resnest: parity with the official ``resnest`` 0.0.5 package."""
 
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +44,7 @@ def _check(arch, output_stride, size, train_float32=False, float64=True):
     print(f"{arch} OS{output_stride} relative errors: {errors}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_stride", [16, 8, 32])
 def test_resnest50_matches_official(output_stride):
     # OS32 differs from OS16 only in geometry, which the (well-conditioned) float32 eval check covers.
@@ -74,9 +74,7 @@ def test_deep_resnest_parameter_count_and_forward(arch):
     assert all(bool(jnp.isfinite(outputs[name]).all()) for name in STAGES)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("PUZZLE_JAX_FULL_PARITY"), reason="set PUZZLE_JAX_FULL_PARITY=1 (about a minute)"
-)
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnest200", "resnest269"])
 def test_deep_resnest_matches_official_in_float64(arch):
     """Exact semantics of the deep networks (float64 both sides). In float32 a random-weight ResNeSt-269

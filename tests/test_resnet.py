@@ -19,6 +19,7 @@ from puzzle_jax.models import ARCHITECTURES, create_backbone, layers
 STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_stride", [16, 8, 32])
 def test_resnet50_matches_torch_reference(output_stride):
     """Converted weights: stage outputs (eval and train mode) and BN batch statistics within 1e-4 relative

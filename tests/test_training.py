@@ -40,7 +40,10 @@ def _random_batch(batch_size=8, size=64, seed=0):
     rng = np.random.default_rng(seed)
     labels = (rng.random((batch_size, NUM_CLASSES)) < 0.5).astype(np.float32)
     labels[:, 0] = 1.0  # every image has at least one class
-    return {"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32), "labels": labels}
+    return {
+        "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+        "labels": labels,
+    }
 
 
 def _one_step(num_devices):
@@ -79,16 +82,17 @@ def test_step_updates_parameters_and_batch_statistics():
     _, params, stats = training.split_model(model)
     before_params, before_stats = jax.device_get((params, stats))
     state, metrics, _ = _one_step(8)
-    changed = [
-        not np.allclose(a, b)
-        for a, b in zip(jax.tree.leaves(before_params), jax.tree.leaves(state.params))
-    ]
+    changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before_params), jax.tree.leaves(state.params))]
     assert all(changed), "every parameter receives a gradient in the puzzle objective"
     # Running means move towards the batch statistics: momentum 0.1 from zero initial means.
-    assert any(
-        not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before_stats), jax.tree.leaves(state.batch_stats))
-    )
-    assert set(metrics) >= {"loss", "class_loss", "puzzle_class_loss", "reconstruction_loss", "alpha"}
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before_stats), jax.tree.leaves(state.batch_stats)))
+    assert set(metrics) >= {
+        "loss",
+        "class_loss",
+        "puzzle_class_loss",
+        "reconstruction_loss",
+        "alpha",
+    }
     del mesh
 
 
@@ -198,7 +202,10 @@ def test_killed_run_resumes_with_same_state_lr_alpha_and_data(tmp_path):
         for name in ("loss", "alpha", "learning_rate", "class_loss"):
             if name in straight_metrics[step]:
                 np.testing.assert_allclose(
-                    resumed_metrics[step][name], straight_metrics[step][name], rtol=1e-5, err_msg=name
+                    resumed_metrics[step][name],
+                    straight_metrics[step][name],
+                    rtol=1e-5,
+                    err_msg=name,
                 )
 
 

@@ -29,6 +29,7 @@ from flax import nnx
 
 BN_MODES = ("global", "per_replica", "frozen")
 
+
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
