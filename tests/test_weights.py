@@ -191,3 +191,46 @@ def test_convert_command_reports_bad_checkpoints(source, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         main(["--arch", "resnet_tiny", "--input", str(path), "--output", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_converted_official_resnest50_initialises_training_and_trains_a_step(tmp_path):
+    """Issue 3's end point: official ResNeSt-50 file -> convert CLI -> config.model.init_from -> one train step."""
+    import ml_collections
+    from resnest.torch import resnest50
+
+    from puzzle_jax import classifier_training, optim, sharding, training
+
+    torch.manual_seed(0)
+    official = resnest50(pretrained=False, dilation=2)  # the authors' OS16 construction
+    path = tmp_path / "resnest50-official.pth"
+    torch.save(official.state_dict(), path)  # with the ImageNet fc.* keys, as downloaded
+    output = tmp_path / "weights_resnest50"
+    assert main(["--arch", "resnest50", "--input", str(path), "--output", str(output)]) == 0
+
+    config = ml_collections.ConfigDict(
+        {"model": dict(arch="resnest50", output_stride=16, bn_mode="global", bn_group_size=8,
+                       dtype="float32", remat=False)}
+    )
+    model = classifier_training.build_classifier(classifier_training.model_config_from(config, 20), seed=1)
+    classifier_training.initialise_from(model, str(output), include_head=False)
+    conv = official.conv1[0].weight.detach().numpy().transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    np.testing.assert_array_equal(np.asarray(model.model.conv1[0].kernel[...]), conv)
+
+    model.train()
+    mesh = sharding.create_mesh(1)
+    _, params, _ = training.split_model(model)
+    optimizer = optim.create_optimizer(params, learning_rate=0.01, weight_decay=1e-4, total_steps=10)
+    cam = ml_collections.ConfigDict(dict(loss_option="cl_pcl_re", grid=2, level="feature", re_loss="l1",
+                                         re_loss_option="masking", alpha=4.0, alpha_schedule=0.5))
+    objective = classifier_training.create_puzzle_objective(cam, 10, 16)
+    graphdef, state = training.create_train_state(model, optimizer, mesh)
+    step = training.make_train_step(graphdef, optimizer, objective, mesh)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(2, 64, 64, 3)).astype(np.float32),
+             "labels": np.eye(20, dtype=np.float32)[[3, 7]]}
+    before = np.asarray(state.params["model"]["conv1"][0]["kernel"])
+    state, metrics = step(state, sharding.host_batch_to_global(batch, mesh))
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+    after = np.asarray(state.params["model"]["conv1"][0]["kernel"])
+    assert not np.allclose(before, after)
