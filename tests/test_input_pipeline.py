@@ -5,6 +5,7 @@ every image in a batch can be read back after augmentation (a constant image sta
 resize, flip and crop) without trusting any of the pipeline's bookkeeping.
 """
 
+import os
 import numpy as np
 import pytest
 
@@ -193,3 +194,26 @@ def test_train_loader_over_the_demo_dataset(tmp_path):
         assert np.all(batch["labels"].sum(-1) >= 1)
     all_labels = sorted(tuple(row) for batch in batches for row in batch["labels"])
     assert all_labels == sorted(tuple(record["labels"]) for record in source)
+
+
+def test_demo_source_and_multiprocess_loader_work_in_fresh_processes(tmp_path):
+    """grain workers unpickle the source in a new process; the default demo config must reopen there."""
+    import pickle
+    import subprocess
+    import sys
+
+    data_dir = str(tmp_path / "tfds")
+    # The default sizes: the registered config, the case that failed in workers.
+    source, _ = datasets.load_split("puzzle_demo", "val", data_dir=data_dir)
+    path = tmp_path / "source.pickle"
+    path.write_bytes(pickle.dumps(source))
+    script = (
+        "import pickle, sys; source = pickle.load(open(sys.argv[1], 'rb')); "
+        "print(len(source), source[3]['id'], int(source[3]['image'].sum()))"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, cwd=repo, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(len(source)), source[3]["id"], str(int(source[3]["image"].sum()))]

@@ -62,11 +62,20 @@ class SplitInfo:
 class DecodedRecords(Sequence):
     """Random-access view of a tfds data source with records in the project's layout.
 
-    Picklable (it only holds the tfds data source), so grain worker processes can read from it.
+    Picklable, so grain worker processes can read from it. When it knows how it was opened (``opened_with``: the
+    arguments of `create_builder` and the split), a worker reopens the split through the registry instead of
+    unpickling the tfds builder: unpickling a builder whose config object is not the registered one fails in a fresh
+    process ("Cannot name a custom BuilderConfig the same as an available BuilderConfig").
     """
 
-    def __init__(self, data_source: Sequence[dict]):
+    def __init__(self, data_source: Sequence[dict], opened_with: tuple | None = None):
         self._data_source = data_source
+        self._opened_with = opened_with
+
+    def __reduce__(self):
+        if self._opened_with is None:
+            return (DecodedRecords, (self._data_source,))
+        return (_reopen_split, self._opened_with)
 
     def __len__(self) -> int:
         return len(self._data_source)
@@ -145,7 +154,9 @@ def load_split(
         raise ValueError(
             f"Unknown split {split!r} of dataset {name!r}; allowed: {sorted(split_sizes)}."
         )
-    source = DecodedRecords(builder.as_data_source(split))
+    source = DecodedRecords(
+        builder.as_data_source(split), opened_with=(name, split, data_dir, dict(builder_kwargs))
+    )
     class_names = tuple(builder.class_names)
     info = SplitInfo(
         name=name,
@@ -157,6 +168,12 @@ def load_split(
         tfds_info=builder.info,
     )
     return source, info
+
+
+def _reopen_split(name: str, split: str, data_dir: str, builder_kwargs: dict) -> DecodedRecords:
+    """Opens an already prepared split again (used when a `DecodedRecords` is unpickled in a worker)."""
+    builder = create_builder(name, data_dir=data_dir, **builder_kwargs)
+    return DecodedRecords(builder.as_data_source(split), opened_with=(name, split, data_dir, dict(builder_kwargs)))
 
 
 def load_split_from_config(data_config: Any, split: str) -> tuple[DecodedRecords, SplitInfo]:

@@ -54,8 +54,10 @@ class ClassAppearance:
     head_core_rgb: tuple[int, int, int]
 
 
-# Body hues are 0.07 apart with a standard deviation of 0.05 (`GENERATION.body_hue_std`):
-# neighbouring classes overlap heavily, classes three apart hardly at all. Heads use saturated
+# Body hues are 0.07 apart with a standard deviation of 0.025 (`GENERATION.body_hue_std`):
+# neighbouring classes overlap a little, so a body is informative but weaker evidence than the head
+# (with 0.05 the bodies were nearly uninformative and neither CAM method could cover them; see the
+# README's demo section). Heads use saturated
 # colour pairs that the background clutter (which never draws these exact pairs on purpose) rarely
 # reproduces.
 CLASS_APPEARANCES: tuple[ClassAppearance, ...] = (
