@@ -2,8 +2,8 @@
 
 ``python -m puzzle_jax.main --config=configs/demo.py`` generates the data on first use, pretrains a tiny ResNet on
 classification (the stand-in for ImageNet weights), trains Puzzle-CAM from that backbone, and scores its CAMs.
-The plain-CAM baseline from the same start:
-``--config.stages=train_cam,infer_cam,eval_cam --config.cam.loss_option=cl --config.model.init_from=<dir>/pretrain/model``.
+The plain-CAM baseline from the same start: ``--config.stages=train_cam,infer_cam,eval_cam
+--config.cam.loss_option=cl --config.model.init_from=<dir>/pretrain/model`` (or ``launch/demo_comparison.sh``).
 """
 
 from configs import default

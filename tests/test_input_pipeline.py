@@ -6,6 +6,7 @@ resize, flip and crop) without trusting any of the pipeline's bookkeeping.
 """
 
 import os
+
 import numpy as np
 import pytest
 

@@ -80,7 +80,6 @@ def test_deep_resnest_matches_official_in_float64(arch):
     """Exact semantics of the deep networks (float64 both sides). In float32 a random-weight ResNeSt-269
     is ill-conditioned: torch's own float32 and float64 runs differ by ~4e-4 at stage4."""
     import jax
-
     from torch_reference import relative_error, torch_stages
 
     reference = torch_resnest(arch, 16).double()
