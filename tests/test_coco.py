@@ -243,7 +243,7 @@ class FakeCoco:
         _, height, width, _ = self.images[example_id]
         mask = np.zeros((height, width), np.uint8)
         boxes = self.annotations[example_id]
-        for category, (left, top, right, bottom), crowd in boxes:
+        for _category, (left, top, right, bottom), crowd in boxes:
             if crowd:
                 mask[top:bottom, left:right] = crowd_value
         instances = [(b, c) for c, b, crowd in boxes if not crowd]

@@ -184,7 +184,7 @@ def test_steps_match_torch_poly_optimizer(momentum_mode):
                 group["lr"] = base * multiplier
         torch_optimizer.step()
         grad_tree = jax.tree_util.tree_map_with_path(
-            lambda path, _: jnp.asarray(grads[_keys(path)]), params
+            lambda path, _, grads=grads: jnp.asarray(grads[_keys(path)]), params
         )
         jax_params, state = step(jax_params, state, grad_tree)
         for path, leaf in jax.tree_util.tree_flatten_with_path(jax_params)[0]:

@@ -58,7 +58,8 @@ class FakeFolder:
         for split, ids in self.splits.items():
             write_list(os.path.join(self.root, "ImageSets", "Segmentation", f"{split}.txt"), ids)
 
-    def expected_labels(self, example_id, num_classes=len(CLASSES)):
+    def expected_labels(self, example_id, num_classes=None):
+        num_classes = len(CLASSES) if num_classes is None else num_classes
         labels = np.zeros(num_classes, np.float32)
         labels[self.labels.get(example_id, [])] = 1.0
         return labels
