@@ -30,3 +30,20 @@ def format_sweep_table(class_names: Sequence[str], result: dict, *, title: str =
         + "  ".join(f"{t:.2f}:{m:.1f}" for t, m in zip(result["thresholds"], result["per_threshold_miou"]))
     )
     return "\n".join(lines)
+
+
+def format_label_table(class_names: Sequence[str], result: dict, *, title: str = "Label mIoU") -> str:
+    """Formats the result of scoring label maps, with the policy for pixels predicted as 255 spelled out."""
+    width = max(len(name) for name in list(class_names) + ["mIoU"]) + 2
+    lines = [f"{title}: {result['miou']:.2f}% ({result['num_images']} images)"]
+    lines.append(f"{'class':<{width}}{'IoU %':>8}")
+    for name, iou in zip(class_names, result["per_class_iou"]):
+        shown = "absent" if iou is None or np.isnan(iou) else f"{iou:.2f}"
+        lines.append(f"{name:<{width}}{shown:>8}")
+    lines.append(f"{'mIoU':<{width}}{result['miou']:>8.2f}")
+    lines.append(
+        f"pixels predicted as 255: {result['predicted_void_pixels']}; counted as wrong above (VOC devkit); "
+        f"ignoring them instead (ToCo): mIoU {result['miou_ignoring_predicted_void']:.2f}%"
+    )
+    lines.append(f"FP {result['false_positive']:.3f}  FN {result['false_negative']:.3f} (authors' figures)")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Standalone evaluator: ``python -m puzzle_jax.evaluate --pred DIR --gt DIR [--sweep | --threshold T] [--json F]``.
+
+Scores a folder of predictions against a folder of ground-truth label PNGs, matched by file name stem:
+
+* ``.npz`` CAM files (``keys`` and ``hr_cam``, or a random walk's ``rw``, as ``infer_cam`` writes them): a background
+  channel at the threshold is added and the argmax taken; ``--sweep`` tries every threshold of ``--thresholds``
+  (the authors' 0.05..0.75 by default) and reports the best.
+* ``.png`` label maps (pseudo labels, segmentation outputs): scored as they are. Pixels predicted as 255 (uncertain)
+  are not standard: both policies are reported, the VOC devkit's (counted as wrong) as the headline and ToCo's
+  (ignored) beside it, and the policy is printed.
+
+One confusion matrix over the whole folder (every class including background; GT 255 ignored), accumulated in
+int64 with vectorised counting. mIoU is the mean over classes present in the GT or the prediction (a class absent
+from both is reported as absent, not as 0; on VOC train/val every class is present, so this equals the authors'
+number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from puzzle_jax import fileio
+from puzzle_jax.data import voc
+from puzzle_jax.evaluation import miou, report
+
+
+def _stems(directory: str, extension: str) -> dict[str, str]:
+    return {
+        os.path.splitext(name)[0]: os.path.join(directory, name)
+        for name in sorted(os.listdir(directory))
+        if name.endswith(extension)
+    }
+
+
+def _read_cams(path: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path) as payload:
+            key = "hr_cam" if "hr_cam" in payload else "rw" if "rw" in payload else None
+            if key is None or "keys" not in payload:
+                raise ValueError(f"expected 'keys' and 'hr_cam' (or 'rw'), found {sorted(payload.keys())}")
+            return np.asarray(payload[key]), np.asarray(payload["keys"])
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable CAM file: {error}") from error
+
+
+def _none_for_nan(values) -> list:
+    return [None if value is None or np.isnan(value) else float(value) for value in values]
+
+
+def evaluate_folders(
+    prediction_dir: str,
+    ground_truth_dir: str,
+    *,
+    class_names: Sequence[str],
+    thresholds: Sequence[float] | None,
+    show_progress: bool = True,
+) -> dict:
+    """Scores every prediction in ``prediction_dir`` against the PNG of the same name in ``ground_truth_dir``.
+
+    Args:
+      prediction_dir: ``.npz`` CAM files or ``.png`` label maps (not both).
+      ground_truth_dir: label PNGs (palette, grey or VOC-coloured; 255 = void).
+      class_names: all class names, background first.
+      thresholds: background thresholds for CAM files (one value = a fixed threshold); unused for PNGs.
+      show_progress: draw a progress bar.
+
+    Returns:
+      ``miou`` (percent), ``per_class_iou`` (percent, None for absent classes), ``num_images``, for CAMs also
+      ``best_threshold`` and the per-threshold mIoU, for PNGs also ``miou_ignoring_predicted_void``.
+
+    Raises:
+      FileNotFoundError: a folder is missing, holds no prediction, or a prediction has no ground truth.
+      ValueError: unreadable files, size mismatches or mixed prediction types, naming the file.
+    """
+    for directory in (prediction_dir, ground_truth_dir):
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory}: no such folder.")
+    cam_files, png_files = _stems(prediction_dir, ".npz"), _stems(prediction_dir, ".png")
+    if cam_files and png_files:
+        raise ValueError(f"{prediction_dir} holds both .npz CAMs and .png labels; give a folder with one kind.")
+    predictions = cam_files or png_files
+    if not predictions:
+        raise FileNotFoundError(f"{prediction_dir}: no .npz or .png predictions found.")
+    ground_truths = _stems(ground_truth_dir, ".png")
+    missing = sorted(set(predictions) - set(ground_truths))
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} prediction(s) have no ground truth in {ground_truth_dir} (first: {missing[0]}.png)."
+        )
+    num_classes = len(class_names)
+    if cam_files:
+        accumulator = miou.ThresholdSweep(
+            num_classes, thresholds if thresholds is not None else miou.DEFAULT_THRESHOLDS
+        )
+    else:
+        confusion = np.zeros((num_classes, num_classes + 1), np.int64)
+    for stem in tqdm(sorted(predictions), desc="evaluate", disable=not show_progress):
+        ground_truth = voc.read_class_mask(ground_truths[stem], num_classes - 1)
+        if cam_files:
+            cams, keys = _read_cams(predictions[stem])
+            if cams.shape[1:] != ground_truth.shape:
+                raise ValueError(
+                    f"{predictions[stem]}: CAM size {cams.shape[1:]} differs from its ground truth "
+                    f"{ground_truths[stem]} {ground_truth.shape}."
+                )
+            accumulator.update(cams, keys, ground_truth)
+        else:
+            prediction = voc.read_class_mask(predictions[stem], num_classes - 1)
+            if prediction.shape != ground_truth.shape:
+                raise ValueError(
+                    f"{predictions[stem]}: size {prediction.shape} differs from its ground truth {ground_truth.shape}."
+                )
+            confusion += miou.confusion_matrix(prediction, ground_truth, num_classes)
+    if cam_files:
+        result = accumulator.result()
+        return {
+            "miou": result["miou"],
+            "best_threshold": result["best_threshold"],
+            "per_class_iou": _none_for_nan(result["per_class_iou"]),
+            "thresholds": result["thresholds"],
+            "per_threshold_miou": result["per_threshold_miou"],
+            "num_images": result["num_images"],
+            "prediction_kind": "cam",
+        }
+    false_positive, false_negative = miou.false_positive_negative_rates(confusion)
+    return {
+        "miou": float(miou.mean_iou(confusion)),
+        "per_class_iou": _none_for_nan(100.0 * miou.iou_from_confusion(confusion)),
+        "miou_ignoring_predicted_void": float(miou.mean_iou(confusion, invalid_predictions="ignore")),
+        "predicted_void_pixels": int(confusion[:, -1].sum()),
+        "false_positive": float(false_positive),
+        "false_negative": float(false_negative),
+        "num_images": len(predictions),
+        "prediction_kind": "label",
+    }
+
+
+def _parse_thresholds(text: str) -> list[float]:
+    start, stop, step = (float(part) for part in text.split(","))
+    count = int(round((stop - start) / step)) + 1
+    return [round(start + step * index, 6) for index in range(count)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m puzzle_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pred", required=True, help="folder of .npz CAMs or .png label maps")
+    parser.add_argument("--gt", required=True, help="folder of ground-truth label PNGs (255 = void)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--sweep", action="store_true", help="CAMs: sweep the background threshold (the default)")
+    group.add_argument("--threshold", type=float, help="CAMs: one fixed background threshold")
+    parser.add_argument("--thresholds", default="0.05,0.75,0.05", help="sweep as start,stop,step (stop included)")
+    parser.add_argument("--classes", help="text file of foreground class names, one per line (default: VOC's 20)")
+    parser.add_argument("--json", help="also write the result to this JSON file")
+    options = parser.parse_args(argv)
+    names = voc.VOC_CLASS_NAMES
+    if options.classes:
+        with open(options.classes) as handle:
+            names = tuple(line.strip() for line in handle if line.strip())
+    class_names = ["background", *names]
+    thresholds = [options.threshold] if options.threshold is not None else _parse_thresholds(options.thresholds)
+    try:
+        result = evaluate_folders(options.pred, options.gt, class_names=class_names, thresholds=thresholds)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result["prediction_kind"] == "cam":
+        print(
+            report.format_sweep_table(
+                class_names,
+                {**result, "per_class_iou": [np.nan if value is None else value for value in result["per_class_iou"]]},
+            )
+        )
+    else:
+        print(report.format_label_table(class_names, result))
+    if options.json:
+        fileio.write_json(options.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

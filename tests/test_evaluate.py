@@ -1,0 +1,142 @@
+"""Tests of the standalone evaluator against brute-force per-pixel counting."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from puzzle_jax import evaluate
+
+NUM_CLASSES = 5  # background + 4
+NAMES = ["background", "a", "b", "c", "d"]
+
+
+def _write_png(path, array):
+    Image.fromarray(array.astype(np.uint8), mode="L").save(path)
+
+
+def _brute_force_iou(pairs, num_classes, predicted_void="wrong"):
+    """Per-pixel Python loop: IoU_c = TP / (TP + FP + FN), GT 255 skipped, absent classes None."""
+    tp, fp, fn = [0] * num_classes, [0] * num_classes, [0] * num_classes
+    for prediction, truth in pairs:
+        for p, t in zip(prediction.ravel().tolist(), truth.ravel().tolist()):
+            if t == 255:
+                continue
+            if p == 255 and predicted_void == "ignore":
+                continue
+            if p == t:
+                tp[t] += 1
+            else:
+                fn[t] += 1
+                if p < num_classes:
+                    fp[p] += 1
+    ious = [100.0 * tp[c] / (tp[c] + fp[c] + fn[c]) if tp[c] + fp[c] + fn[c] else None for c in range(num_classes)]
+    present = [value for value in ious if value is not None]
+    return sum(present) / len(present), ious
+
+
+def _random_truth(rng, shape):
+    truth = rng.integers(0, 4, shape)  # class 4 ("d") absent from every GT
+    truth[rng.random(shape) < 0.1] = 255
+    return truth
+
+
+def test_label_maps_match_brute_force_with_both_void_policies(tmp_path):
+    rng = np.random.default_rng(0)
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    pairs = []
+    for index in range(4):
+        shape = (17 + index, 23)
+        truth = _random_truth(rng, shape)
+        prediction = rng.integers(0, 4, shape)
+        prediction[rng.random(shape) < 0.15] = 255
+        _write_png(gt_dir / f"im{index}.png", truth)
+        _write_png(pred_dir / f"im{index}.png", prediction)
+        pairs.append((prediction, truth))
+    result = evaluate.evaluate_folders(
+        str(pred_dir), str(gt_dir), class_names=NAMES, thresholds=None, show_progress=False
+    )
+    expected_miou, expected_ious = _brute_force_iou(pairs, NUM_CLASSES)
+    assert result["miou"] == pytest.approx(expected_miou, abs=1e-9)
+    for got, want in zip(result["per_class_iou"], expected_ious):
+        assert (got is None and want is None) or got == pytest.approx(want, abs=1e-9)
+    assert result["per_class_iou"][4] is None  # absent from GT and prediction
+    ignoring, _ = _brute_force_iou(pairs, NUM_CLASSES, predicted_void="ignore")
+    assert result["miou_ignoring_predicted_void"] == pytest.approx(ignoring, abs=1e-9)
+    assert result["predicted_void_pixels"] == sum(int(((p == 255) & (t != 255)).sum()) for p, t in pairs)
+
+
+def test_cam_sweep_matches_brute_force_at_every_threshold(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    pred_dir, gt_dir = tmp_path / "cams", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    images = []
+    for index in range(3):
+        shape = (11, 13 + index)
+        truth = _random_truth(rng, shape)
+        classes = np.array(sorted(rng.choice([1, 2, 3], size=2, replace=False)))
+        cams = rng.random((2, *shape)).astype(np.float32)
+        np.savez(pred_dir / f"x{index}.npz", keys=np.concatenate([[0], classes]), hr_cam=cams, cam=cams[:, ::4, ::4])
+        _write_png(gt_dir / f"x{index}.png", truth)
+        images.append((cams, classes, truth))
+    thresholds = [0.2, 0.5, 0.8]
+    result = evaluate.evaluate_folders(
+        str(pred_dir), str(gt_dir), class_names=NAMES, thresholds=thresholds, show_progress=False
+    )
+    per_threshold = []
+    for threshold in thresholds:
+        pairs = []
+        for cams, classes, truth in images:
+            scores = np.concatenate([np.full((1, *truth.shape), threshold, np.float32), cams])
+            pairs.append((np.concatenate([[0], classes])[scores.argmax(0)], truth))
+        per_threshold.append(_brute_force_iou(pairs, NUM_CLASSES)[0])
+    np.testing.assert_allclose(result["per_threshold_miou"], per_threshold, atol=1e-9)
+    assert result["best_threshold"] == thresholds[int(np.argmax(per_threshold))]
+
+    # The command line prints the table and writes the same numbers as JSON.
+    output = tmp_path / "result.json"
+    assert (
+        evaluate.main(
+            [
+                "--pred",
+                str(pred_dir),
+                "--gt",
+                str(gt_dir),
+                "--thresholds",
+                "0.2,0.8,0.3",
+                "--json",
+                str(output),
+                "--classes",
+                str(_classes_file(tmp_path)),
+            ]
+        )
+        == 0
+    )
+    assert "CAM mIoU" in capsys.readouterr().out
+    assert json.loads(output.read_text())["miou"] == pytest.approx(max(per_threshold), abs=1e-9)
+
+
+def _classes_file(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("\n".join(NAMES[1:]) + "\n")
+    return path
+
+
+def test_errors_name_the_file(tmp_path, capsys):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    _write_png(pred_dir / "lonely.png", np.zeros((4, 4)))
+    assert evaluate.main(["--pred", str(pred_dir), "--gt", str(gt_dir)]) == 2
+    assert "lonely.png" in capsys.readouterr().err
+    _write_png(gt_dir / "lonely.png", np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="lonely.png"):
+        evaluate.evaluate_folders(str(pred_dir), str(gt_dir), class_names=NAMES, thresholds=None, show_progress=False)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        evaluate.evaluate_folders(str(tmp_path / "nope"), str(gt_dir), class_names=NAMES, thresholds=None)
+    os.remove(pred_dir / "lonely.png")
+    np.savez(pred_dir / "lonely.npz", something=np.zeros(3))
+    with pytest.raises(ValueError, match="not a readable CAM file"):
+        evaluate.evaluate_folders(str(pred_dir), str(gt_dir), class_names=NAMES, thresholds=[0.1], show_progress=False)
