@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,10 @@ def test_demo_pipeline_end_to_end_and_resume(tmp_path):
         "images_per_second",
     } <= set(metrics[-1])
     assert any(name.startswith("events") for name in os.listdir(workdir / "train_cam" / "tensorboard"))
+    gallery = workdir / "eval_cam" / "gallery"
+    sources = re.findall(r'<img[^>]*src="([^"]+)"', (gallery / "index.html").read_text())
+    assert len(sources) >= 16 * 3 and all((gallery / source).exists() for source in sources)
+    assert evaluation["gallery"] == str(gallery / "index.html")
 
     # A second run finds every artefact complete and redoes nothing.
     os.remove(workdir / "infer_cam" / "cams" / cams[0])  # ... except one lost CAM file

@@ -1,0 +1,294 @@
+"""An HTML gallery of CAMs, thresholded label maps and ground truth, worst image first.
+
+For each image the gallery shows the image, its ground truth in the VOC palette, the label map the CAMs give at the
+background threshold, and one heat-map overlay per ground-truth class, with the image's IoU. Images are listed worst
+IoU first so a researcher sees at once where the CAMs fail. With a second run's CAMs of the same images (``compare_*``)
+each image gets a second row, the side-by-side "Puzzle-CAM vs plain CAM" view of the paper's Figure 3.
+
+Layout of ``output_dir``::
+
+    index.html             # self-contained (inline CSS), relative links only
+    images/<id>_image.png, <id>_gt.png, <id>_pred.png, <id>_cam<k>.png,
+           <id>_compare_pred.png, <id>_compare_cam<k>.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from puzzle_jax import fileio
+from puzzle_jax.evaluation import miou
+from puzzle_jax.viz import overlays, palette
+
+IMAGES_DIR = "images"
+INDEX_NAME = "index.html"
+BACKGROUND_NAME = "background"
+
+_CSS = """
+body { font-family: sans-serif; margin: 1.5em; background: #fafafa; color: #222; }
+h1 { font-size: 1.4em; }
+section { background: #fff; border: 1px solid #ddd; border-radius: 6px; margin: 1em 0; padding: 0.6em 1em; }
+section h2 { font-size: 1.05em; margin: 0.2em 0 0.4em 0; }
+.run { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 0.6em; margin: 0.3em 0; }
+.run-name { width: 7em; font-weight: bold; align-self: center; }
+figure { margin: 0; text-align: center; }
+figure img { height: 160px; image-rendering: pixelated; border: 1px solid #ccc; display: block; }
+figcaption { font-size: 0.8em; margin-top: 0.2em; max-width: 200px; }
+.legend span.swatch { display: inline-block; width: 0.9em; height: 0.9em; border: 1px solid #888;
+  vertical-align: middle; margin: 0 0.2em 0 0.8em; }
+.bad { color: #b00; } .good { color: #070; } .muted { color: #777; }
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunView:
+    """One run's CAMs of one image and what the gallery derives from them."""
+
+    cams: np.ndarray  # (K, H, W) float, at the ground truth's size.
+    foreground_keys: np.ndarray  # (K,) label ids (1-based; 0 is background).
+    prediction: np.ndarray  # (H, W) int64 label map at the threshold.
+    iou: float  # Mean IoU of the image in percent over classes in GT or prediction; NaN if none.
+
+
+def _class_name(label: int, class_names: Sequence[str]) -> str:
+    if label == 0:
+        return BACKGROUND_NAME
+    if label == palette.VOID_LABEL:
+        return "void"
+    if 1 <= label <= len(class_names):
+        return class_names[label - 1]
+    return f"class {label}"
+
+
+def _safe_id(image_id: str) -> str:
+    """A file-name stem for an image id (ids such as COCO paths may hold slashes)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(image_id)) or "image"
+
+
+def _resize_cams(cams: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Brings (K, h, w) CAMs to (K, H, W) bilinearly, so strided CAMs can be scored against full-size GT."""
+    if cams.shape[1:] == (height, width):
+        return cams
+    if not cams.shape[0]:
+        return np.zeros((0, height, width), cams.dtype)
+    return np.stack([cv2.resize(cam, (width, height), interpolation=cv2.INTER_LINEAR) for cam in cams])
+
+
+def _foreground_keys(keys: np.ndarray, num_maps: int) -> np.ndarray:
+    """Drops the authors' leading background 0 from ``keys`` (``cams_to_labels`` accepts both layouts)."""
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    if keys.shape[0] == num_maps + 1 and keys[0] == 0:
+        return keys[1:]
+    return keys
+
+
+def _run_view(
+    cams: Any, keys: Any, threshold: float, ground_truth: np.ndarray, num_classes: int
+) -> _RunView:
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3:
+        raise ValueError(f"cams must have shape (K, H, W), got {cams.shape}.")
+    cams = _resize_cams(cams, *ground_truth.shape)
+    prediction = miou.cams_to_labels(cams, keys, threshold)
+    confusion = miou.confusion_matrix(prediction, ground_truth, num_classes)
+    # mean_iou leaves out (NaN) classes absent from both GT and prediction: the mean over present classes.
+    return _RunView(
+        cams=cams,
+        foreground_keys=_foreground_keys(keys, cams.shape[0]),
+        prediction=prediction,
+        iou=float(miou.mean_iou(confusion)),
+    )
+
+
+def _write_png(path: str, rgb: np.ndarray) -> None:
+    with fileio.atomic_path(path) as temporary:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(temporary, format="PNG")
+
+
+def _format_iou(iou: float) -> str:
+    return "n/a" if math.isnan(iou) else f"{iou:.1f}%"
+
+
+def _figure(source: str, caption: str) -> str:
+    return (
+        f'<figure><img src="{html.escape(source, quote=True)}" alt="{html.escape(caption, quote=True)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _write_run_row(
+    output_dir: str,
+    stem: str,
+    prefix: str,
+    run_label: str,
+    image: np.ndarray,
+    view: _RunView,
+    class_names: Sequence[str],
+) -> str:
+    """Writes one run's prediction and CAM overlays of an image; returns the HTML row showing them."""
+    figures = []
+    relative = f"{IMAGES_DIR}/{stem}_{prefix}pred.png"
+    _write_png(os.path.join(output_dir, relative), palette.colorize_labels(view.prediction))
+    figures.append(_figure(relative, f"{run_label}: label map"))
+    for cam, key in zip(view.cams, view.foreground_keys):
+        relative = f"{IMAGES_DIR}/{stem}_{prefix}cam{int(key)}.png"
+        _write_png(os.path.join(output_dir, relative), overlays.cam_overlay(image, cam))
+        figures.append(_figure(relative, f"{run_label}: CAM {_class_name(int(key), class_names)}"))
+    name = f"{html.escape(run_label)}<br><span>IoU {_format_iou(view.iou)}</span>"
+    return f'<div class="run"><div class="run-name">{name}</div>{"".join(figures)}</div>'
+
+
+def _legend(class_names: Sequence[str]) -> str:
+    colours = palette.voc_palette()
+    labels = list(range(len(class_names) + 1)) + [palette.VOID_LABEL]
+    items = []
+    for label in labels:
+        red, green, blue = (int(value) for value in colours[label])
+        items.append(
+            f'<span class="swatch" style="background: rgb({red},{green},{blue})"></span>'
+            f"{html.escape(_class_name(label, class_names))}"
+        )
+    return f'<p class="legend">Colours:{"".join(items)}</p>'
+
+
+def _sort_key(item: tuple[str, _RunView, Any]) -> tuple[bool, float, str]:
+    image_id, view, _ = item
+    # NaN IoU (no scored pixel at all) goes last: there is nothing to learn from it.
+    return (math.isnan(view.iou), view.iou if not math.isnan(view.iou) else 0.0, image_id)
+
+
+def write_gallery(
+    output_dir: str,
+    entries: Sequence[Mapping[str, Any]],
+    *,
+    class_names: Sequence[str],
+    title: str,
+    compare_name: str | None = None,
+    run_name: str = "CAM",
+) -> str:
+    """Writes the PNGs and ``index.html`` of a CAM gallery, worst image first.
+
+    Args:
+      output_dir: folder to write into (created if missing); ``index.html`` is written last, so its presence means
+        the gallery is complete.
+      entries: one dict per image with ``id`` (str), ``image`` ((H, W, 3) uint8), ``ground_truth`` ((H, W) labels,
+        255 void), ``cams`` ((K, H, W) float max-normalised CAMs of the GT classes; another spatial size is resized
+        bilinearly), ``keys`` (the ``infer_cam`` layout ``[0, c1 + 1, ...]`` of K + 1 ids, or K 1-based ids),
+        ``threshold`` (background score) and optionally ``compare_cams`` / ``compare_keys``: a second run's CAMs of
+        the same image, scored at the same threshold.
+      class_names: the C foreground class names in label order (background excluded, as
+        ``datasets.DatasetInfo.class_names``); label ``k`` is ``class_names[k - 1]``.
+      title: page title.
+      compare_name: name of the second run, shown beside its row (default ``"compare"`` when entries carry compare
+        CAMs).
+      run_name: name of the main run, shown beside its row.
+
+    Returns:
+      The path of ``index.html``.
+
+    Raises:
+      ValueError: on malformed entries or duplicate ids.
+    """
+    num_classes = len(class_names) + 1
+    os.makedirs(os.path.join(output_dir, IMAGES_DIR), exist_ok=True)
+    any_compare = any(entry.get("compare_cams") is not None for entry in entries)
+    compare_label = compare_name if compare_name is not None else "compare"
+    show_compare = compare_name is not None or any_compare
+
+    stems: dict[str, str] = {}
+    scored = []
+    for entry in entries:
+        image_id = str(entry["id"])
+        stem = _safe_id(image_id)
+        if stem in stems:
+            raise ValueError(f"Image ids {stems[stem]!r} and {image_id!r} map to the same file name {stem!r}.")
+        stems[stem] = image_id
+        image = np.asarray(entry["image"])
+        ground_truth = np.asarray(entry["ground_truth"])
+        if ground_truth.shape != image.shape[:2]:
+            raise ValueError(f"{image_id}: ground_truth shape {ground_truth.shape} differs from image {image.shape}.")
+        threshold = float(entry["threshold"])
+        view = _run_view(entry["cams"], entry["keys"], threshold, ground_truth, num_classes)
+        compare_view = None
+        if entry.get("compare_cams") is not None:
+            if entry.get("compare_keys") is None:
+                raise ValueError(f"{image_id}: compare_cams given without compare_keys.")
+            compare_view = _run_view(
+                entry["compare_cams"], entry["compare_keys"], threshold, ground_truth, num_classes
+            )
+        scored.append((image_id, view, (stem, image, ground_truth, threshold, compare_view)))
+
+    sections = []
+    run_ious, compare_ious = [], []
+    for rank, (image_id, view, (stem, image, ground_truth, threshold, compare_view)) in enumerate(
+        sorted(scored, key=_sort_key), start=1
+    ):
+        run_ious.append(view.iou)
+        image_path = f"{IMAGES_DIR}/{stem}_image.png"
+        _write_png(os.path.join(output_dir, image_path), image.astype(np.uint8))
+        gt_path = f"{IMAGES_DIR}/{stem}_gt.png"
+        _write_png(os.path.join(output_dir, gt_path), palette.colorize_labels(ground_truth))
+        gt_classes = [int(label) for label in np.unique(ground_truth) if 0 < label < num_classes]
+        gt_caption = ", ".join(_class_name(label, class_names) for label in gt_classes) or "background only"
+
+        heading = f"#{rank} {html.escape(image_id)} &mdash; {html.escape(run_name)} IoU {_format_iou(view.iou)}"
+        if compare_view is not None:
+            compare_ious.append(compare_view.iou)
+            heading += f" | {html.escape(compare_label)} IoU {_format_iou(compare_view.iou)}"
+            delta = view.iou - compare_view.iou
+            if not math.isnan(delta):
+                # Green where the main run beats the compare run on this image, red where it loses.
+                css = "good" if delta > 0 else "bad" if delta < 0 else "muted"
+                heading += f' <span class="{css}">({delta:+.1f})</span>'
+        rows = [
+            '<div class="run"><div class="run-name">input</div>'
+            + _figure(image_path, f"image {image_id}")
+            + _figure(gt_path, f"ground truth: {gt_caption}")
+            + "</div>",
+            _write_run_row(output_dir, stem, "", run_name, image, view, class_names),
+        ]
+        if compare_view is not None:
+            rows.append(
+                _write_run_row(output_dir, stem, "compare_", compare_label, image, compare_view, class_names)
+            )
+        elif show_compare:
+            rows.append(
+                f'<div class="run"><div class="run-name">{html.escape(compare_label)}</div>'
+                '<p class="muted">no CAMs for this image</p></div>'
+            )
+        sections.append(
+            f"<section><h2>{heading}</h2>"
+            f'<p class="muted">classes: {html.escape(gt_caption)}; background threshold {threshold:g}</p>'
+            + "".join(rows)
+            + "</section>"
+        )
+
+    summary = f"{len(scored)} images, worst IoU first. IoU: mean over the classes in the image's GT or prediction."
+    finite = [iou for iou in run_ious if not math.isnan(iou)]
+    if finite:
+        summary += f" Mean per-image IoU, {run_name}: {np.mean(finite):.1f}%"
+        compare_finite = [iou for iou in compare_ious if not math.isnan(iou)]
+        if compare_finite:
+            summary += f"; {compare_label}: {np.mean(compare_finite):.1f}%"
+        summary += "."
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>{_legend(class_names)}"
+        + "\n".join(sections)
+        + "</body></html>\n"
+    )
+    index_path = os.path.join(output_dir, INDEX_NAME)
+    with fileio.atomic_path(index_path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(page)
+    return index_path
