@@ -118,6 +118,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.infer.flip = True
     # Images are padded up to a multiple of this side so XLA compiles once per size bucket, not once per image.
     config.infer.pad_multiple = 64
+    # Inputs (one image at one scale, plus its flip) per forward call; inputs of the same padded size are batched
+    # across images and each call is split over the mesh's devices.
+    config.infer.images_per_call = 8
 
     config.eval = ml_collections.ConfigDict()
     # Background thresholds swept by eval_cam: start, stop (inclusive) and step (the authors: 0.05..0.75 by 0.05).

@@ -12,7 +12,7 @@ image's ground-truth classes are kept, each divided by its own spatial maximum (
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import jax
@@ -20,24 +20,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from puzzle_jax import puzzle
+from puzzle_jax import puzzle, sharding
 from puzzle_jax.data import transforms
 
 # Added to each class's maximum before dividing, as the authors do, so an all-zero map stays zero.
 NORMALISATION_EPSILON = 1e-5
 
 
-def create_forward(model: nnx.Module) -> Callable[[np.ndarray], np.ndarray]:
-    """Returns ``images (N, H, W, 3) -> ReLU'd class maps (N, h, w, C)`` as numpy, jitted per input shape."""
+def create_forward(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Returns ``images (N, H, W, 3) -> ReLU'd class maps (N, h, w, C)`` as numpy, jitted once per input shape.
+
+    With a mesh, the batch is split over its ``'data'`` axis (N must then be a multiple of the device count) and the
+    weights are replicated.
+    """
     model.eval()
     graphdef, state = nnx.split(model)
+    if mesh is not None:
+        state = sharding.replicate(state, mesh)
 
     @jax.jit
     def forward(state, images):
         _, class_maps = nnx.merge(graphdef, state)(images)
         return jax.nn.relu(class_maps.astype(jnp.float32))
 
-    return lambda images: np.asarray(forward(state, jnp.asarray(images)))
+    def run(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        placed = jax.device_put(images, sharding.data_sharded(mesh)) if mesh is not None else jnp.asarray(images)
+        return np.asarray(forward(state, placed))
+
+    return run
 
 
 def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -54,6 +65,47 @@ def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.concatenate(pieces, axis=-1)
 
 
+def _scaled_input(image: np.ndarray, scale: float, flip: bool, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resized (PIL bicubic), normalised, optionally flipped and zero-padded inputs of one scale, and their size."""
+    height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
+    normalised = transforms.normalize_image(transforms.resize_image(image, height, width))
+    batch = np.stack([normalised, normalised[:, ::-1]]) if flip else normalised[None]
+    padded, _ = puzzle.pad_to_multiple(batch, multiple)
+    return np.asarray(padded), (height, width)
+
+
+class _ImageAccumulator:
+    """Sums one image's flip-merged maps over scales at the strided and the full resolution."""
+
+    def __init__(self, image: np.ndarray, labels: np.ndarray, pending: int):
+        self.height, self.width = image.shape[:2]
+        self.labels = labels
+        self.pending = pending
+        self.strided_sum = 0.0
+        self.full_sum = 0.0
+
+    def add(self, maps: np.ndarray, scaled_size: tuple[int, int], flip: bool, output_stride: int) -> None:
+        valid_height = math.ceil(scaled_size[0] / output_stride)
+        valid_width = math.ceil(scaled_size[1] / output_stride)
+        maps = maps[:, :valid_height, :valid_width]
+        summed = maps[0] + maps[1][:, ::-1] if flip else maps[0]
+        self.strided_sum = self.strided_sum + _resize_maps(
+            summed, math.ceil(self.height / 4), math.ceil(self.width / 4)
+        )
+        # The authors upsample to the next multiple of 16 and crop, rather than resizing to (H, W) directly.
+        upsampled = _resize_maps(summed, 16 * math.ceil(self.height / 16), 16 * math.ceil(self.width / 16))
+        self.full_sum = self.full_sum + upsampled[: self.height, : self.width]
+        self.pending -= 1
+
+    def result(self) -> dict[str, np.ndarray]:
+        class_ids = np.flatnonzero(np.asarray(self.labels) > 0)
+        return {
+            "keys": np.concatenate([[0], class_ids + 1]).astype(np.int64),
+            "cam": _normalise(self.strided_sum[..., class_ids]),
+            "hr_cam": _normalise(self.full_sum[..., class_ids]),
+        }
+
+
 def compute_cams(
     forward: Callable[[np.ndarray], np.ndarray],
     image: np.ndarray,
@@ -64,7 +116,7 @@ def compute_cams(
     pad_multiple: int,
     output_stride: int,
 ) -> dict[str, np.ndarray]:
-    """Computes the ``.npz`` payload of one image.
+    """Computes the ``.npz`` payload of one image, one forward call per scale.
 
     Args:
       forward: from ``create_forward``.
@@ -79,31 +131,71 @@ def compute_cams(
       ``keys`` int64 ``(K + 1,)`` = [0, c1 + 1, ...] (background first, class ids 1-based), ``cam`` float32
       ``(K, ceil(H/4), ceil(W/4))`` and ``hr_cam`` float32 ``(K, H, W)``, both max-normalised per class.
     """
-    height, width = image.shape[:2]
-    strided_size = (math.ceil(height / 4), math.ceil(width / 4))
-    strided_sum = 0.0
-    full_sum = 0.0
+    accumulator = _ImageAccumulator(image, labels, pending=len(scales))
     for scale in scales:
-        scaled_height, scaled_width = round(height * scale), round(width * scale)
-        scaled = transforms.resize_image(image, scaled_height, scaled_width)
-        normalised = transforms.normalize_image(scaled)
-        batch = np.stack([normalised, normalised[:, ::-1]]) if flip else normalised[None]
-        padded, _ = puzzle.pad_to_multiple(batch, max(pad_multiple, output_stride))
-        maps = forward(np.asarray(padded))
-        valid_height = math.ceil(scaled_height / output_stride)
-        valid_width = math.ceil(scaled_width / output_stride)
-        maps = maps[:, :valid_height, :valid_width]
-        summed = maps[0] + maps[1][:, ::-1] if flip else maps[0]
-        strided_sum = strided_sum + _resize_maps(summed, *strided_size)
-        # The authors upsample to the next multiple of 16 and crop, rather than resizing to (H, W) directly.
-        upsampled = _resize_maps(summed, 16 * math.ceil(height / 16), 16 * math.ceil(width / 16))
-        full_sum = full_sum + upsampled[:height, :width]
-    class_ids = np.flatnonzero(np.asarray(labels) > 0)
-    return {
-        "keys": np.concatenate([[0], class_ids + 1]).astype(np.int64),
-        "cam": _normalise(strided_sum[..., class_ids]),
-        "hr_cam": _normalise(full_sum[..., class_ids]),
-    }
+        inputs, scaled_size = _scaled_input(image, scale, flip, max(pad_multiple, output_stride))
+        accumulator.add(forward(inputs), scaled_size, flip, output_stride)
+    return accumulator.result()
+
+
+def iterate_cams(
+    forward: Callable[[np.ndarray], np.ndarray],
+    records: Iterable[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    scales: Sequence[float],
+    flip: bool,
+    pad_multiple: int,
+    output_stride: int,
+    images_per_call: int,
+    batch_multiple: int = 1,
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """``compute_cams`` for a stream of images, batching inputs of the same padded size across images.
+
+    Each (image, scale) input waits in the queue of its size bucket; a full queue of ``images_per_call`` inputs (with
+    their flips) runs as one forward call. Calls always have the same batch size (short ones are padded with zeros),
+    so XLA compiles once per bucket. An image's payload is yielded once all its scales are done.
+
+    Args:
+      forward: from ``create_forward`` (with a mesh, to spread each call over the devices).
+      records: ``(id, uint8 image, multi-hot labels)`` triples.
+      scales, flip, pad_multiple, output_stride: as in ``compute_cams``.
+      images_per_call: inputs (images at one scale) per forward call.
+      batch_multiple: the call's batch size is rounded up to a multiple of this (the number of devices).
+
+    Yields:
+      ``(id, payload)`` with the payload of ``compute_cams``, in completion order.
+    """
+    multiple = max(pad_multiple, output_stride)
+    per_input = 2 if flip else 1
+    batch_size = -(-images_per_call * per_input // batch_multiple) * batch_multiple
+    queues: dict[tuple[int, int], list] = {}
+    accumulators: dict[str, _ImageAccumulator] = {}
+
+    def run(bucket):
+        entries = queues.pop(bucket)
+        inputs = np.concatenate([entry[1] for entry in entries])
+        padding = np.zeros((batch_size - len(inputs), *inputs.shape[1:]), np.float32)
+        maps = forward(np.concatenate([inputs, padding]))
+        finished = []
+        for position, (image_id, _, scaled_size) in enumerate(entries):
+            accumulator = accumulators[image_id]
+            accumulator.add(maps[position * per_input : (position + 1) * per_input], scaled_size, flip, output_stride)
+            if accumulator.pending == 0:
+                finished.append((image_id, accumulators.pop(image_id).result()))
+        return finished
+
+    for image_id, image, labels in records:
+        if image_id in accumulators:
+            raise ValueError(f"Image id {image_id!r} appears twice in the inference stream.")
+        accumulators[image_id] = _ImageAccumulator(image, labels, pending=len(scales))
+        for scale in scales:
+            inputs, scaled_size = _scaled_input(image, scale, flip, multiple)
+            bucket = inputs.shape[1:3]
+            queues.setdefault(bucket, []).append((image_id, inputs, scaled_size))
+            if len(queues[bucket]) == images_per_call:
+                yield from run(bucket)
+    for bucket in list(queues):
+        yield from run(bucket)
 
 
 def _normalise(maps: np.ndarray) -> np.ndarray:

@@ -93,3 +93,33 @@ def test_resize_image_uses_pil_bicubic():
     image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     expected = np.asarray(Image.fromarray(image).resize((45, 30), Image.BICUBIC))
     np.testing.assert_array_equal(transforms.resize_image(image, 30, 45), expected)
+
+
+def test_batched_bucketed_sharded_inference_equals_per_image_inference():
+    """iterate_cams (inputs of equal padded size batched across images, each call split over 8 devices) gives the
+    per-image compute_cams payloads of a real (tiny) classifier."""
+    import jax
+    from flax import nnx
+
+    from puzzle_jax import models, sharding
+
+    model = models.create_classifier("resnet_tiny", 4, bn_mode="global", rngs=nnx.Rngs(0))
+    # Non-trivial running statistics, so eval-mode BN is not the identity.
+    stats = nnx.state(model, nnx.BatchStat)
+    nnx.update(model, jax.tree.map(lambda value: value * 0.5 + 0.1, stats))
+    single = cam_inference.create_forward(model)
+    sharded = cam_inference.create_forward(model, sharding.create_mesh(8))
+    rng = np.random.default_rng(3)
+    records = []
+    for index, (height, width) in enumerate([(40, 56), (64, 48), (41, 57), (64, 64), (33, 70)]):
+        labels = np.zeros(4, np.float32)
+        labels[[index % 4, (index + 2) % 4]] = 1
+        records.append((f"im{index}", rng.integers(0, 256, (height, width, 3), dtype=np.uint8), labels))
+    settings = dict(scales=(1.0, 0.5, 1.5), flip=True, pad_multiple=32, output_stride=16)
+    batched = dict(cam_inference.iterate_cams(sharded, records, images_per_call=3, batch_multiple=8, **settings))
+    assert sorted(batched) == [record[0] for record in records]
+    for image_id, image, labels in records:
+        expected = cam_inference.compute_cams(single, image, labels, **settings)
+        np.testing.assert_array_equal(batched[image_id]["keys"], expected["keys"])
+        np.testing.assert_allclose(batched[image_id]["cam"], expected["cam"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(batched[image_id]["hr_cam"], expected["hr_cam"], rtol=1e-4, atol=1e-5)
