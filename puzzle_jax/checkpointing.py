@@ -75,6 +75,10 @@ class TrainingCheckpointer:
         )
         return restored[_STATE], restored[_DATA], step
 
+    def should_save(self, step: int) -> bool:
+        """Whether ``step`` is due for a checkpoint (its period, or a cluster preemption)."""
+        return self._manager.should_save(step)
+
     def save(self, step: int, state: Any, data_state: dict | None, *, force: bool = False) -> bool:
         """Saves when ``step`` is due (or ``force``); returns whether a save was started."""
         return self._manager.save(

@@ -49,10 +49,6 @@ def _read_cams(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: not a readable CAM file: {error}") from error
 
 
-def _none_for_nan(values) -> list:
-    return [None if value is None or np.isnan(value) else float(value) for value in values]
-
-
 def evaluate_folders(
     prediction_dir: str,
     ground_truth_dir: str,
@@ -122,7 +118,7 @@ def evaluate_folders(
         return {
             "miou": result["miou"],
             "best_threshold": result["best_threshold"],
-            "per_class_iou": _none_for_nan(result["per_class_iou"]),
+            "per_class_iou": report.ious_for_json(result["per_class_iou"]),
             "thresholds": result["thresholds"],
             "per_threshold_miou": result["per_threshold_miou"],
             "num_images": result["num_images"],
@@ -131,7 +127,7 @@ def evaluate_folders(
     false_positive, false_negative = miou.false_positive_negative_rates(confusion)
     return {
         "miou": float(miou.mean_iou(confusion)),
-        "per_class_iou": _none_for_nan(100.0 * miou.iou_from_confusion(confusion)),
+        "per_class_iou": report.ious_for_json(100.0 * miou.iou_from_confusion(confusion)),
         "miou_ignoring_predicted_void": float(miou.mean_iou(confusion, invalid_predictions="ignore")),
         "predicted_void_pixels": int(confusion[:, -1].sum()),
         "false_positive": float(false_positive),
@@ -139,12 +135,6 @@ def evaluate_folders(
         "num_images": len(predictions),
         "prediction_kind": "label",
     }
-
-
-def _parse_thresholds(text: str) -> list[float]:
-    start, stop, step = (float(part) for part in text.split(","))
-    count = int(round((stop - start) / step)) + 1
-    return [round(start + step * index, 6) for index in range(count)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,19 +153,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(options.classes) as handle:
             names = tuple(line.strip() for line in handle if line.strip())
     class_names = ["background", *names]
-    thresholds = [options.threshold] if options.threshold is not None else _parse_thresholds(options.thresholds)
+    thresholds = (
+        [options.threshold]
+        if options.threshold is not None
+        else miou.threshold_range(*(float(part) for part in options.thresholds.split(","))).tolist()
+    )
     try:
         result = evaluate_folders(options.pred, options.gt, class_names=class_names, thresholds=thresholds)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if result["prediction_kind"] == "cam":
-        print(
-            report.format_sweep_table(
-                class_names,
-                {**result, "per_class_iou": [np.nan if value is None else value for value in result["per_class_iou"]]},
-            )
-        )
+        print(report.format_sweep_table(class_names, result))
     else:
         print(report.format_label_table(class_names, result))
     if options.json:

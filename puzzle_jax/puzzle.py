@@ -87,9 +87,7 @@ def merge(tiles: Array, grid: int) -> Array:
     num_tiles, tile_height, tile_width, channels = tiles.shape
     pieces = grid * grid
     if num_tiles % pieces:
-        raise ValueError(
-            f"Number of tiles {num_tiles} is not a multiple of grid*grid={pieces} (grid={grid})."
-        )
+        raise ValueError(f"Number of tiles {num_tiles} is not a multiple of grid*grid={pieces} (grid={grid}).")
     batch = num_tiles // pieces
     images = tiles.reshape(batch, grid, grid, tile_height, tile_width, channels)
     images = images.transpose(0, 1, 3, 2, 4, 5)
@@ -109,16 +107,7 @@ def to_piece_major(tiles: Array, grid: int) -> Array:
     Returns:
       The same tiles in piece-major order.
     """
-    _check_grid(grid)
-    pieces = grid * grid
-    if tiles.shape[0] % pieces:
-        raise ValueError(
-            f"Number of tiles {tiles.shape[0]} is not a multiple of grid*grid={pieces}."
-        )
-    batch = tiles.shape[0] // pieces
-    rest = tuple(tiles.shape[1:])
-    reordered = tiles.reshape((batch, pieces) + rest).swapaxes(0, 1)
-    return reordered.reshape((pieces * batch,) + rest)
+    return _swap_leading_blocks(tiles, grid, input_piece_major=False)
 
 
 def from_piece_major(tiles: Array, grid: int) -> Array:
@@ -131,16 +120,19 @@ def from_piece_major(tiles: Array, grid: int) -> Array:
     Returns:
       The same tiles in example-major order (what ``merge`` expects).
     """
+    return _swap_leading_blocks(tiles, grid, input_piece_major=True)
+
+
+def _swap_leading_blocks(tiles: Array, grid: int, *, input_piece_major: bool) -> Array:
+    """Views the leading axis as (pieces, B) if ``input_piece_major`` else (B, pieces) and swaps the two blocks."""
     _check_grid(grid)
     pieces = grid * grid
     if tiles.shape[0] % pieces:
-        raise ValueError(
-            f"Number of tiles {tiles.shape[0]} is not a multiple of grid*grid={pieces}."
-        )
+        raise ValueError(f"Number of tiles {tiles.shape[0]} is not a multiple of grid*grid={pieces}.")
     batch = tiles.shape[0] // pieces
     rest = tuple(tiles.shape[1:])
-    reordered = tiles.reshape((pieces, batch) + rest).swapaxes(0, 1)
-    return reordered.reshape((batch * pieces,) + rest)
+    blocks = (pieces, batch) if input_piece_major else (batch, pieces)
+    return tiles.reshape(blocks + rest).swapaxes(0, 1).reshape((pieces * batch,) + rest)
 
 
 def pad_to_multiple(images: Array, multiple: int) -> tuple[Array, tuple[int, int]]:

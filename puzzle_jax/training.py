@@ -246,8 +246,11 @@ def fit(
                     pending, images_seen, window_start = [], 0, time.perf_counter()
                 preempt = stop["stop"] or checkpointer.reached_preemption(step)
                 stopping = preempt or (stop_after_steps is not None and step >= stop_after_steps)
-                data_state = {"iterator": iterator.get_state().decode()}
-                checkpointer.save(step, state, data_state, force=stopping or step == total_steps)
+                force = stopping or step == total_steps
+                if force or checkpointer.should_save(step):
+                    # The iterator state is serialised only for the steps that are saved.
+                    data_state = {"iterator": iterator.get_state().decode()}
+                    checkpointer.save(step, state, data_state, force=force)
                 if stopping and step < total_steps:
                     checkpointer.wait_until_finished()
                     raise Preempted(f"{description}: stopped at step {step} of {total_steps}; checkpoint saved.")

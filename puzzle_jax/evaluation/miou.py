@@ -37,9 +37,7 @@ def _check_num_classes(num_classes: int) -> None:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
 
 
-def _valid_ground_truth(
-    ground_truth: np.ndarray, num_classes: int, ignore_index: int
-) -> np.ndarray:
+def _valid_ground_truth(ground_truth: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:
     """Returns the mask of scored pixels; raises on GT values neither a class nor ignored."""
     ground_truth = np.asarray(ground_truth)
     valid = ground_truth != ignore_index
@@ -78,10 +76,7 @@ def confusion_matrix(
     prediction = np.asarray(prediction)
     ground_truth = np.asarray(ground_truth)
     if prediction.shape != ground_truth.shape:
-        raise ValueError(
-            f"prediction shape {prediction.shape} differs from ground_truth shape "
-            f"{ground_truth.shape}."
-        )
+        raise ValueError(f"prediction shape {prediction.shape} differs from ground_truth shape {ground_truth.shape}.")
     valid = _valid_ground_truth(ground_truth, num_classes, ignore_index)
     true_class = ground_truth[valid].astype(np.int64)
     predicted = prediction[valid].astype(np.int64)
@@ -92,9 +87,7 @@ def confusion_matrix(
     return counts.astype(np.int64).reshape(num_classes, columns)
 
 
-def _class_counts(
-    confusion: np.ndarray, invalid_predictions: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _class_counts(confusion: np.ndarray, invalid_predictions: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Returns (true positives, GT pixels, predicted pixels) per class from a confusion matrix."""
     if invalid_predictions not in INVALID_PREDICTION_POLICIES:
         raise ValueError(
@@ -106,9 +99,7 @@ def _class_counts(
         raise ValueError(f"A confusion matrix needs 2 dimensions, got shape {confusion.shape}.")
     num_classes = confusion.shape[-2]
     if confusion.shape[-1] not in (num_classes, num_classes + 1):
-        raise ValueError(
-            f"Confusion matrix shape {confusion.shape} is neither (..., C, C) nor (..., C, C + 1)."
-        )
+        raise ValueError(f"Confusion matrix shape {confusion.shape} is neither (..., C, C) nor (..., C, C + 1).")
     class_columns = confusion[..., :num_classes]
     true_positive = np.diagonal(class_columns, axis1=-2, axis2=-1)
     counted = confusion if invalid_predictions == "wrong" else class_columns
@@ -155,15 +146,11 @@ def mean_iou(confusion: np.ndarray, *, invalid_predictions: str = "wrong") -> fl
     Returns:
       A float for one matrix, an array for stacked matrices; NaN if no class occurs at all.
     """
-    result = 100.0 * _nanmean_last_axis(
-        iou_from_confusion(confusion, invalid_predictions=invalid_predictions)
-    )
+    result = 100.0 * _nanmean_last_axis(iou_from_confusion(confusion, invalid_predictions=invalid_predictions))
     return float(result) if np.ndim(result) == 0 else result
 
 
-def false_positive_negative_rates(
-    confusion: np.ndarray, *, invalid_predictions: str = "wrong"
-) -> tuple[Any, Any]:
+def false_positive_negative_rates(confusion: np.ndarray, *, invalid_predictions: str = "wrong") -> tuple[Any, Any]:
     """The authors' FP and FN figures (spec §6), averaged over foreground classes.
 
     ``FP_c = (P_c - TP_c) / union_c`` and ``FN_c = (T_c - TP_c) / union_c`` for classes ``1..C-1``
@@ -183,9 +170,7 @@ def false_positive_negative_rates(
     with np.errstate(divide="ignore", invalid="ignore"):
         safe_union = np.maximum(union, 1)
         false_positive = np.where(union > 0, (predicted_count - true_positive) / safe_union, np.nan)
-        false_negative = np.where(
-            union > 0, (ground_truth_count - true_positive) / safe_union, np.nan
-        )
+        false_negative = np.where(union > 0, (ground_truth_count - true_positive) / safe_union, np.nan)
     false_positive = _nanmean_last_axis(false_positive[..., 1:])
     false_negative = _nanmean_last_axis(false_negative[..., 1:])
     if np.ndim(false_positive) == 0:
@@ -206,9 +191,7 @@ def _foreground_keys(cams: np.ndarray, keys: np.ndarray) -> np.ndarray:
             "id 0."
         )
     if num_maps and keys.min() < 1:
-        raise ValueError(
-            f"Foreground keys must be class ids >= 1 (0 is background), got {keys.tolist()}."
-        )
+        raise ValueError(f"Foreground keys must be class ids >= 1 (0 is background), got {keys.tolist()}.")
     return keys
 
 
@@ -275,9 +258,7 @@ class ThresholdSweep:
         self.thresholds = np.sort(thresholds)
         self.ignore_index = ignore_index
         # (T, C, C + 1): the last column stays 0 (CAM labels are always valid classes).
-        self.confusion = np.zeros(
-            (self.thresholds.size, num_classes, num_classes + 1), dtype=np.int64
-        )
+        self.confusion = np.zeros((self.thresholds.size, num_classes, num_classes + 1), dtype=np.int64)
         self.num_images = 0
 
     def update(self, cams: np.ndarray, keys: np.ndarray, ground_truth: np.ndarray) -> None:
@@ -292,15 +273,9 @@ class ThresholdSweep:
         foreground_keys = _foreground_keys(cams, keys)
         ground_truth = np.asarray(ground_truth)
         if ground_truth.shape != cams.shape[1:]:
-            raise ValueError(
-                f"ground_truth shape {ground_truth.shape} differs from the CAM size "
-                f"{cams.shape[1:]}."
-            )
+            raise ValueError(f"ground_truth shape {ground_truth.shape} differs from the CAM size {cams.shape[1:]}.")
         if foreground_keys.size and foreground_keys.max() >= self.num_classes:
-            raise ValueError(
-                f"keys {foreground_keys.tolist()} hold a class id >= "
-                f"num_classes={self.num_classes}."
-            )
+            raise ValueError(f"keys {foreground_keys.tolist()} hold a class id >= num_classes={self.num_classes}.")
         valid = _valid_ground_truth(ground_truth, self.num_classes, self.ignore_index)
         true_class = ground_truth[valid].astype(np.int64)
         num_thresholds = self.thresholds.size
@@ -362,3 +337,16 @@ class ThresholdSweep:
             "per_threshold_false_negative": np.asarray(false_negative).tolist(),
             "num_images": self.num_images,
         }
+
+
+def threshold_range(start: float, stop: float, step: float) -> np.ndarray:
+    """Thresholds from ``start`` to ``stop`` inclusive by ``step``, rounded so that 0.05 steps do not drift.
+
+    Raises:
+      ValueError: unless start <= stop and step > 0.
+    """
+    start, stop, step = float(start), float(stop), float(step)
+    if step <= 0 or stop < start:
+        raise ValueError(f"threshold range ({start}, {stop}, {step}): need start <= stop and step > 0.")
+    count = int(round((stop - start) / step)) + 1
+    return np.round(start + step * np.arange(count), 6)

@@ -7,6 +7,21 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def ious_for_json(values) -> list:
+    """Per-class IoUs with NaN (a class absent from both GT and prediction) as None: JSON has no NaN."""
+    return [None if value is None or np.isnan(value) else float(value) for value in values]
+
+
+def _per_class_lines(class_names: Sequence[str], per_class_iou, miou: float) -> list[str]:
+    width = max(len(name) for name in list(class_names) + ["mIoU"]) + 2
+    lines = [f"{'class':<{width}}{'IoU %':>8}"]
+    for name, iou in zip(class_names, per_class_iou):
+        shown = "absent" if iou is None or np.isnan(iou) else f"{iou:.2f}"
+        lines.append(f"{name:<{width}}{shown:>8}")
+    lines.append(f"{'mIoU':<{width}}{miou:>8.2f}")
+    return lines
+
+
 def format_sweep_table(class_names: Sequence[str], result: dict, *, title: str = "CAM mIoU") -> str:
     """Formats a ``ThresholdSweep.result()`` as a per-class table followed by the per-threshold mIoU.
 
@@ -15,16 +30,11 @@ def format_sweep_table(class_names: Sequence[str], result: dict, *, title: str =
       result: the sweep result (``per_class_iou`` and ``miou`` in percent).
       title: heading line.
     """
-    width = max(len(name) for name in list(class_names) + ["mIoU"]) + 2
     lines = [
         f"{title}: {result['miou']:.2f}% at background threshold {result['best_threshold']:.2f} "
-        f"({result['num_images']} images)"
+        f"({result['num_images']} images)",
+        *_per_class_lines(class_names, result["per_class_iou"], result["miou"]),
     ]
-    lines.append(f"{'class':<{width}}{'IoU %':>8}")
-    for name, iou in zip(class_names, result["per_class_iou"]):
-        shown = "absent" if iou is None or np.isnan(iou) else f"{iou:.2f}"
-        lines.append(f"{name:<{width}}{shown:>8}")
-    lines.append(f"{'mIoU':<{width}}{result['miou']:>8.2f}")
     lines.append(
         "threshold sweep: "
         + "  ".join(f"{t:.2f}:{m:.1f}" for t, m in zip(result["thresholds"], result["per_threshold_miou"]))
@@ -34,13 +44,10 @@ def format_sweep_table(class_names: Sequence[str], result: dict, *, title: str =
 
 def format_label_table(class_names: Sequence[str], result: dict, *, title: str = "Label mIoU") -> str:
     """Formats the result of scoring label maps, with the policy for pixels predicted as 255 spelled out."""
-    width = max(len(name) for name in list(class_names) + ["mIoU"]) + 2
-    lines = [f"{title}: {result['miou']:.2f}% ({result['num_images']} images)"]
-    lines.append(f"{'class':<{width}}{'IoU %':>8}")
-    for name, iou in zip(class_names, result["per_class_iou"]):
-        shown = "absent" if iou is None or np.isnan(iou) else f"{iou:.2f}"
-        lines.append(f"{name:<{width}}{shown:>8}")
-    lines.append(f"{'mIoU':<{width}}{result['miou']:>8.2f}")
+    lines = [
+        f"{title}: {result['miou']:.2f}% ({result['num_images']} images)",
+        *_per_class_lines(class_names, result["per_class_iou"], result["miou"]),
+    ]
     lines.append(
         f"pixels predicted as 255: {result['predicted_void_pixels']}; counted as wrong above (VOC devkit); "
         f"ignoring them instead (ToCo): mIoU {result['miou_ignoring_predicted_void']:.2f}%"

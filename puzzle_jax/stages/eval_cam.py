@@ -19,20 +19,11 @@ from puzzle_jax.pipeline import Workdir
 from puzzle_jax.viz import gallery
 
 
-def thresholds_from(threshold_range) -> np.ndarray:
-    """``(start, stop, step)`` with ``stop`` included, rounded so 0.05 steps do not drift."""
-    start, stop, step = (float(value) for value in threshold_range)
-    if step <= 0 or stop < start:
-        raise ValueError(f"eval.threshold_range={tuple(threshold_range)}: need start <= stop and step > 0.")
-    count = int(round((stop - start) / step)) + 1
-    return np.round(start + step * np.arange(count), 6)
-
-
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     source, info = datasets.load_split_from_config(config.data, config.infer.split)
     cam_dir = workdir.cam_dir()
     class_names = ["background"] + list(info.class_names)
-    sweep = miou.ThresholdSweep(len(class_names), thresholds_from(config.eval.threshold_range))
+    sweep = miou.ThresholdSweep(len(class_names), miou.threshold_range(*config.eval.threshold_range))
     missing = []
     for index in tqdm(range(len(source)), desc="eval_cam", disable=jax.process_index() != 0):
         record = source[index]
@@ -47,8 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
             f"{len(missing)} of {len(source)} CAM files are missing (first: {missing[0]}); run infer_cam first."
         )
     result = sweep.result()
-    # JSON has no NaN: a class absent from both GT and prediction is reported as null.
-    per_class = [None if np.isnan(iou) else iou for iou in result["per_class_iou"]]
+    per_class = report.ious_for_json(result["per_class_iou"])
     print(report.format_sweep_table(class_names, result), flush=True)
     gallery_path = None
     if config.eval.gallery_images > 0 and jax.process_index() == 0:
