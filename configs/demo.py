@@ -14,7 +14,7 @@ def get_config():
     # All four stages: the pretrain stage stands in for ImageNet weights.
     config.stages = ("pretrain", "train_cam", "infer_cam", "eval_cam")
 
-    # Built-in synthetic data: objects with a small class-specific head and an ambiguous body.
+    # Built-in synthetic data: objects whose small head is stronger class evidence than their large body.
     config.data.dataset = "puzzle_demo"
     # The demo's own CAM-training split (its "pretrain" split is disjoint from it).
     config.data.train_split = "train"

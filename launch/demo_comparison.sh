@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the README's demo table: Puzzle-CAM (cl_pcl_re) vs plain CAM (cl) from the same pretrained
-# backbone, for two training seeds, on the built-in demo data. About 6 minutes per run on a 2-core CPU.
+# backbone, for two training seeds, on the built-in demo data. About 14 minutes in all on a 2-core CPU.
 #   launch/demo_comparison.sh [ROOT=runs/demo_comparison]
 set -euo pipefail
 root=${1:-runs/demo_comparison}
@@ -27,4 +27,28 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "eval_cam", "summary
     summary = json.load(open(path))
     rows.append(f"| {run} | {summary['miou']:.2f} | {summary['best_threshold']:.2f} |")
 print("| run | CAM mIoU % (train) | best threshold |\n|---|---|---|\n" + "\n".join(rows))
+PY
+# The README's picture: the first eight training images (not picked), each as image | plain CAM | Puzzle-CAM
+# (seed 0; every map is the maximum over the image's classes).
+python3 - "$root" <<'PY'
+import os, sys
+import cv2
+import numpy as np
+from puzzle_jax.data.datasets import load_split
+from puzzle_jax.viz.overlays import cam_overlay
+root = sys.argv[1]
+source, _ = load_split("puzzle_demo", "train", data_dir=os.path.expanduser("~/tensorflow_datasets"))
+cells = []
+for index in range(8):
+    record = source[index]
+    image = record["image"]
+    height, width = image.shape[:2]
+    triplet = [image]
+    for run in ("cl_seed0", "pcl_seed0"):
+        cams = np.load(os.path.join(root, run, "infer_cam", "cams", f"{record['id']}.npz"))["hr_cam"]
+        triplet.append(cam_overlay(image, cams.max(axis=0)[:height, :width]))
+    cells.append(np.concatenate([cv2.resize(view, (128, 128), interpolation=cv2.INTER_AREA) for view in triplet], 1))
+sheet = np.concatenate([np.concatenate(cells[row : row + 2], 1) for row in range(0, 8, 2)], 0)
+cv2.imwrite(os.path.join(root, "cams_cl_vs_puzzle.jpg"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+print("picture:", os.path.join(root, "cams_cl_vs_puzzle.jpg"))
 PY

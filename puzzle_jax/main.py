@@ -32,6 +32,23 @@ def _initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def enable_compilation_cache(directory: str) -> None:
+    """Points JAX's persistent compilation cache at ``directory`` ("" leaves it off).
+
+    Compiling a large step costs minutes on an accelerator (75-120 s for ResNeSt-101 on an H100); with the cache,
+    a resumed or repeated run with the same shapes and devices loads the compiled program instead. JAX keys entries
+    by the program, the devices and the compiler flags, so one folder can serve every run. Programs that compile in
+    under a second are not stored (JAX's ``jax_persistent_cache_min_compile_time_secs``).
+    """
+    if not directory:
+        return
+    import jax
+
+    directory = os.path.expanduser(directory)
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -41,6 +58,7 @@ def main(argv: list[str]) -> None:
         # Orbax and tfds log every file they touch at INFO; keep the console to progress bars and results.
         logging.set_verbosity(logging.WARNING)
     _initialize_distributed()
+    enable_compilation_cache(_CONFIG.value.get("compilation_cache_dir", ""))
     from puzzle_jax import pipeline  # After distributed init: importing stages may touch devices.
 
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))

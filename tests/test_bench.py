@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from puzzle_jax import bench
+from puzzle_jax import bench, flops
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bench.py must run where none of these is installed (the GPU machine): its JAX and PyTorch rows may
@@ -89,7 +89,9 @@ def test_smoke_run_reports_real_numbers_and_ratios(tmp_path):
         assert math_isfinite(row["final_loss"])
     jax_row, torch_row = rows["jax"], rows["torch"]
     assert jax_row["compile_time_s"] > 0
-    assert jax_row["flops_per_image"] > 0 and jax_row["flops_source"].startswith("xla")
+    assert jax_row["flops_per_image"] > 0 and jax_row["flops_source"] == bench.JAXPR_FLOPS_SOURCE
+    assert jax_row["model_flops_per_image"] == jax_row["flops_per_image"]
+    assert jax_row["xla_flops_per_image"] > 0  # kept for reference (XLA:CPU counts convolutions)
     assert jax_row["peak_memory_bytes"] > 0
     assert torch_row["torch_counted_flops_per_image"] > 0
     assert jax_row["jax_over_torch"] == pytest.approx(
@@ -120,19 +122,23 @@ def single_torch_thread():
     torch.set_num_threads(previous)
 
 
-def test_xla_flops_of_our_step_match_torch_flop_counter_of_the_authors_step(single_torch_thread):
+def test_flops_of_our_step_match_torch_flop_counter_of_the_authors_step(single_torch_thread):
     """Our ResNet-50 step and the PyTorch transcription do the same work (FLOPs within 20%).
 
-    XLA counts only the multiply-adds that touch real input (not padding) and adds elementwise
-    work; PyTorch's counter counts every kernel tap of convolutions and matmuls. At 64x64 the
-    padding share is large, so XLA's count is somewhat lower; a missing tiled pass, a missing
-    backward or a different depth would be 2x off.
+    XLA and ``puzzle_jax.flops`` (the count bench.py reports) count only the multiply-adds that
+    touch real input (not padding), and XLA adds elementwise work; PyTorch's counter counts every
+    kernel tap of convolutions and matmuls. At 64x64 the padding share is large, so our counts
+    are somewhat lower; a missing tiled pass, a missing backward or a different depth would be 2x
+    off. The jaxpr count is XLA:CPU's without the elementwise work (a few percent here).
     """
     batch, size = 1, 64
     train_step, state, inputs, _ = bench.build_jax_train_step(
         "resnet50", batch_per_device=batch, height=size, width=size
     )
-    xla_flops = bench._xla_flops(train_step.lower(state, inputs).cost_analysis()) / batch
+    traced_step = train_step.trace(state, inputs)
+    xla_flops = bench._xla_flops(traced_step.lower().cost_analysis()) / batch
+    counted_flops = flops.count_jaxpr_flops(traced_step.jaxpr).total / batch
+    assert 0.9 < counted_flops / xla_flops <= 1.0, (counted_flops, xla_flops)
     torch_step, images, labels = bench.build_torch_train_step(
         "resnet50",
         batch=batch,
@@ -146,6 +152,7 @@ def test_xla_flops_of_our_step_match_torch_flop_counter_of_the_authors_step(sing
         torch_step(images, labels)
     torch_flops = counter.get_total_flops() / batch
     assert 0.8 < xla_flops / torch_flops < 1.05, (xla_flops, torch_flops)
+    assert 0.8 < counted_flops / torch_flops < 1.05, (counted_flops, torch_flops)
 
 
 def test_torch_tile_is_piece_major_and_merge_inverts_it():
@@ -261,6 +268,7 @@ def test_mfu_and_ratios_follow_from_the_measurements():
     assert jax_bf16["mfu"] == pytest.approx(300e12 / 989.4e12)
     assert jax_fp32["mfu"] == pytest.approx(120e12 / 494.7e12)  # float32 convolutions run as TF32
     assert torch_bf16["flops_per_image"] == 1e12  # the same model FLOPs as the JAX row
+    assert torch_bf16["flops_source"].endswith("of the matching JAX step")
     assert torch_bf16["mfu"] == pytest.approx(150e12 / 989.4e12)
     peak, basis = bench.peak_tflops_for(
         "NVIDIA H100 PCIe", "bfloat16", "default", {"bfloat16": 500.0}

@@ -1,5 +1,10 @@
 """Tests of the stage registry, the workdir layout and the command-line entry point's defaults."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from puzzle_jax import fileio, main, pipeline
@@ -24,6 +29,30 @@ def test_workdir_layout(tmp_path):
 def test_default_workdir_is_named_after_the_config():
     assert main.default_workdir("configs/resnest101.py") == "runs/resnest101"
     assert main.default_workdir("/abs/configs/demo.py") == "runs/demo"
+
+
+def test_compilation_cache_keeps_compiled_programs_on_disk(tmp_path):
+    # A fresh process: JAX fixes its cache folder at the first compilation of a process.
+    cache = tmp_path / "cache"
+    script = textwrap.dedent(
+        f"""
+        import jax, jax.numpy as jnp
+        from puzzle_jax import main
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        main.enable_compilation_cache({str(cache)!r})
+        jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+        """
+    )
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=repo_root, timeout=120)
+    assert any(name.startswith("jit__lambda") for name in os.listdir(cache))
+
+
+def test_compilation_cache_is_off_for_an_empty_folder(monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax.config, "update", lambda *args: pytest.fail(f"unexpected jax.config.update{args}"))
+    main.enable_compilation_cache("")
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path):
