@@ -34,10 +34,11 @@ python3 - "$root" <<'PY'
 import os, sys
 import cv2
 import numpy as np
-from puzzle_jax.data.datasets import load_split
+from configs import demo
+from puzzle_jax.data.datasets import load_split_from_config
 from puzzle_jax.viz.overlays import cam_overlay
 root = sys.argv[1]
-source, _ = load_split("puzzle_demo", "train", data_dir=os.path.expanduser("~/tensorflow_datasets"))
+source, _ = load_split_from_config(demo.get_config().data, "train")
 cells = []
 for index in range(8):
     record = source[index]
