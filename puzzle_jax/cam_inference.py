@@ -7,12 +7,21 @@ is accumulated at two resolutions with bilinear (align_corners=False) resizing: 
 ``(ceil(H/4), ceil(W/4))`` for the random walk and the full-resolution map for evaluation (resized to the next
 multiples of 16, then cropped to ``(H, W)``, as the authors do). Only the
 image's ground-truth classes are kept, each divided by its own spatial maximum (+1e-5).
+
+The host work is what limits inference on a GPU (BENCHMARKS.md), so it runs the resizing and normalisation of the
+next images on a pool of threads (PIL and numpy release the GIL) while the main thread batches and accumulates,
+writes each scaled input and its flip straight into its bucket's batch (reused from call to call), and flips,
+resizes and sums only the ground-truth classes' maps (resizing is per channel, so this changes no value). The
+results do not depend on the number of threads.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import jax
@@ -20,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from puzzle_jax import puzzle, sharding
+from puzzle_jax import sharding
 from puzzle_jax.data import transforms
 
 # Added to each class's maximum before dividing, as the authors do, so an all-zero map stays zero.
@@ -56,6 +65,8 @@ def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     if maps.shape[:2] == (height, width):
         return maps
     channels = maps.shape[-1]
+    if channels == 0:
+        return np.zeros((height, width, 0), maps.dtype)
     # OpenCV handles at most 512 channels per call.
     pieces = [
         cv2.resize(maps[..., start : start + 512], (width, height), interpolation=cv2.INTER_LINEAR)
@@ -65,21 +76,46 @@ def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.concatenate(pieces, axis=-1)
 
 
-def _scaled_input(image: np.ndarray, scale: float, flip: bool, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Resized (PIL bicubic), normalised, optionally flipped and zero-padded inputs of one scale, and their size."""
+def _scaled_input(image: np.ndarray, scale: float) -> np.ndarray:
+    """The image resized by ``scale`` (PIL bicubic) and normalised: float32 ``(round(H*s), round(W*s), 3)``."""
     height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
-    normalised = transforms.normalize_image(transforms.resize_image(image, height, width))
-    batch = np.stack([normalised, normalised[:, ::-1]]) if flip else normalised[None]
-    padded, _ = puzzle.pad_to_multiple(batch, multiple)
-    return np.asarray(padded), (height, width)
+    return transforms.normalize_image(transforms.resize_image(image, height, width))
+
+
+def _prefetched(function: Callable, items: Iterable, threads: int) -> Iterator[tuple]:
+    """Yields ``(item, function(item))`` in order, computing up to ``2 * threads`` items ahead on a thread pool."""
+    if threads <= 1:
+        for item in items:
+            yield item, function(item)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="cam-inputs") as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append((item, pool.submit(function, item)))
+            if len(pending) >= 2 * threads:
+                item, future = pending.popleft()
+                yield item, future.result()
+        while pending:
+            item, future = pending.popleft()
+            yield item, future.result()
+
+
+def default_host_threads() -> int:
+    """Threads that prepare inference inputs when none are asked for: the CPU cores, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """The size of the bucket an input of ``(height, width)`` is zero-padded into."""
+    return height + -height % multiple, width + -width % multiple
 
 
 class _ImageAccumulator:
-    """Sums one image's flip-merged maps over scales at the strided and the full resolution."""
+    """Sums one image's flip-merged maps of its ground-truth classes over scales, at both resolutions."""
 
     def __init__(self, image: np.ndarray, labels: np.ndarray, pending: int):
         self.height, self.width = image.shape[:2]
-        self.labels = labels
+        self.class_ids = np.flatnonzero(np.asarray(labels) > 0)
         self.pending = pending
         self.strided_sum = 0.0
         self.full_sum = 0.0
@@ -87,7 +123,7 @@ class _ImageAccumulator:
     def add(self, maps: np.ndarray, scaled_size: tuple[int, int], flip: bool, output_stride: int) -> None:
         valid_height = math.ceil(scaled_size[0] / output_stride)
         valid_width = math.ceil(scaled_size[1] / output_stride)
-        maps = maps[:, :valid_height, :valid_width]
+        maps = maps[:, :valid_height, :valid_width, self.class_ids]
         summed = maps[0] + maps[1][:, ::-1] if flip else maps[0]
         self.strided_sum = self.strided_sum + _resize_maps(
             summed, math.ceil(self.height / 4), math.ceil(self.width / 4)
@@ -98,11 +134,10 @@ class _ImageAccumulator:
         self.pending -= 1
 
     def result(self) -> dict[str, np.ndarray]:
-        class_ids = np.flatnonzero(np.asarray(self.labels) > 0)
         return {
-            "keys": np.concatenate([[0], class_ids + 1]).astype(np.int64),
-            "cam": _normalise(self.strided_sum[..., class_ids]),
-            "hr_cam": _normalise(self.full_sum[..., class_ids]),
+            "keys": np.concatenate([[0], self.class_ids + 1]).astype(np.int64),
+            "cam": _normalise(self.strided_sum),
+            "hr_cam": _normalise(self.full_sum),
         }
 
 
@@ -131,11 +166,16 @@ def compute_cams(
       ``keys`` int64 ``(K + 1,)`` = [0, c1 + 1, ...] (background first, class ids 1-based), ``cam`` float32
       ``(K, ceil(H/4), ceil(W/4))`` and ``hr_cam`` float32 ``(K, H, W)``, both max-normalised per class.
     """
-    accumulator = _ImageAccumulator(image, labels, pending=len(scales))
-    for scale in scales:
-        inputs, scaled_size = _scaled_input(image, scale, flip, max(pad_multiple, output_stride))
-        accumulator.add(forward(inputs), scaled_size, flip, output_stride)
-    return accumulator.result()
+    ((_, payload),) = iterate_cams(
+        forward,
+        [("", image, labels)],
+        scales=scales,
+        flip=flip,
+        pad_multiple=pad_multiple,
+        output_stride=output_stride,
+        images_per_call=1,
+    )
+    return payload
 
 
 def iterate_cams(
@@ -148,6 +188,7 @@ def iterate_cams(
     output_stride: int,
     images_per_call: int,
     batch_multiple: int = 1,
+    host_threads: int = 0,
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """``compute_cams`` for a stream of images, batching inputs of the same padded size across images.
 
@@ -161,6 +202,7 @@ def iterate_cams(
       scales, flip, pad_multiple, output_stride: as in ``compute_cams``.
       images_per_call: inputs (images at one scale) per forward call.
       batch_multiple: the call's batch size is rounded up to a multiple of this (the number of devices).
+      host_threads: threads that resize and normalise the next images' inputs; 0 = ``default_host_threads()``.
 
     Yields:
       ``(id, payload)`` with the payload of ``compute_cams``, in completion order.
@@ -168,33 +210,53 @@ def iterate_cams(
     multiple = max(pad_multiple, output_stride)
     per_input = 2 if flip else 1
     batch_size = -(-images_per_call * per_input // batch_multiple) * batch_multiple
-    queues: dict[tuple[int, int], list] = {}
+    # Per size bucket: the batch being filled (zeros where nothing is written: padding and unused slots), the
+    # (image id, scaled size) of each input in it, and a spent batch to fill again (zeroing reused memory is
+    # cheaper than faulting in fresh pages).
+    batches: dict[tuple[int, int], np.ndarray] = {}
+    entries: dict[tuple[int, int], list[tuple[str, tuple[int, int]]]] = {}
+    spent: dict[tuple[int, int], np.ndarray] = {}
     accumulators: dict[str, _ImageAccumulator] = {}
 
     def run(bucket):
-        entries = queues.pop(bucket)
-        inputs = np.concatenate([entry[1] for entry in entries])
-        padding = np.zeros((batch_size - len(inputs), *inputs.shape[1:]), np.float32)
-        maps = forward(np.concatenate([inputs, padding]))
+        batch = batches.pop(bucket)
+        # ``forward`` returns host arrays, so the batch is free again once it has returned.
+        maps = forward(batch)
+        spent[bucket] = batch
         finished = []
-        for position, (image_id, _, scaled_size) in enumerate(entries):
+        for position, (image_id, scaled_size) in enumerate(entries.pop(bucket)):
             accumulator = accumulators[image_id]
             accumulator.add(maps[position * per_input : (position + 1) * per_input], scaled_size, flip, output_stride)
             if accumulator.pending == 0:
                 finished.append((image_id, accumulators.pop(image_id).result()))
         return finished
 
-    for image_id, image, labels in records:
+    def scaled_inputs(record):
+        return [_scaled_input(record[1], scale) for scale in scales]
+
+    threads = host_threads or default_host_threads()
+    for (image_id, image, labels), inputs in _prefetched(scaled_inputs, records, threads):
         if image_id in accumulators:
             raise ValueError(f"Image id {image_id!r} appears twice in the inference stream.")
         accumulators[image_id] = _ImageAccumulator(image, labels, pending=len(scales))
-        for scale in scales:
-            inputs, scaled_size = _scaled_input(image, scale, flip, multiple)
-            bucket = inputs.shape[1:3]
-            queues.setdefault(bucket, []).append((image_id, inputs, scaled_size))
-            if len(queues[bucket]) == images_per_call:
+        for scaled in inputs:
+            height, width = scaled.shape[:2]
+            bucket = _padded_size(height, width, multiple)
+            if bucket not in batches:
+                if bucket in spent:
+                    batches[bucket] = spent.pop(bucket)
+                    batches[bucket].fill(0.0)
+                else:
+                    batches[bucket] = np.zeros((batch_size, *bucket, 3), np.float32)
+                entries[bucket] = []
+            slot = len(entries[bucket]) * per_input
+            batches[bucket][slot, :height, :width] = scaled
+            if flip:
+                batches[bucket][slot + 1, :height, :width] = scaled[:, ::-1]
+            entries[bucket].append((image_id, (height, width)))
+            if len(entries[bucket]) == images_per_call:
                 yield from run(bucket)
-    for bucket in list(queues):
+    for bucket in list(batches):
         yield from run(bucket)
 
 

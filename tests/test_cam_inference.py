@@ -123,3 +123,29 @@ def test_batched_bucketed_sharded_inference_equals_per_image_inference():
         np.testing.assert_array_equal(batched[image_id]["keys"], expected["keys"])
         np.testing.assert_allclose(batched[image_id]["cam"], expected["cam"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(batched[image_id]["hr_cam"], expected["hr_cam"], rtol=1e-4, atol=1e-5)
+
+
+def test_host_threads_do_not_change_the_cams():
+    rng = np.random.default_rng(5)
+    records = []
+    for index, (height, width) in enumerate([(40, 56), (64, 48), (41, 57), (64, 64), (33, 70), (50, 50)]):
+        labels = np.zeros(3, np.float32)
+        labels[index % 3] = 1
+        records.append((f"im{index}", rng.integers(0, 256, (height, width, 3), dtype=np.uint8), labels))
+    settings = dict(scales=(1.0, 0.5, 1.5), flip=True, pad_multiple=32, output_stride=STRIDE, images_per_call=2)
+    serial = dict(cam_inference.iterate_cams(_cell_sums, records, host_threads=1, **settings))
+    threaded = dict(cam_inference.iterate_cams(_cell_sums, records, host_threads=3, **settings))
+    assert sorted(serial) == sorted(threaded) == sorted(record[0] for record in records)
+    for image_id, payload in serial.items():
+        for key in ("keys", "cam", "hr_cam"):
+            np.testing.assert_array_equal(threaded[image_id][key], payload[key])
+
+
+def test_an_image_without_labels_gets_empty_maps():
+    image = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    result = cam_inference.compute_cams(
+        _cell_sums, image, np.zeros(3), scales=(1.0, 0.5), flip=True, pad_multiple=32, output_stride=STRIDE
+    )
+    np.testing.assert_array_equal(result["keys"], [0])
+    assert result["cam"].shape == (0, 10, 14)
+    assert result["hr_cam"].shape == (0, 37, 53)

@@ -52,6 +52,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         output_stride=int(model_config["output_stride"]),
         images_per_call=int(config.infer.images_per_call),
         batch_multiple=mesh.devices.size,
+        host_threads=int(config.infer.host_threads),
     ):
         fileio.write_npz(_cam_path(output_dir, image_id), **cams)
         written += 1
