@@ -22,6 +22,8 @@ def get_config():
     config.data.crop_size = 128
     # ... and the random long-side rescale from the paper's 320-640 by the same factor.
     config.data.rescale_range = (96, 160)
+    # The 2-core CPU is busy with the model itself: load in the main process.
+    config.data.worker_count = 0
 
     # A tiny bottleneck ResNet (widths 16..128, one block per stage) that trains on two CPU cores.
     config.model.arch = "resnet_tiny"
