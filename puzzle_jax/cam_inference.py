@@ -93,11 +93,11 @@ def _prefetched(function: Callable, items: Iterable, threads: int) -> Iterator[t
         for item in items:
             pending.append((item, pool.submit(function, item)))
             if len(pending) >= 2 * threads:
-                item, future = pending.popleft()
-                yield item, future.result()
+                ready_item, ready = pending.popleft()
+                yield ready_item, ready.result()
         while pending:
-            item, future = pending.popleft()
-            yield item, future.result()
+            ready_item, ready = pending.popleft()
+            yield ready_item, ready.result()
 
 
 def default_host_threads() -> int:
