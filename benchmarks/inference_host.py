@@ -21,7 +21,7 @@ import numpy as np
 # The repository root, so that ``puzzle_jax`` imports when this file is run as a script.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from puzzle_jax import cam_inference  # noqa: E402
+from puzzle_jax import cam_inference, puzzle  # noqa: E402
 
 NUM_CLASSES = 20
 OUTPUT_STRIDE = 16
@@ -85,7 +85,7 @@ def main() -> None:
         accumulator = cam_inference._ImageAccumulator(image, labels, pending=len(SCALES))
         for scale in SCALES:
             height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
-            padded = cam_inference._padded_size(height, width, PAD_MULTIPLE)
+            padded = puzzle.padded_size(height, width, PAD_MULTIPLE)
             accumulator.add(_zero_forward(np.zeros((2, *padded, 3), np.float32)), (height, width), True, OUTPUT_STRIDE)
         return accumulator.result()
 

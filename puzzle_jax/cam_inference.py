@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from puzzle_jax import sharding
+from puzzle_jax import puzzle, sharding
 from puzzle_jax.data import transforms
 
 # Added to each class's maximum before dividing, as the authors do, so an all-zero map stays zero.
@@ -105,11 +105,6 @@ def default_host_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
-    """The size of the bucket an input of ``(height, width)`` is zero-padded into."""
-    return height + -height % multiple, width + -width % multiple
-
-
 class _ImageAccumulator:
     """Sums one image's flip-merged maps of its ground-truth classes over scales, at both resolutions."""
 
@@ -174,6 +169,7 @@ def compute_cams(
         pad_multiple=pad_multiple,
         output_stride=output_stride,
         images_per_call=1,
+        host_threads=1,  # one image: nothing to prepare ahead, so no thread pool per call
     )
     return payload
 
@@ -241,7 +237,7 @@ def iterate_cams(
         accumulators[image_id] = _ImageAccumulator(image, labels, pending=len(scales))
         for scaled in inputs:
             height, width = scaled.shape[:2]
-            bucket = _padded_size(height, width, multiple)
+            bucket = puzzle.padded_size(height, width, multiple)
             if bucket not in batches:
                 if bucket in spent:
                     batches[bucket] = spent.pop(bucket)

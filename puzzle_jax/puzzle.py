@@ -135,6 +135,11 @@ def _swap_leading_blocks(tiles: Array, grid: int, *, input_piece_major: bool) ->
     return tiles.reshape(blocks + rest).swapaxes(0, 1).reshape((pieces * batch,) + rest)
 
 
+def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """``(height, width)`` rounded up to multiples of ``multiple``: the size ``pad_to_multiple`` pads to."""
+    return height + -height % multiple, width + -width % multiple
+
+
 def pad_to_multiple(images: Array, multiple: int) -> tuple[Array, tuple[int, int]]:
     """Zero-pads the bottom and right of NHWC images so that H and W are multiples of ``multiple``.
 
@@ -157,10 +162,9 @@ def pad_to_multiple(images: Array, multiple: int) -> tuple[Array, tuple[int, int
         raise ValueError(f"multiple must be a positive integer, got {multiple!r}.")
     _check_rank4(images, "images")
     height, width = int(images.shape[1]), int(images.shape[2])
-    pad_height = -height % multiple
-    pad_width = -width % multiple
-    if pad_height == 0 and pad_width == 0:
+    padded_height, padded_width = padded_size(height, width, multiple)
+    if (padded_height, padded_width) == (height, width):
         return images, (height, width)
-    padding = ((0, 0), (0, pad_height), (0, pad_width), (0, 0))
+    padding = ((0, 0), (0, padded_height - height), (0, padded_width - width), (0, 0))
     array_module = np if isinstance(images, np.ndarray) else jnp
     return array_module.pad(images, padding), (height, width)
