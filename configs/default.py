@@ -40,10 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Range of the random long-side rescale before the crop (the authors' --min/--max_image_size).
     config.data.rescale_range = (320, 640)
     # Host worker processes of the grain loader (0 = in the main process). One worker decodes and augments about
-    # 85 images/s at 512x512 (README, "Host input pipeline throughput") while one H100 trains ResNeSt-101 at 150-170
-    # images/s (BENCHMARKS.md), so an accelerator host needs several; 8 feeds one GPU with room to spare (lower it on
-    # a host with fewer free cores, raise it for several fast chips per host). Killed-and-resumed runs continue the
-    # same data order for the same value; another value gives another (equally shuffled) order.
+    # 120 images per CPU-second at 512x512 (README, "Host input pipeline throughput") while one H100 trains
+    # ResNeSt-101 at 150-170 images/s and ResNet-50 at ~400 (BENCHMARKS.md), so an accelerator host needs several;
+    # 8 feeds one GPU with room to spare (lower it on a host with fewer free cores, raise it for several fast chips
+    # per host). Killed-and-resumed runs continue the same data order for the same value; another value gives
+    # another (equally shuffled) order.
     config.data.worker_count = 8
 
     config.model = ml_collections.ConfigDict()

@@ -390,6 +390,17 @@ def _synthetic_train_batch(batch: int, height: int, width: int, seed: int):
     return images, labels
 
 
+def _synthetic_loader_batch(batch: int, height: int, width: int, seed: int) -> dict:
+    """A batch as our train loader hands it to the step: uint8 crops (normalised inside the step),
+    each image's box on its crop (here the whole crop) and multi-hot labels."""
+    import numpy as np
+
+    _, labels = _synthetic_train_batch(batch, 1, 1, seed)
+    images = np.random.default_rng(seed).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+    boxes = np.tile(np.array([0, 0, height, width], np.int32), (batch, 1))
+    return {"image": images, "image_box": boxes, "labels": labels}
+
+
 def _synthetic_voc_images(count: int, height: int, width: int, seed: int):
     """uint8 RGB images and their multi-hot labels (two classes each)."""
     import numpy as np
@@ -641,8 +652,9 @@ def build_jax_train_step(
     )
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     train_step = training.make_train_step(graphdef, optimizer, objective, mesh)
-    images, labels = _synthetic_train_batch(batch_per_device * devices, height, width, seed)
-    batch = sharding.host_batch_to_global({"image": images, "labels": labels}, mesh)
+    batch = sharding.host_batch_to_global(
+        _synthetic_loader_batch(batch_per_device * devices, height, width, seed), mesh
+    )
     return train_step, state, batch, devices
 
 
@@ -1735,10 +1747,7 @@ def preflight() -> int:
     )
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     step = training.make_train_step(graphdef, optimizer, objective, mesh)
-    images, labels = _synthetic_train_batch(2, 64, 64, 0)
-    state, metrics = step(
-        state, sharding.host_batch_to_global({"image": images, "labels": labels}, mesh)
-    )
+    state, metrics = step(state, sharding.host_batch_to_global(_synthetic_loader_batch(2, 64, 64, 0), mesh))
     loss = float(np.asarray(jax.device_get(metrics["loss"])))
     if not math.isfinite(loss):
         raise FloatingPointError(f"preflight loss is {loss}")

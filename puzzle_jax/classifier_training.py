@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from puzzle_jax import checkpointing, losses, models, optim, puzzle, sharding, training
+from puzzle_jax.data import transforms
 
 if TYPE_CHECKING:  # Type hints only: the objectives also run where ml_collections is not installed.
     import ml_collections
@@ -93,12 +94,31 @@ def initialise_from(model: nnx.Module, directory: str, *, include_head: bool) ->
     nnx.update(model, own_params, own_stats)
 
 
+def batch_images(batch: dict[str, jax.Array]) -> jax.Array:
+    """The normalised float32 images of a training batch, inside the jitted step.
+
+    The train loader sends uint8 crops with the box of the image on each (``input_pipeline``), normalised here on
+    the device (``transforms.normalize_crops``); floating-point images are taken as already normalised.
+    """
+    images = batch["image"]
+    if images.dtype == jnp.uint8:
+        if "image_box" not in batch:
+            raise ValueError(
+                "A batch of uint8 images needs 'image_box' (top, left, height, width of each image on its crop), "
+                "as the train loader produces; give normalised float images otherwise."
+            )
+        return transforms.normalize_crops(images, batch["image_box"])
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"batch['image'] has dtype {images.dtype}; expected uint8 crops or normalised floats.")
+    return images
+
+
 def create_classification_objective() -> training.LossFunction:
     """Plain multi-label classification on the full images (the ``pretrain`` stage)."""
 
     def compute_loss(model, batch, step):
         del step
-        logits, _ = model(batch["image"])
+        logits, _ = model(batch_images(batch))
         class_loss = losses.multilabel_soft_margin_loss(logits.astype(jnp.float32), batch["labels"])
         return class_loss, {"class_loss": class_loss}
 
@@ -119,7 +139,7 @@ def create_puzzle_objective(cam: ml_collections.ConfigDict, total_steps: int, ou
 
     def compute_loss(model, batch, step):
         labels = batch["labels"]
-        images, _ = puzzle.pad_to_multiple(batch["image"], grid * output_stride)
+        images, _ = puzzle.pad_to_multiple(batch_images(batch), grid * output_stride)
         logits, class_maps = model(images)
         class_maps = class_maps.astype(jnp.float32)
         class_loss = losses.multilabel_soft_margin_loss(logits.astype(jnp.float32), labels)
@@ -183,7 +203,8 @@ def train_classifier(
     if checkpointing.is_exported_model(export_dir):
         logging.info("%s already exported: skipping training.", export_dir)
         return {"exported_model": export_dir, "skipped": True}
-    source, info = datasets.load_split_from_config(config.data, split)
+    # Image-level labels only: the masks are not decoded.
+    source, info = datasets.load_split_from_config(config.data, split, decode_masks=False)
     mesh = sharding.create_mesh(config.mesh.num_devices)
     sharding.check_batch_size(batch_size, mesh, "the training batch size")
     total_steps = epochs * input_pipeline.steps_per_epoch(len(source), batch_size)

@@ -107,6 +107,35 @@ def test_sizes_not_divisible_by_grid_times_stride_are_padded():
     assert model.calls == [(3, 40, 40, 3), (12, 20, 20, 3)]
 
 
+@pytest.mark.parametrize("objective_name", ["puzzle", "classification"])
+def test_objectives_normalise_the_loaders_uint8_crops_like_the_host(objective_name):
+    """A loader batch (uint8 crops + boxes) gives the loss of its host-normalised float batch."""
+    from puzzle_jax.data import transforms
+
+    rng = np.random.default_rng(3)
+    crops = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    boxes = np.array([[0, 0, 32, 32], [4, 0, 20, 32], [0, 6, 32, 19]], np.int32)
+    normalised = np.zeros(crops.shape, np.float32)
+    for crop, (top, left, height, width), out in zip(crops, boxes, normalised):
+        out[top : top + height, left : left + width] = transforms.normalize_image(
+            crop[top : top + height, left : left + width]
+        )
+    labels = _batch()["labels"]
+    if objective_name == "puzzle":
+        objective = classifier_training.create_puzzle_objective(_cam_config(), 10, output_stride=4)
+    else:
+        objective = classifier_training.create_classification_objective()
+    loader_loss, _ = jax.jit(lambda batch: objective(_CountingCamModel(), batch, jnp.asarray(3)))(
+        {"image": crops, "image_box": boxes, "labels": labels}
+    )
+    host_loss, _ = jax.jit(lambda batch: objective(_CountingCamModel(), batch, jnp.asarray(3)))(
+        {"image": normalised, "labels": labels}
+    )
+    assert float(loader_loss) == float(host_loss)
+    with pytest.raises(ValueError, match="image_box"):
+        objective(_CountingCamModel(), {"image": crops, "labels": labels}, jnp.asarray(3))
+
+
 def test_bad_config_values_name_the_field():
     with pytest.raises(ValueError, match="cam.loss_option"):
         classifier_training.create_puzzle_objective(_cam_config(loss_option="cl_pcl_re_conf2"), 10, 16)

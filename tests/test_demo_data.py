@@ -131,6 +131,20 @@ def test_source_is_picklable_for_grain_workers(demo_splits):
         source[len(source)]
 
 
+def test_split_opened_without_masks_has_the_same_records_minus_the_mask(demo_splits, data_dir):
+    """decode_masks=False (classifier training) skips the PNG decode; workers reopen it the same way."""
+    source, _ = demo_splits["val"]
+    unmasked, _ = datasets.load_split("puzzle_demo", "val", data_dir=data_dir, seed=3, decode_masks=False, **SIZES)
+    for records in (unmasked, pickle.loads(pickle.dumps(unmasked))):
+        assert len(records) == len(source)
+        for index in (0, len(source) - 1):
+            record, full = records[index], source[index]
+            assert set(record) == {"image", "id", "labels"} and "mask" in full
+            np.testing.assert_array_equal(record["image"], full["image"])
+            np.testing.assert_array_equal(record["labels"], full["labels"])
+            assert record["id"] == full["id"]
+
+
 def test_pretrain_images_are_disjoint_from_train_and_val(demo_splits):
     digests = {split: {image_digest(r["image"]) for r in demo_splits[split][0]} for split in SPLITS}
     assert not digests["pretrain"] & digests["train"]

@@ -35,12 +35,12 @@ def make_fake_source(num_records: int, side: int = 40) -> list[dict]:
 
 
 def decode_indices(batch_images: np.ndarray) -> list[int]:
-    """Reads each image's source index back from its constant colour (inverse normalisation)."""
-    pixel_values = (batch_images * STD + MEAN) * 255.0
+    """Reads each image's source index back from its constant colour (the loader's uint8 crops)."""
+    assert batch_images.dtype == np.uint8
     indices = []
-    for image_values in pixel_values:
-        assert np.ptp(image_values) < 1e-3, "a constant source image must stay constant"
-        indices.append(int(round((float(image_values[0, 0, 0]) - 10) / 3)))
+    for image_values in batch_images:
+        assert np.ptp(image_values) == 0, "a constant source image must stay constant"
+        indices.append((int(image_values[0, 0, 0]) - 10) // 3)
     return indices
 
 
@@ -61,8 +61,11 @@ def test_batches_have_expected_shapes_dtypes_and_matching_labels():
     assert len(batches) == 3
     seen = []
     for batch in batches:
-        assert set(batch) == {"image", "labels"}
-        assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.float32
+        assert set(batch) == {"image", "image_box", "labels"}
+        assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.uint8
+        # The crop always lies inside the image here: every box is the whole crop.
+        np.testing.assert_array_equal(batch["image_box"], np.tile([0, 0, 24, 24], (4, 1)))
+        assert batch["image_box"].dtype == np.int32
         assert batch["labels"].shape == (4, NUM_CLASSES) and batch["labels"].dtype == np.float32
         indices = decode_indices(batch["image"])
         for row, index in enumerate(indices):
@@ -187,10 +190,16 @@ def test_train_loader_over_the_demo_dataset(tmp_path):
     )
     batches = list(loader)
     assert len(batches) == input_pipeline.steps_per_epoch(info.num_examples, 4) == 3
-    low, high = -MEAN / STD, (1 - MEAN) / STD
     for batch in batches:
-        assert batch["image"].shape == (4, 64, 64, 3)
-        assert np.all(batch["image"] >= low - 1e-5) and np.all(batch["image"] <= high + 1e-5)
+        assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.uint8
+        # Rescaled to a long side of 48-96: the image fills the crop along a side iff that side
+        # reaches 64, and the canvas outside the box is zero.
+        for image, (top, left, height, width) in zip(batch["image"], batch["image_box"]):
+            assert 1 <= height <= 64 and 1 <= width <= 64 and max(height, width) >= 48
+            assert top + height <= 64 and left + width <= 64
+            outside = np.ones((64, 64), bool)
+            outside[top : top + height, left : left + width] = False
+            assert np.all(image[outside] == 0)
         assert batch["labels"].shape == (4, info.num_classes)
         assert np.all(batch["labels"].sum(-1) >= 1)
     all_labels = sorted(tuple(row) for batch in batches for row in batch["labels"])

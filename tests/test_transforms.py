@@ -113,10 +113,11 @@ def test_crop_of_larger_image_is_a_window_at_random_offsets():
     mask = random_mask(rng, 40, 50)
     offsets = set()
     for seed in range(30):
-        out_image, out_mask = transforms.random_crop(
+        out_image, out_mask, box = transforms.random_crop(
             image, mask, crop_size=32, rng=np.random.default_rng(seed)
         )
         assert out_image.shape == (32, 32, 3) and out_mask.shape == (32, 32)
+        assert box.tolist() == [0, 0, 32, 32], "the whole canvas holds image pixels"
         (top, left), = find_window(image, out_image)
         np.testing.assert_array_equal(out_mask, mask[top : top + 32, left : left + 32])
         offsets.add((top, left))
@@ -130,10 +131,11 @@ def test_smaller_image_is_pasted_at_random_offset_on_zero_canvas_and_mask_255():
     mask = random_mask(rng, 10, 20)
     offsets = set()
     for seed in range(40):
-        out_image, out_mask = transforms.random_crop(
+        out_image, out_mask, box = transforms.random_crop(
             image, mask, crop_size=32, rng=np.random.default_rng(seed)
         )
         (top, left), = find_window(out_image, image)
+        assert box.tolist() == [top, left, 10, 20]
         np.testing.assert_array_equal(out_mask[top : top + 10, left : left + 20], mask)
         outside = np.ones((32, 32), bool)
         outside[top : top + 10, left : left + 20] = False
@@ -149,7 +151,7 @@ def test_crop_handles_one_side_longer_and_one_shorter():
     image = transforms.normalize_image(random_image(rng, 45, 12))
     mask = random_mask(rng, 45, 12)
     for seed in range(10):
-        out_image, out_mask = transforms.random_crop(
+        out_image, out_mask, box = transforms.random_crop(
             image, mask, crop_size=32, rng=np.random.default_rng(seed)
         )
         # Some 32-row window of the image's full width sits somewhere in the canvas's columns.
@@ -161,6 +163,7 @@ def test_crop_handles_one_side_longer_and_one_shorter():
         ]
         assert len(matches) == 1
         row, column = matches[0]
+        assert box.tolist() == [0, column, 32, 12]
         np.testing.assert_array_equal(out_mask[:, column : column + 12], mask[row : row + 32])
         assert np.all(np.delete(out_mask, np.s_[column : column + 12], axis=1) == 255)
         assert np.all(np.delete(out_image, np.s_[column : column + 12], axis=1) == 0.0)
@@ -214,6 +217,69 @@ def test_train_transform_value_range_and_determinism():
         outputs.append(out)
     np.testing.assert_array_equal(outputs[0], outputs[1])
     assert not np.array_equal(outputs[0], outputs[2])
+
+
+def test_train_crop_is_the_uint8_crop_that_train_transform_normalises():
+    """train_crop stops before the normalisation: the resized (maybe flipped) uint8 image sits at
+    the returned box on a zero canvas, and it draws the random numbers train_transform draws."""
+    rng = np.random.default_rng(10)
+    for height, width, crop, scale in ((20, 30, 48, (36, 36)), (60, 80, 32, (70, 90)), (40, 12, 32, (45, 45))):
+        image, mask = random_image(rng, height, width), random_mask(rng, height, width)
+        for seed in range(8):
+            crop_image, crop_mask, box = transforms.train_crop(
+                image, mask, crop_size=crop, rescale_range=scale, rng=np.random.default_rng(seed)
+            )
+            assert crop_image.dtype == np.uint8 and crop_image.shape == (crop, crop, 3)
+            assert box.dtype == np.int32 and box.shape == (4,)
+            top, left, box_height, box_width = box.tolist()
+            outside = np.ones((crop, crop), bool)
+            outside[top : top + box_height, left : left + box_width] = False
+            assert np.all(crop_image[outside] == 0) and np.all(crop_mask[outside] == 255)
+            # The same draws: normalising the box of the uint8 crop gives train_transform's output.
+            expected = np.zeros((crop, crop, 3), np.float32)
+            expected[~outside] = torch_normalize(crop_image)[~outside]
+            normalised, normalised_mask = transforms.train_transform(
+                image, mask, crop_size=crop, rescale_range=scale, rng=np.random.default_rng(seed)
+            )
+            np.testing.assert_array_equal(normalised, expected)
+            np.testing.assert_array_equal(normalised_mask, crop_mask)
+
+
+def test_train_crop_box_locates_the_resized_image():
+    rng = np.random.default_rng(11)
+    image = random_image(rng, 20, 30)
+    resized = np.asarray(Image.fromarray(image).resize((36, 24), Image.BICUBIC))
+    for seed in range(10):
+        crop_image, _, box = transforms.train_crop(
+            image, crop_size=48, rescale_range=(36, 36), rng=np.random.default_rng(seed)
+        )
+        top, left, height, width = box.tolist()
+        assert (height, width) == (24, 36)
+        window = crop_image[top : top + 24, left : left + 36]
+        assert np.array_equal(window, resized) or np.array_equal(window, resized[:, ::-1])
+
+
+def test_train_crop_rejects_float_images():
+    with pytest.raises(ValueError, match="uint8"):
+        transforms.train_crop(
+            np.zeros((8, 8, 3), np.float32), crop_size=8, rescale_range=(8, 8), rng=np.random.default_rng(0)
+        )
+
+
+def test_normalize_crops_on_device_matches_the_host_normalisation():
+    """normalize_crops (JAX) = the torch transcription inside each box, zero outside, exactly."""
+    import jax
+
+    rng = np.random.default_rng(12)
+    images = rng.integers(0, 256, size=(5, 16, 20, 3), dtype=np.uint8)
+    boxes = np.array([[0, 0, 16, 20], [3, 4, 5, 7], [0, 9, 16, 11], [10, 0, 6, 20], [15, 19, 1, 1]], np.int32)
+    out = np.asarray(jax.jit(transforms.normalize_crops)(images, boxes))
+    assert out.dtype == np.float32 and out.shape == images.shape
+    for image, (top, left, height, width), result in zip(images, boxes, out):
+        expected = np.zeros(image.shape, np.float32)
+        window = (slice(top, top + height), slice(left, left + width))
+        expected[window] = torch_normalize(image)[window]
+        np.testing.assert_array_equal(result, expected)  # bit for bit, as on the host
 
 
 @pytest.mark.parametrize(

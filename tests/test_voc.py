@@ -251,7 +251,8 @@ def test_records_go_through_the_training_and_eval_pipelines(voc_splits):
     batches = list(loader)
     assert len(batches) == 3
     for batch in batches:
-        assert batch["image"].shape == (3, 32, 32, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].shape == (3, 32, 32, 3) and batch["image"].dtype == np.uint8
+        assert batch["image_box"].shape == (3, 4)
         assert batch["labels"].shape == (3, info.num_classes)
     evaluated = list(input_pipeline.iterate_eval(voc_splits["val"][0]))
     assert [item["id"] for item in evaluated] == VOC_VAL

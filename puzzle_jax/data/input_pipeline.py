@@ -3,7 +3,8 @@
 This module owns how records of a split (see `datasets.load_split`) become what a stage consumes:
 
 * `create_train_loader`: a grain `DataLoader` that shuffles, shards across JAX processes, augments
-  (spec §4, `transforms.train_transform`) and batches. Its iterator's state
+  (spec §4, `transforms.train_crop`: uint8 crops, normalised later on the device by
+  `transforms.normalize_crops`) and batches. Its iterator's state
   (`get_state`/`set_state`, checkpointable by Orbax) makes a resumed run see exactly the data order
   of an uninterrupted one.
 * `iterate_eval`: single images, normalised but unpadded, sharded so that every example is seen by
@@ -22,10 +23,13 @@ from puzzle_jax.data import transforms
 
 
 class TrainAugmentation(grain.RandomMapTransform):
-    """The classifier augmentation as a grain random map: record -> {image, labels}.
+    """The classifier augmentation as a grain random map: record -> {image, image_box, labels}.
 
-    The mask and id are dropped: the classifier sees only image-level labels, and masks of varied
-    sizes could not be batched anyway.
+    The image stays uint8 (see `transforms.train_crop`): normalising on the host would make every
+    batch four times larger to stack, to hand from a worker process to the main one and to copy
+    to the device, and cost the workers a float pass over every pixel. The mask and id are
+    dropped: the classifier sees only image-level labels, and masks of varied sizes could not be
+    batched anyway.
     """
 
     def __init__(self, *, crop_size: int, rescale_range: tuple[int, int]):
@@ -35,14 +39,18 @@ class TrainAugmentation(grain.RandomMapTransform):
     def random_map(
         self, element: dict[str, Any], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
-        image, _ = transforms.train_transform(
+        image, _, box = transforms.train_crop(
             element["image"],
             None,
             crop_size=self.crop_size,
             rescale_range=self.rescale_range,
             rng=rng,
         )
-        return {"image": image, "labels": np.asarray(element["labels"], np.float32)}
+        return {
+            "image": image,
+            "image_box": box,
+            "labels": np.asarray(element["labels"], np.float32),
+        }
 
 
 def _validate_process(process_index: int, process_count: int) -> None:
@@ -87,9 +95,11 @@ def create_train_loader(
       drop_remainder: drop the last incomplete batch (with num_epochs=None there is none).
 
     Returns:
-      A grain DataLoader; iterate it (`iter(loader)`) for batches {"image": float32 (b, crop, crop,
-      3), "labels": float32 (b, C)} with b = global_batch_size // process_count. The iterator has
-      `get_state()` / `set_state()`.
+      A grain DataLoader; iterate it (`iter(loader)`) for batches {"image": uint8 (b, crop, crop,
+      3), "image_box": int32 (b, 4), "labels": float32 (b, C)} with b = global_batch_size //
+      process_count: unnormalised crops and the (top, left, height, width) of each image on its
+      crop (`transforms.normalize_crops` turns both into the normalised float32 batch). The
+      iterator has `get_state()` / `set_state()`.
 
     Raises:
       ValueError: for a batch size that is not a positive multiple of process_count, bad process

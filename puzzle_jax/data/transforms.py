@@ -6,7 +6,10 @@ This module owns what happens to an image between the data source and the device
   for images, nearest for masks), horizontal flip with p=0.5, normalisation ((RGB/255 - mean) / std
   with the ImageNet statistics), and a random `crop_size` crop; an image smaller than the crop along
   a side is pasted at a random offset on a zero canvas (zero is the mean colour after
-  normalisation), and masks are padded with 255 (ignored).
+  normalisation), and masks are padded with 255 (ignored). The loader stops before the
+  normalisation (`train_crop`: a uint8 crop and the box of the image on it, a quarter of the bytes
+  to batch, pass between processes and copy to the device); `normalize_crops` finishes it on the
+  device, inside the jitted step, with the same float32 operations.
 * eval: normalisation and padding at the bottom/right to a fixed size or to a multiple (mask padded
   with 255).
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import jax.numpy as jnp
 from PIL import Image
 
 # ImageNet statistics used by the authors' normalisation (RGB order).
@@ -49,6 +53,10 @@ def normalize_image(image: np.ndarray, out: np.ndarray | None = None) -> np.ndar
     normalised -= IMAGENET_MEAN
     normalised /= IMAGENET_STD
     return normalised
+
+
+# normalize_image of every uint8 level in each channel: (256, 3) float32, the table normalize_crops reads.
+_NORMALIZED_LEVELS = normalize_image(np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3))[0]
 
 
 def rescale_long_side(
@@ -133,21 +141,22 @@ def random_crop(
     *,
     crop_size: int,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Random `crop_size` square crop; sides shorter than the crop are pasted at a random offset.
 
     Each axis is handled on its own: along an axis longer than the crop a random window is taken,
     along a shorter one the whole extent is placed at a random position of the canvas.
 
     Args:
-      image: (H, W, C) array, normally already normalised (so that the zero fill is the mean
-        colour).
+      image: (H, W, C) array: normalised (the zero fill is then the mean colour), or uint8 with
+        the normalisation left to `normalize_crops`, which uses the box.
       mask: uint8 (H, W) or None; its canvas is filled with IGNORE_LABEL.
       crop_size: side of the output square.
       rng: random generator.
 
     Returns:
-      (image, mask) of spatial size (crop_size, crop_size).
+      (image, mask) of spatial size (crop_size, crop_size), and the box int32 (top, left, height,
+      width) of the canvas that holds image pixels (the rest is fill).
     """
     if crop_size < 1:
         raise ValueError(f"crop_size must be positive; got {crop_size}.")
@@ -169,7 +178,43 @@ def random_crop(
     if mask is not None:
         cropped_mask = np.full((crop_size, crop_size), IGNORE_LABEL, np.uint8)
         cropped_mask[canvas_window] = mask[source_window]
-    return cropped_image, cropped_mask
+    box = np.array([canvas_top, canvas_left, copy_height, copy_width], np.int32)
+    return cropped_image, cropped_mask, box
+
+
+def train_crop(
+    image: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    crop_size: int,
+    rescale_range: tuple[int, int],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The classifier augmentation of spec §4 up to the normalisation: rescale, flip, crop.
+
+    Draws the same random numbers in the same order as `train_transform`, which is this followed by
+    the normalisation; the loader ships this uint8 crop and `normalize_crops` normalises it on the
+    device.
+
+    Args:
+      image: uint8 (H, W, 3) RGB.
+      mask: uint8 (H, W) or None (the classifier needs no mask; tests and visualisations do).
+      crop_size: side of the square output.
+      rescale_range: inclusive (min, max) of the random long side.
+      rng: the only source of randomness.
+
+    Returns:
+      image uint8 (crop_size, crop_size, 3) with zeros around the image, mask uint8
+      (crop_size, crop_size) or None, and the box int32 (top, left, height, width) of the image
+      on the canvas.
+    """
+    if image.dtype != np.uint8:
+        raise ValueError(f"Expected a uint8 RGB image; got dtype {image.dtype}.")
+    image, mask = random_rescale_long_side(
+        image, mask, min_long_side=rescale_range[0], max_long_side=rescale_range[1], rng=rng
+    )
+    image, mask = random_horizontal_flip(image, mask, rng=rng)
+    return random_crop(image, mask, crop_size=crop_size, rng=rng)
 
 
 def train_transform(
@@ -180,23 +225,44 @@ def train_transform(
     rescale_range: tuple[int, int],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The classifier augmentation of spec §4: rescale, flip, normalise, crop (in that order).
-
-    Args:
-      image: uint8 (H, W, 3) RGB.
-      mask: uint8 (H, W) or None (the classifier needs no mask; tests and visualisations do).
-      crop_size: side of the square output.
-      rescale_range: inclusive (min, max) of the random long side.
-      rng: the only source of randomness.
+    """The whole classifier augmentation of spec §4 on the host: `train_crop`, then normalisation.
 
     Returns:
-      image float32 (crop_size, crop_size, 3), and mask uint8 (crop_size, crop_size) or None.
+      image float32 (crop_size, crop_size, 3), normalised, zero (the mean colour) outside the
+      image; mask uint8 (crop_size, crop_size) or None.
     """
-    image, mask = random_rescale_long_side(
-        image, mask, min_long_side=rescale_range[0], max_long_side=rescale_range[1], rng=rng
+    crop, mask, box = train_crop(
+        image, mask, crop_size=crop_size, rescale_range=rescale_range, rng=rng
     )
-    image, mask = random_horizontal_flip(image, mask, rng=rng)
-    return random_crop(normalize_image(image), mask, crop_size=crop_size, rng=rng)
+    normalised = np.zeros(crop.shape, np.float32)
+    top, left, height, width = (int(value) for value in box)
+    window = (slice(top, top + height), slice(left, left + width))
+    normalize_image(crop[window], out=normalised[window])
+    return normalised, mask
+
+
+def normalize_crops(images: jnp.ndarray, boxes: jnp.ndarray) -> jnp.ndarray:
+    """`normalize_image` of a batch of `train_crop` crops, in JAX (on the device, inside the step).
+
+    Each value is looked up in `normalize_image`'s own result for the 256 levels of each channel,
+    so the device produces the host's float32 values bit for bit (XLA computes the division by 255
+    as a multiplication, up to 1 ulp off), and zero, the mean colour, outside each crop's box, as
+    `train_transform` does on the host.
+
+    Args:
+      images: uint8 (B, H, W, 3).
+      boxes: int (B, 4): (top, left, height, width) of each image on its canvas.
+
+    Returns:
+      float32 (B, H, W, 3).
+    """
+    levels = jnp.asarray(_NORMALIZED_LEVELS)
+    normalised = levels[images.astype(jnp.int32), jnp.arange(3)]
+    rows = jnp.arange(images.shape[1])[None, :, None]
+    columns = jnp.arange(images.shape[2])[None, None, :]
+    top, left, height, width = (boxes[:, index, None, None] for index in range(4))
+    inside = (rows >= top) & (rows < top + height) & (columns >= left) & (columns < left + width)
+    return jnp.where(inside[..., None], normalised, jnp.float32(0.0))
 
 
 def padded_size(
