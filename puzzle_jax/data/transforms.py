@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from PIL import Image
 
 # ImageNet statistics used by the authors' normalisation (RGB order).
