@@ -131,8 +131,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Inputs (one image at one scale, plus its flip) per forward call; inputs of the same padded size are batched
     # across images and each call is split over the mesh's devices.
     config.infer.images_per_call = 8
-    # Threads that resize and normalise the next images' inputs while the device runs (PIL and numpy release the
-    # GIL); 0 = the CPU cores, at most 8. The CAMs do not depend on it.
+    # Threads that resize the next images' inputs while the device runs (PIL releases the GIL; the inputs travel as
+    # uint8 and the device normalises them); 0 = the CPU cores, at most 8. The CAMs do not depend on it.
     config.infer.host_threads = 0
 
     config.eval = ml_collections.ConfigDict()

@@ -1,18 +1,21 @@
 """Multi-scale + flip CAMs of one image from an exported classifier (spec §5).
 
-For each scale the image is resized on the host (PIL bicubic, as the authors), normalised, batched with its
-horizontal flip and padded up to a multiple of ``pad_multiple`` so that XLA compiles once per size bucket. The
+For each scale the image is resized on the host (PIL bicubic, as the authors), batched as uint8 with its horizontal
+flip and padded up to a multiple of ``pad_multiple`` so that XLA compiles once per size bucket; the forward call
+normalises it on the device (``transforms.normalize_crops``: the host's float32 values bit for bit, zero, the mean
+colour, in the padding). The
 class maps of the valid region go through ReLU, the flipped map is flipped back and added, and the sum over scales
 is accumulated at two resolutions with bilinear (align_corners=False) resizing: the strided map
 ``(ceil(H/4), ceil(W/4))`` for the random walk and the full-resolution map for evaluation (resized to the next
 multiples of 16, then cropped to ``(H, W)``, as the authors do). Only the
 image's ground-truth classes are kept, each divided by its own spatial maximum (+1e-5).
 
-The host work is what limits inference on a GPU (BENCHMARKS.md), so it runs the resizing and normalisation of the
-next images on a pool of threads (PIL and numpy release the GIL) while the main thread batches and accumulates,
-writes each scaled input and its flip straight into its bucket's batch (reused from call to call), and flips,
-resizes and sums only the ground-truth classes' maps (resizing is per channel, so this changes no value). The
-results do not depend on the number of threads.
+The host work is what limits inference on a GPU (BENCHMARKS.md), so it resizes the next images on a pool of threads
+(PIL releases the GIL) while the main thread batches and accumulates, writes each scaled uint8 input and its flip
+straight into its bucket's batch (reused from call to call: the boxes, not the stale pixels, say what is padding),
+leaves the normalisation to the device (a quarter of the bytes to copy and transfer), and flips, resizes and sums
+only the ground-truth classes' maps (resizing is per channel, so this changes no value). The results do not depend
+on the number of threads.
 """
 
 from __future__ import annotations
@@ -36,11 +39,16 @@ from puzzle_jax.data import transforms
 NORMALISATION_EPSILON = 1e-5
 
 
-def create_forward(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Returns ``images (N, H, W, 3) -> ReLU'd class maps (N, h, w, C)`` as numpy, jitted once per input shape.
+# The network call of inference: (uint8 images (N, H, W, 3), int32 boxes (N, 4)) -> ReLU'd class maps (N, h, w, C).
+Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
-    With a mesh, the batch is split over its ``'data'`` axis (N must then be a multiple of the device count) and the
-    weights are replicated.
+
+def create_forward(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> Forward:
+    """Returns ``(images, boxes) -> ReLU'd class maps (N, h, w, C)`` as numpy, jitted once per input shape.
+
+    ``images`` are uint8 ``(N, H, W, 3)``, normalised on the device with zeros outside each image's box ``(top, left,
+    height, width)`` (``transforms.normalize_crops``). With a mesh, the batch is split over its ``'data'`` axis (N
+    must then be a multiple of the device count) and the weights are replicated.
     """
     model.eval()
     graphdef, state = nnx.split(model)
@@ -48,14 +56,16 @@ def create_forward(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> 
         state = sharding.replicate(state, mesh)
 
     @jax.jit
-    def forward(state, images):
-        _, class_maps = nnx.merge(graphdef, state)(images)
+    def forward(state, images, boxes):
+        _, class_maps = nnx.merge(graphdef, state)(transforms.normalize_crops(images, boxes))
         return jax.nn.relu(class_maps.astype(jnp.float32))
 
-    def run(images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images, np.float32)
-        placed = jax.device_put(images, sharding.data_sharded(mesh)) if mesh is not None else jnp.asarray(images)
-        return np.asarray(forward(state, placed))
+    def run(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        if images.dtype != np.uint8:
+            raise ValueError(f"create_forward takes uint8 images (normalised on the device); got {images.dtype}.")
+        arrays = (images, np.asarray(boxes, np.int32))
+        placed = jax.device_put(arrays, sharding.data_sharded(mesh)) if mesh is not None else arrays
+        return np.asarray(forward(state, *placed))
 
     return run
 
@@ -77,9 +87,9 @@ def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _scaled_input(image: np.ndarray, scale: float) -> np.ndarray:
-    """The image resized by ``scale`` (PIL bicubic) and normalised: float32 ``(round(H*s), round(W*s), 3)``."""
+    """The image resized by ``scale`` (PIL bicubic): uint8 ``(round(H*s), round(W*s), 3)``."""
     height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
-    return transforms.normalize_image(transforms.resize_image(image, height, width))
+    return transforms.resize_image(image, height, width)
 
 
 def _prefetched(function: Callable, items: Iterable, threads: int) -> Iterator[tuple]:
@@ -137,7 +147,7 @@ class _ImageAccumulator:
 
 
 def compute_cams(
-    forward: Callable[[np.ndarray], np.ndarray],
+    forward: Forward,
     image: np.ndarray,
     labels: np.ndarray,
     *,
@@ -175,7 +185,7 @@ def compute_cams(
 
 
 def iterate_cams(
-    forward: Callable[[np.ndarray], np.ndarray],
+    forward: Forward,
     records: Iterable[tuple[str, np.ndarray, np.ndarray]],
     *,
     scales: Sequence[float],
@@ -189,8 +199,8 @@ def iterate_cams(
     """``compute_cams`` for a stream of images, batching inputs of the same padded size across images.
 
     Each (image, scale) input waits in the queue of its size bucket; a full queue of ``images_per_call`` inputs (with
-    their flips) runs as one forward call. Calls always have the same batch size (short ones are padded with zeros),
-    so XLA compiles once per bucket. An image's payload is yielded once all its scales are done.
+    their flips) runs as one forward call. Calls always have the same batch size (unused slots have empty boxes, so
+    they are all zeros), so XLA compiles once per bucket. An image's payload is yielded once all its scales are done.
 
     Args:
       forward: from ``create_forward`` (with a mesh, to spread each call over the devices).
@@ -198,7 +208,7 @@ def iterate_cams(
       scales, flip, pad_multiple, output_stride: as in ``compute_cams``.
       images_per_call: inputs (images at one scale) per forward call.
       batch_multiple: the call's batch size is rounded up to a multiple of this (the number of devices).
-      host_threads: threads that resize and normalise the next images' inputs; 0 = ``default_host_threads()``.
+      host_threads: threads that resize the next images' inputs; 0 = ``default_host_threads()``.
 
     Yields:
       ``(id, payload)`` with the payload of ``compute_cams``, in completion order.
@@ -206,19 +216,19 @@ def iterate_cams(
     multiple = max(pad_multiple, output_stride)
     per_input = 2 if flip else 1
     batch_size = -(-images_per_call * per_input // batch_multiple) * batch_multiple
-    # Per size bucket: the batch being filled (zeros where nothing is written: padding and unused slots), the
-    # (image id, scaled size) of each input in it, and a spent batch to fill again (zeroing reused memory is
-    # cheaper than faulting in fresh pages).
-    batches: dict[tuple[int, int], np.ndarray] = {}
+    # Per size bucket: the uint8 batch being filled and the box of each input in it ((0, 0, height, width); empty for
+    # unused slots: whatever else the reused batch holds becomes zeros on the device), the (image id, scaled size)
+    # of each input, and a spent batch and boxes to fill again (cheaper than faulting in fresh pages).
+    batches: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     entries: dict[tuple[int, int], list[tuple[str, tuple[int, int]]]] = {}
-    spent: dict[tuple[int, int], np.ndarray] = {}
+    spent: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     accumulators: dict[str, _ImageAccumulator] = {}
 
     def run(bucket):
-        batch = batches.pop(bucket)
+        images, boxes = batches.pop(bucket)
         # ``forward`` returns host arrays, so the batch is free again once it has returned.
-        maps = forward(batch)
-        spent[bucket] = batch
+        maps = forward(images, boxes)
+        spent[bucket] = (images, boxes)
         finished = []
         for position, (image_id, scaled_size) in enumerate(entries.pop(bucket)):
             accumulator = accumulators[image_id]
@@ -241,14 +251,17 @@ def iterate_cams(
             if bucket not in batches:
                 if bucket in spent:
                     batches[bucket] = spent.pop(bucket)
-                    batches[bucket].fill(0.0)
+                    batches[bucket][1].fill(0)
                 else:
-                    batches[bucket] = np.zeros((batch_size, *bucket, 3), np.float32)
+                    batches[bucket] = (np.zeros((batch_size, *bucket, 3), np.uint8), np.zeros((batch_size, 4), np.int32))
                 entries[bucket] = []
+            images, boxes = batches[bucket]
             slot = len(entries[bucket]) * per_input
-            batches[bucket][slot, :height, :width] = scaled
+            images[slot, :height, :width] = scaled
+            boxes[slot] = (0, 0, height, width)
             if flip:
-                batches[bucket][slot + 1, :height, :width] = scaled[:, ::-1]
+                images[slot + 1, :height, :width] = scaled[:, ::-1]
+                boxes[slot + 1] = (0, 0, height, width)
             entries[bucket].append((image_id, (height, width)))
             if len(entries[bucket]) == images_per_call:
                 yield from run(bucket)

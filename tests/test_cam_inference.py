@@ -16,7 +16,7 @@ MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 
 
-def _cell_sums(images: np.ndarray) -> np.ndarray:
+def _normalised_cell_sums(images: np.ndarray) -> np.ndarray:
     """A fake 'network' with output stride 16: per-cell sums of the first 3 channels, class k = channel k.
 
     Zero padding leaves cell sums unchanged, so its maps on a padded input equal its maps on the unpadded one.
@@ -27,6 +27,13 @@ def _cell_sums(images: np.ndarray) -> np.ndarray:
     padded[:, :h, :w] = images
     sums = padded.reshape(n, ph // STRIDE, STRIDE, pw // STRIDE, STRIDE, c).sum(axis=(2, 4))
     return np.maximum(sums - 20.0, 0.0)  # ReLU, with an offset so that some cells are zero
+
+
+def _cell_sums(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """``_normalised_cell_sums`` as a ``create_forward`` function: uint8 images and their boxes, normalised as the
+    device does."""
+    assert images.dtype == np.uint8 and boxes.shape == (len(images), 4)
+    return _normalised_cell_sums(np.asarray(transforms.normalize_crops(images, boxes)))
 
 
 def _torch_reference(image: np.ndarray, labels: np.ndarray, scales, flip=True):
@@ -41,7 +48,7 @@ def _torch_reference(image: np.ndarray, labels: np.ndarray, scales, flip=True):
         normalised = (resized / 255.0 - MEAN) / STD
         x = torch.from_numpy(normalised.astype(np.float32)).permute(2, 0, 1)[None]
         batch = torch.cat([x, x.flip(-1)]) if flip else x
-        maps = torch.from_numpy(_cell_sums(batch.permute(0, 2, 3, 1).numpy())).permute(0, 3, 1, 2)
+        maps = torch.from_numpy(_normalised_cell_sums(batch.permute(0, 2, 3, 1).numpy())).permute(0, 3, 1, 2)
         maps = maps[0:1] + maps[1:2].flip(-1) if flip else maps[0:1]
         strided.append(F.interpolate(maps, strided_size, mode="bilinear", align_corners=False)[0])
         high.append(F.interpolate(maps, up_size, mode="bilinear", align_corners=False)[0, :, :height, :width])
@@ -139,6 +146,45 @@ def test_host_threads_do_not_change_the_cams():
     for image_id, payload in serial.items():
         for key in ("keys", "cam", "hr_cam"):
             np.testing.assert_array_equal(threaded[image_id][key], payload[key])
+
+
+def test_inputs_reach_the_network_as_uint8_with_their_boxes():
+    """Each call's batch: the scaled image and its flip at the top left of a zero-box canvas of the bucket size; the
+    padding and the unused slots normalise to exact zeros, whatever a reused batch held before."""
+    calls = []
+
+    def recording_forward(images, boxes):
+        calls.append((images.copy(), boxes.copy()))
+        return _cell_sums(images, boxes)
+
+    rng = np.random.default_rng(7)
+    records = [(f"im{index}", rng.integers(0, 256, (40, 56), dtype=np.uint8)[..., None].repeat(3, -1), np.ones(3))
+               for index in range(3)]
+    settings = dict(scales=(1.0,), flip=True, pad_multiple=32, output_stride=STRIDE)
+    list(cam_inference.iterate_cams(recording_forward, records, images_per_call=2, host_threads=1, **settings))
+    assert len(calls) == 2  # two images, then one image and an unused slot pair
+    for images, boxes in calls:
+        assert images.dtype == np.uint8 and images.shape == (4, 64, 64, 3)
+    first_images, first_boxes = calls[0]
+    np.testing.assert_array_equal(first_boxes, [[0, 0, 40, 56]] * 4)
+    np.testing.assert_array_equal(first_images[0, :40, :56], records[0][1])
+    np.testing.assert_array_equal(first_images[1, :40, :56], records[0][1][:, ::-1])
+    np.testing.assert_array_equal(first_images[2, :40, :56], records[1][1])
+    second_images, second_boxes = calls[1]
+    np.testing.assert_array_equal(second_boxes, [[0, 0, 40, 56]] * 2 + [[0, 0, 0, 0]] * 2)
+    np.testing.assert_array_equal(second_images[0, :40, :56], records[2][1])
+    normalised = np.asarray(transforms.normalize_crops(second_images, second_boxes))
+    assert not normalised[2:].any() and not normalised[:2, 40:].any() and not normalised[:2, :, 56:].any()
+
+
+def test_create_forward_rejects_float_images():
+    from flax import nnx
+
+    from puzzle_jax import models
+
+    forward = cam_inference.create_forward(models.create_classifier("resnet_tiny", 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="uint8"):
+        forward(np.zeros((1, 32, 32, 3), np.float32), np.zeros((1, 4), np.int32))
 
 
 def test_an_image_without_labels_gets_empty_maps():
