@@ -253,7 +253,10 @@ def iterate_cams(
                     batches[bucket] = spent.pop(bucket)
                     batches[bucket][1].fill(0)
                 else:
-                    batches[bucket] = (np.zeros((batch_size, *bucket, 3), np.uint8), np.zeros((batch_size, 4), np.int32))
+                    batches[bucket] = (
+                        np.zeros((batch_size, *bucket, 3), np.uint8),
+                        np.zeros((batch_size, 4), np.int32),
+                    )
                 entries[bucket] = []
             images, boxes = batches[bucket]
             slot = len(entries[bucket]) * per_input

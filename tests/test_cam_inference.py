@@ -163,7 +163,7 @@ def test_inputs_reach_the_network_as_uint8_with_their_boxes():
     settings = dict(scales=(1.0,), flip=True, pad_multiple=32, output_stride=STRIDE)
     list(cam_inference.iterate_cams(recording_forward, records, images_per_call=2, host_threads=1, **settings))
     assert len(calls) == 2  # two images, then one image and an unused slot pair
-    for images, boxes in calls:
+    for images, _ in calls:
         assert images.dtype == np.uint8 and images.shape == (4, 64, 64, 3)
     first_images, first_boxes = calls[0]
     np.testing.assert_array_equal(first_boxes, [[0, 0, 40, 56]] * 4)
