@@ -4,7 +4,8 @@ On the H100 the CAM inference rows ran at ~6.5 images/s in both frameworks, host
 times ``cam_inference.iterate_cams`` on VOC-sized images (500x375, 20 classes, 1-3 present, scales 0.5/1/1.5/2 +
 flip, pad to 64, output stride 16) with a stand-in forward that returns zero maps of the right shape at once, so
 every second measured is host work: resizing, padding, batching and accumulating the maps at both
-resolutions (the normalisation runs on the device since the inputs travel as uint8). It also times each piece of that work for one image:
+resolutions (the normalisation runs on the device since the inputs travel as uint8). It also times each piece of
+that work for one image:
 
     python benchmarks/inference_host.py [--images 24]
 """
