@@ -275,3 +275,39 @@ def test_mfu_and_ratios_follow_from_the_measurements():
     )
     assert (peak, "override" in basis) == (500.0, True)
     assert bench.peak_tflops_for("cpu", "float32", "default", {})[0] is None
+
+
+def test_end_to_end_script_reports_the_train_cam_rate(tmp_path):
+    """benchmarks/end_to_end.py runs the real train_cam stage and reads its rate back from metrics.jsonl."""
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    output = tmp_path / "end_to_end.json"
+    completed = subprocess.run(
+        [sys.executable, os.path.join(repository, "benchmarks", "end_to_end.py"), "--arch", "resnet_tiny",
+         "--dtype", "float32", "--crop", "64", "--rescale-min", "48", "--rescale-max", "96", "--batch", "4",
+         "--steps", "8", "--skip-steps", "4", "--log-every", "2", "--train-images", "8", "--workers", "0",
+         "--data-dir", str(tmp_path / "data"), "--json", str(output)],
+        capture_output=True, text=True, cwd=str(tmp_path),
+        # One CPU device, as on a user's machine (the test session simulates 8).
+        env={key: value for key, value in os.environ.items() if key != "XLA_FLAGS"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (result,) = json.loads(output.read_text())["results"]
+    # 8 steps of 4 images, one record per step after step 4.
+    assert result["workers"] == 0 and result["steps"] == 8 and result["records"] == 4
+    assert result["images_per_second"] > 0
+    assert "| 0 |" in completed.stdout
+
+
+def test_end_to_end_rate_is_the_median_after_the_skipped_steps(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        import end_to_end
+    finally:
+        sys.path.pop(0)
+    metrics = tmp_path / "metrics.jsonl"
+    rates = [1.0, 2.0, 50.0, 10.0, 30.0, 20.0]
+    metrics.write_text("".join(json.dumps({"step": step + 1, "images_per_second": rate}) + "\n"
+                               for step, rate in enumerate(rates)))
+    assert end_to_end.read_rate(str(metrics), skip_steps=2) == (25.0, 4)  # median of 50, 10, 30, 20
+    with pytest.raises(ValueError, match="no images_per_second"):
+        end_to_end.read_rate(str(metrics), skip_steps=6)
