@@ -121,7 +121,7 @@ def main() -> None:
         results = [run_once(args, int(workers), data_dir) for workers in args.workers.split(",")]
     print(f"train_cam end to end: {args.arch} {args.dtype}, batch {args.batch}, crop {args.crop}, "
           f"rescale {args.rescale_min}-{args.rescale_max}")
-    print("| grain workers | images/s (median after step %d) | records | steps | wall s |" % args.skip_steps)
+    print(f"| grain workers | images/s (median after step {args.skip_steps}) | records | steps | wall s |")
     print("|---|---|---|---|---|")
     for result in results:
         print(f"| {result['workers']} | {result['images_per_second']:.1f} | {result['records']} | {result['steps']} "
