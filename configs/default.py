@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.compilation_cache_dir = "~/.cache/puzzle_jax/jax_compilation_cache"
 
     config.mesh = ml_collections.ConfigDict()
-    # Devices of the ('data',) mesh; 0 uses every visible device.
+    # Devices of the ('data',) mesh; 0 uses every visible device. Training spans the devices of all processes;
+    # inference, which the processes split between them, uses this many of each process's own devices.
     config.mesh.num_devices = 0
 
     config.data = ml_collections.ConfigDict()

@@ -14,7 +14,7 @@ import time
 import jax
 import ml_collections
 
-from puzzle_jax import fileio
+from puzzle_jax import fileio, sharding
 
 # Stage name -> module. Order here is the pipeline order; config.stages picks a subsequence.
 STAGES: dict[str, str] = {
@@ -82,6 +82,9 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dic
                 fileio.write_json(layout.summary_path(name), summary)
             _announce(f"[{name}] done in {summary['seconds']:.1f} s -> {layout.summary_path(name)}")
         summaries[name] = summary
+        # In a multi-host run each process writes its share of a stage's files (infer_cam: its images' CAMs); the
+        # next stage may read all of them, so no process starts it before every process has finished this one.
+        sharding.wait_for_all_processes(f"puzzle_jax stage {name} done")
     return summaries
 
 

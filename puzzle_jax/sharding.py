@@ -1,4 +1,5 @@
-"""Device mesh and array placement: the one place that knows how data and state are laid out on devices.
+"""Device mesh, array placement and process barriers: the one place that knows how data and state are laid out on
+devices and how the processes of a multi-host run keep in step.
 
 Data parallelism over a 1-D mesh whose only axis is ``'data'``: batches are split along their first axis, the
 training state is replicated. Each process hands in only its own slice of the global batch
@@ -18,16 +19,32 @@ DATA_AXIS = "data"
 
 
 def create_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """Returns a 1-D ``('data',)`` mesh over the first ``num_devices`` devices (all devices when None)."""
-    available = jax.device_count()
+    """Returns a 1-D ``('data',)`` mesh over the first ``num_devices`` devices of all processes (all when None or 0).
+
+    Every process must then run the same computations on it in the same order (training steps).
+    """
+    return _mesh_over(jax.devices(), num_devices)
+
+
+def create_local_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    """A ``('data',)`` mesh over this process's own devices (the first ``num_devices``; all when None or 0).
+
+    For work the processes split between them and run independently (CAM inference: each process its share of the
+    images, hence its own number and shapes of calls), which a mesh spanning processes would turn into collectives
+    that the processes do not enter together. With one process it is ``create_mesh``'s mesh.
+    """
+    return _mesh_over(jax.local_devices(), num_devices)
+
+
+def _mesh_over(devices: list, num_devices: int | None) -> jax.sharding.Mesh:
+    available = len(devices)
     count = available if num_devices in (None, 0) else num_devices
     if count < 1 or count > available:
         raise ValueError(
             f"mesh.num_devices={num_devices} is not possible: {available} device(s) are visible "
             "(use 0 for all of them)."
         )
-    devices = np.asarray(jax.devices()[:count])
-    return jax.sharding.Mesh(devices, (DATA_AXIS,))
+    return jax.sharding.Mesh(np.asarray(devices[:count]), (DATA_AXIS,))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -62,3 +79,12 @@ def host_batch_to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """Places a pytree of arrays on every device of the mesh."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def wait_for_all_processes(name: str) -> None:
+    """Blocks until every JAX process of the run has reached the barrier ``name``; returns at once in a one-process
+    run. Use it where one process's files must be complete before another reads them."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

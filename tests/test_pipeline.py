@@ -65,3 +65,29 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
     with pytest.raises(ValueError, match="must end in '.npz'"):
         fileio.write_npz(str(tmp_path / "cams.npy"), cam=None)
+
+
+def test_every_process_finishes_a_stage_before_any_starts_the_next(tmp_path, monkeypatch):
+    """Multi-host: a barrier after each stage (infer_cam's CAM files come from all processes; eval_cam reads them)."""
+    import types
+
+    import jax
+
+    from puzzle_jax import sharding
+
+    events = []
+    for name in ("first", "second"):
+        module = types.ModuleType(f"fake_stage_{name}")
+        module.run = lambda config, workdir, name=name: events.append(f"run {name}") or {"stage": name}
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(pipeline, "STAGES", {"first": "fake_stage_first", "second": "fake_stage_second"})
+    monkeypatch.setattr(sharding, "wait_for_all_processes", lambda name: events.append(f"barrier {name}"))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"stages": ("first", "second")})
+    summaries = pipeline.run_stages(config, str(tmp_path / "run"))
+    assert events == [
+        "run first", "barrier puzzle_jax stage first done", "run second", "barrier puzzle_jax stage second done"
+    ]
+    assert summaries["second"]["stage"] == "second"

@@ -23,9 +23,11 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from puzzle_jax import sharding
 from puzzle_jax.data import coco, demo, voc, voc_folder
 
 # Name (the value of config.data.dataset) -> builder factory taking data_dir and builder options.
@@ -203,15 +205,27 @@ def load_split_from_config(
     """`load_split` for the `config.data` section of a run (dataset, data_dir, root, builder_kwargs).
 
     `data.root` (the folder of a dataset the user downloaded) is passed to the builder as its `root` option
-    when set; the built-in demo set takes none.
+    when set; the built-in demo set takes none. In a multi-process run, process 0 prepares the dataset before the
+    other processes open it.
     """
     builder_kwargs = dict(data_config.builder_kwargs)
     if data_config.root:
         builder_kwargs["root"] = os.path.expanduser(data_config.root)
-    return load_split(
-        data_config.dataset,
-        split,
-        data_dir=os.path.expanduser(data_config.data_dir),
-        decode_masks=decode_masks,
-        **builder_kwargs,
-    )
+
+    def load() -> tuple[DecodedRecords, SplitInfo]:
+        return load_split(
+            data_config.dataset,
+            split,
+            data_dir=os.path.expanduser(data_config.data_dir),
+            decode_masks=decode_masks,
+            **builder_kwargs,
+        )
+
+    if jax.process_count() == 1:
+        return load()
+    # Several processes (a pod, several GPU hosts): process 0 prepares a missing dataset alone, since concurrent
+    # preparations of one shared data_dir would race; the others open it once process 0 is done (a data_dir local
+    # to each host is then prepared by each, one after process 0).
+    loaded = load() if jax.process_index() == 0 else None
+    sharding.wait_for_all_processes(f"puzzle_jax dataset {data_config.dataset} prepared")
+    return loaded if loaded is not None else load()

@@ -23,7 +23,8 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     model_dir = workdir.exported_model("train_cam")
     model, model_config = classifier_training.load_exported_classifier(model_dir)
     source, _ = datasets.load_split_from_config(config.data, config.infer.split)
-    mesh = sharding.create_mesh(config.mesh.num_devices)
+    # Each process computes its own images' CAMs: a mesh of its own devices, no collective across processes.
+    mesh = sharding.create_local_mesh(config.mesh.num_devices)
     forward = cam_inference.create_forward(model, mesh)
     output_dir = workdir.cam_dir()
     os.makedirs(output_dir, exist_ok=True)
