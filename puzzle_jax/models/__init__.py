@@ -3,7 +3,7 @@
 Public API:
   * ``create_backbone(arch, *, output_stride=16, bn_mode="frozen", bn_group_size=None, dtype=jnp.float32,
     remat=False, rngs)``: an NNX module mapping an NHWC batch to ``{"stage1": ..., ..., "stage5": ...}``.
-  * ``create_classifier(arch, num_classes, *, <same keywords>)``: a ``Classifier`` whose call returns
+  * ``create_classifier(arch, num_classes, *, rngs, <create_backbone's keywords>)``: a ``Classifier`` whose call returns
     ``(logits (B, C), class_maps (B, h, w, C))``.
   * ``ARCHITECTURES``, ``OUTPUT_STRIDES``, ``BN_MODES``: the accepted values.
 
@@ -93,36 +93,20 @@ def create_backbone(
     return resnest.create_resnest(arch, **kwargs)
 
 
-def create_classifier(
-    arch: str,
-    num_classes: int,
-    *,
-    output_stride: int = 16,
-    bn_mode: str = "frozen",
-    bn_group_size: int | None = None,
-    dtype=jnp.float32,
-    remat: bool = False,
-    rngs: nnx.Rngs,
-) -> Classifier:
-    """Creates the Puzzle-CAM classifier: ``create_backbone(...)`` under ``model`` + a 1x1 head.
+def create_classifier(arch: str, num_classes: int, *, rngs: nnx.Rngs, **backbone_options) -> Classifier:
+    """Creates the Puzzle-CAM classifier: ``create_backbone(arch, **backbone_options)`` under ``model`` + a 1x1 head.
 
     Args:
       arch: one of ``ARCHITECTURES``.
       num_classes: number of foreground classes.
-      output_stride, bn_mode, bn_group_size, dtype, remat, rngs: as in ``create_backbone``.
+      rngs: random generators for the initialisation (not stored).
+      **backbone_options: ``create_backbone``'s keywords (``output_stride``, ``bn_mode``, ``bn_group_size``,
+        ``dtype``, ``remat``); the head computes in the same ``dtype``.
 
     Returns:
       A ``Classifier``; ``classifier(images)`` returns ``(logits, class_maps)``.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    backbone = create_backbone(
-        arch,
-        output_stride=output_stride,
-        bn_mode=bn_mode,
-        bn_group_size=bn_group_size,
-        dtype=dtype,
-        remat=remat,
-        rngs=rngs,
-    )
-    return Classifier(backbone, num_classes, dtype=dtype, rngs=rngs)
+    backbone = create_backbone(arch, rngs=rngs, **backbone_options)
+    return Classifier(backbone, num_classes, dtype=backbone_options.get("dtype", jnp.float32), rngs=rngs)

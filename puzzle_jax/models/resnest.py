@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from puzzle_jax.models import layers
-from puzzle_jax.models.resnet import EXPANSION, check_output_stride
+from puzzle_jax.models.resnet import EXPANSION, build_layers, check_output_stride, run_layers
 
 # (stride, dilation of the first block, dilation of the other blocks) for layer2, layer3, layer4.
 _RESNEST_LAYER_GEOMETRY = {
@@ -169,12 +169,7 @@ class ResNeSt(nnx.Module):
         Args:
           blocks_per_layer: blocks in layer1..4 (ResNeSt-50: [3, 4, 6, 3]).
           stem_width: channels of the first two stem convs; stage1 has 2x as many.
-          output_stride: 8, 16 or 32 (see the module docstring).
-          bn_mode: BatchNorm mode, one of ``layers.BN_MODES``.
-          bn_group_size: images per BN statistics group for ``per_replica``.
-          dtype: compute dtype (parameters stay float32).
-          remat: recompute each block's activations in the backward pass (``nnx.remat``).
-          rngs: random generators for the initialisation.
+          output_stride, bn_mode, bn_group_size, dtype, remat, rngs: as in ``resnet.ResNet``.
         """
         check_output_stride(output_stride)
         # One key from rngs, all kernels drawn at once at the end (see layers.KernelInitializer).
@@ -196,32 +191,23 @@ class ResNeSt(nnx.Module):
         self.bn1 = layers.BatchNorm(stem_width * 2, **bn_kwargs)
         self.maxpool = layers.MaxPool2d(3, 2, 1)
 
-        geometry = ((1, 1, 1),) + _RESNEST_LAYER_GEOMETRY[output_stride]
-        in_features = stem_width * 2
-        stages = []
-        for index, (num_blocks, (stride, first_dilation, dilation)) in enumerate(
-            zip(blocks_per_layer, geometry, strict=True)
-        ):
-            planes = 64 * 2**index
-            blocks = []
-            for block_index in range(num_blocks):
-                first = block_index == 0
-                blocks.append(
-                    ResNeStBottleneck(
-                        in_features,
-                        planes,
-                        stride=stride if first else 1,
-                        dilation=first_dilation if first else dilation,
-                        # The official code passes is_first=False for layer1 only.
-                        is_first=first and index > 0,
-                        downsample=first and (stride != 1 or in_features != planes * EXPANSION),
-                        bn_kwargs=bn_kwargs,
-                        dtype=dtype,
-                        rngs=kernels,
-                    )
-                )
-                in_features = planes * EXPANSION
-            stages.append(nnx.List(blocks))
+        def make_block(in_features, planes, *, stride, dilation, downsample, layer_index, first):
+            return ResNeStBottleneck(
+                in_features,
+                planes,
+                stride=stride,
+                dilation=dilation,
+                # The official code passes is_first=False for layer1 only.
+                is_first=first and layer_index > 0,
+                downsample=downsample,
+                bn_kwargs=bn_kwargs,
+                dtype=dtype,
+                rngs=kernels,
+            )
+
+        stages, in_features = build_layers(
+            make_block, blocks_per_layer, _RESNEST_LAYER_GEOMETRY[output_stride], stem_width * 2, 64
+        )
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         kernels.finalize()
         self.out_features = in_features
@@ -232,11 +218,7 @@ class ResNeSt(nnx.Module):
         outputs = {}
         x = self.maxpool(jax.nn.relu(self.bn1(layers.apply_sequential(self.conv1, x))))
         outputs["stage1"] = x
-        for index, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
-            for block in layer:
-                x = layers.call_block(block, x, self.remat)
-            outputs[f"stage{index + 2}"] = x
-        return outputs
+        return run_layers(self, x, outputs)
 
 
 RESNEST_BLOCKS = {

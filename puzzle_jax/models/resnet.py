@@ -13,7 +13,7 @@ Output stride (the ratio of input size to stage5 size):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,62 @@ OUTPUT_STRIDES = tuple(sorted(_RESNET_LAYER_GEOMETRY))
 def check_output_stride(output_stride: int) -> None:
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+
+
+def build_layers(
+    make_block: Callable[..., nnx.Module],
+    blocks_per_layer: Sequence[int],
+    layer_geometry: Sequence[tuple[int, int, int]],
+    in_features: int,
+    base_planes: int,
+) -> tuple[list[nnx.List], int]:
+    """layer1..4 of a Bottleneck network: ``blocks_per_layer[k]`` blocks of ``base_planes * 2**k`` planes.
+
+    Args:
+      make_block: ``make_block(in_features, planes, *, stride, dilation, downsample, layer_index, first)`` creates
+        one block (``first``: the layer's first block, which carries the stride).
+      blocks_per_layer: blocks in layer1..4.
+      layer_geometry: (stride, dilation of the first block, dilation of the others) of layer2..4; layer1 has
+        stride 1 and no dilation.
+      in_features: channels of the stem's output.
+      base_planes: planes of layer1.
+
+    Returns:
+      The four layers (``nnx.List`` of blocks) and the channels of the last one's output.
+    """
+    geometry = ((1, 1, 1),) + tuple(layer_geometry)
+    stages = []
+    for index, (num_blocks, (stride, first_dilation, dilation)) in enumerate(
+        zip(blocks_per_layer, geometry, strict=True)
+    ):
+        planes = base_planes * 2**index
+        blocks = []
+        for block_index in range(num_blocks):
+            first = block_index == 0
+            blocks.append(
+                make_block(
+                    in_features,
+                    planes,
+                    stride=stride if first else 1,
+                    dilation=first_dilation if first else dilation,
+                    # The projection shortcut, where the stride or the width changes.
+                    downsample=first and (stride != 1 or in_features != planes * EXPANSION),
+                    layer_index=index,
+                    first=first,
+                )
+            )
+            in_features = planes * EXPANSION
+        stages.append(nnx.List(blocks))
+    return stages, in_features
+
+
+def run_layers(backbone: nnx.Module, x: jax.Array, outputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Runs ``backbone.layer1..4`` on the stem's output ``x``, adding their outputs as ``stage2..5``."""
+    for index, layer in enumerate((backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)):
+        for block in layer:
+            x = layers.call_block(block, x, backbone.remat)
+        outputs[f"stage{index + 2}"] = x
+    return outputs
 
 
 class Bottleneck(nnx.Module):
@@ -121,30 +177,22 @@ class ResNet(nnx.Module):
         self.bn1 = layers.BatchNorm(base_width, **bn_kwargs)
         self.maxpool = layers.MaxPool2d(3, 2, 1)
 
-        geometry = ((1, 1, 1),) + _RESNET_LAYER_GEOMETRY[output_stride]
-        in_features = base_width
-        stages = []
-        for index, (num_blocks, (stride, first_dilation, dilation)) in enumerate(
-            zip(blocks_per_layer, geometry, strict=True)
-        ):
-            planes = base_width * 2**index
-            blocks = []
-            for block_index in range(num_blocks):
-                first = block_index == 0
-                blocks.append(
-                    Bottleneck(
-                        in_features,
-                        planes,
-                        stride=stride if first else 1,
-                        dilation=first_dilation if first else dilation,
-                        downsample=first and (stride != 1 or in_features != planes * EXPANSION),
-                        bn_kwargs=bn_kwargs,
-                        dtype=dtype,
-                        rngs=kernels,
-                    )
-                )
-                in_features = planes * EXPANSION
-            stages.append(nnx.List(blocks))
+        def make_block(in_features, planes, *, stride, dilation, downsample, layer_index, first):
+            del layer_index, first  # the plain Bottleneck is the same in every layer
+            return Bottleneck(
+                in_features,
+                planes,
+                stride=stride,
+                dilation=dilation,
+                downsample=downsample,
+                bn_kwargs=bn_kwargs,
+                dtype=dtype,
+                rngs=kernels,
+            )
+
+        stages, in_features = build_layers(
+            make_block, blocks_per_layer, _RESNET_LAYER_GEOMETRY[output_stride], base_width, base_width
+        )
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         kernels.finalize()
         self.out_features = in_features
@@ -155,11 +203,7 @@ class ResNet(nnx.Module):
         outputs = {}
         x = self.maxpool(jax.nn.relu(self.bn1(self.conv1(x))))
         outputs["stage1"] = x
-        for index, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
-            for block in layer:
-                x = layers.call_block(block, x, self.remat)
-            outputs[f"stage{index + 2}"] = x
-        return outputs
+        return run_layers(self, x, outputs)
 
 
 RESNET_BLOCKS = {
