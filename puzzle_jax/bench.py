@@ -604,6 +604,7 @@ def build_jax_train_step(
     dtype: str = "float32",
     num_devices: int = 1,
     seed: int = 0,
+    remat: bool = False,
 ):
     """Our Puzzle-CAM training step, built only from the library's public functions, and its inputs.
 
@@ -614,6 +615,7 @@ def build_jax_train_step(
       dtype: ``float32`` or ``bfloat16`` compute (parameters and BatchNorm statistics stay float32).
       num_devices: mesh size (0 = all devices).
       seed: initialisation and synthetic-data seed.
+      remat: recompute each residual block's activations in the backward pass (``model.remat``).
 
     Returns:
       ``(train_step, state, batch, devices)``: the jitted, state-donating step of
@@ -637,6 +639,7 @@ def build_jax_train_step(
         output_stride=OUTPUT_STRIDE,
         bn_mode="global",
         dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype],
+        remat=remat,
         rngs=nnx.Rngs(seed),
     )
     model.train()
@@ -1057,6 +1060,7 @@ def build_torch_train_step(
       layout: ``nchw`` or ``channels_last`` (model and images).
       device: a ``torch.device``.
       seed: initialisation and synthetic-data seed.
+      remat: recompute each residual block's activations in the backward pass (``model.remat``).
 
     Returns:
       ``(train_step, images, labels)``; ``train_step(images, labels)`` runs one iteration and

@@ -1,0 +1,73 @@
+"""XLA's static memory estimate of our training step, with and without activation recomputation (remat).
+
+Compiles (does not run) the Puzzle-CAM step of ``puzzle_jax.bench.build_jax_train_step`` for each configuration and
+prints XLA's ``memory_analysis()``: arguments + outputs + temporaries - donated (aliased) buffers, i.e. what one
+device holds at the step's peak. That tells which batch fits which accelerator without one, and whether
+``model.remat`` is needed. The estimate comes from the backend that compiles: run it on the target (a GPU) for that
+backend's number; on a CPU it is XLA:CPU's buffer assignment (compare with the measured GPU peaks in BENCHMARKS.md).
+
+    python benchmarks/memory_estimate.py --archs resnest101,resnest269 --batch 32 --dtypes float32,bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def estimate(arch: str, batch: int, size: int, dtype: str, remat: bool) -> dict:
+    import jax
+
+    from puzzle_jax import bench
+
+    step, state, batch_arrays, _ = bench.build_jax_train_step(
+        arch, batch_per_device=batch, height=size, width=size, dtype=dtype, remat=remat
+    )
+    started = time.perf_counter()
+    compiled = step.lower(state, batch_arrays).compile()
+    stats = compiled.memory_analysis()
+    result = {
+        "arch": arch, "batch": batch, "size": size, "dtype": dtype, "remat": remat,
+        "backend": jax.default_backend(), "compile_s": time.perf_counter() - started,
+        "argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
+        "temp_bytes": stats.temp_size_in_bytes, "alias_bytes": stats.alias_size_in_bytes,
+    }
+    result["total_bytes"] = (
+        result["argument_bytes"] + result["output_bytes"] + result["temp_bytes"] - result["alias_bytes"]
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--archs", default="resnest101")
+    parser.add_argument("--batch", type=int, default=32, help="images per device")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--remat", default="0,1", help="0, 1 or both")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    results = []
+    print("| arch | batch | size | dtype | remat | GiB at peak (arguments + outputs + temporaries - donated) | "
+          "temporaries GiB | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for arch in args.archs.split(","):
+        for dtype in args.dtypes.split(","):
+            for remat in (bool(int(value)) for value in args.remat.split(",")):
+                result = estimate(arch, args.batch, args.size, dtype, remat)
+                results.append(result)
+                print(f"| {arch} | {args.batch} | {args.size} | {dtype} | {'on' if remat else 'off'} | "
+                      f"{result['total_bytes'] / 2**30:.1f} | {result['temp_bytes'] / 2**30:.1f} | "
+                      f"{result['compile_s']:.0f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"backend": results[0]["backend"] if results else None, "results": results}, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
