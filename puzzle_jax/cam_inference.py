@@ -13,8 +13,10 @@ image's ground-truth classes are kept, each divided by its own spatial maximum (
 The host work is what limits inference on a GPU (BENCHMARKS.md), so it resizes the next images on a pool of threads
 (PIL releases the GIL) while the main thread batches and accumulates, writes each scaled uint8 input and its flip
 straight into its bucket's batch (reused from call to call: the boxes, not the stale pixels, say what is padding),
-leaves the normalisation to the device (a quarter of the bytes to copy and transfer), and flips, resizes and sums
-only the ground-truth classes' maps (resizing is per channel, so this changes no value). The results do not depend
+leaves the normalisation to the device (a quarter of the bytes to copy and transfer), keeps one forward call in
+flight (the next call is dispatched before the previous call's maps are fetched and accumulated, so the device does
+not wait for the host in between), and flips, resizes and sums only the ground-truth classes' maps (resizing is per
+channel, so this changes no value). The results do not depend
 on the number of threads.
 """
 
@@ -25,6 +27,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import cv2
 import jax
@@ -39,12 +42,14 @@ from puzzle_jax.data import transforms
 NORMALISATION_EPSILON = 1e-5
 
 
-# The network call of inference: (uint8 images (N, H, W, 3), int32 boxes (N, 4)) -> ReLU'd class maps (N, h, w, C).
-Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# The network call of inference: (uint8 images (N, H, W, 3), int32 boxes (N, 4)) -> ReLU'd class maps (N, h, w, C),
+# as any array ``np.asarray`` accepts (a jax.Array still being computed, from ``create_forward``). The inputs must
+# not change until ``np.asarray`` of the result has returned.
+Forward = Callable[[np.ndarray, np.ndarray], Any]
 
 
 def create_forward(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> Forward:
-    """Returns ``(images, boxes) -> ReLU'd class maps (N, h, w, C)`` as numpy, jitted once per input shape.
+    """Returns ``(images, boxes) -> ReLU'd class maps (N, h, w, C)`` (a ``jax.Array``), jitted once per input shape.
 
     ``images`` are uint8 ``(N, H, W, 3)``, normalised on the device with zeros outside each image's box ``(top, left,
     height, width)`` (``transforms.normalize_crops``). With a mesh, the batch is split over its ``'data'`` axis (N
@@ -60,12 +65,13 @@ def create_forward(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> 
         _, class_maps = nnx.merge(graphdef, state)(transforms.normalize_crops(images, boxes))
         return jax.nn.relu(class_maps.astype(jnp.float32))
 
-    def run(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    def run(images: np.ndarray, boxes: np.ndarray) -> jax.Array:
         if images.dtype != np.uint8:
             raise ValueError(f"create_forward takes uint8 images (normalised on the device); got {images.dtype}.")
         arrays = (images, np.asarray(boxes, np.int32))
         placed = jax.device_put(arrays, sharding.data_sharded(mesh)) if mesh is not None else arrays
-        return np.asarray(forward(state, *placed))
+        # Returned while the device may still be computing (``np.asarray`` waits for it).
+        return forward(state, *placed)
 
     return run
 
@@ -224,18 +230,26 @@ def iterate_cams(
     spent: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     accumulators: dict[str, _ImageAccumulator] = {}
 
-    def run(bucket):
+    # One call in flight: a full batch is dispatched (asynchronously on an accelerator) before the previous call's
+    # maps are fetched and accumulated, so the device computes while the host accumulates and fills the next batch.
+    in_flight: list[tuple] = []
+
+    def dispatch(bucket) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         images, boxes = batches.pop(bucket)
-        # ``forward`` returns host arrays, so the batch is free again once it has returned.
-        maps = forward(images, boxes)
+        in_flight.append((bucket, images, boxes, entries.pop(bucket), forward(images, boxes)))
+        if len(in_flight) > 1:
+            yield from collect(in_flight.pop(0))
+
+    def collect(call) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        bucket, images, boxes, call_entries, pending_maps = call
+        maps = np.asarray(pending_maps)
+        # Only now, with the call's outputs fetched, may its input buffers be filled again.
         spent[bucket] = (images, boxes)
-        finished = []
-        for position, (image_id, scaled_size) in enumerate(entries.pop(bucket)):
+        for position, (image_id, scaled_size) in enumerate(call_entries):
             accumulator = accumulators[image_id]
             accumulator.add(maps[position * per_input : (position + 1) * per_input], scaled_size, flip, output_stride)
             if accumulator.pending == 0:
-                finished.append((image_id, accumulators.pop(image_id).result()))
-        return finished
+                yield image_id, accumulators.pop(image_id).result()
 
     def scaled_inputs(record):
         return [_scaled_input(record[1], scale) for scale in scales]
@@ -267,9 +281,11 @@ def iterate_cams(
                 boxes[slot + 1] = (0, 0, height, width)
             entries[bucket].append((image_id, (height, width)))
             if len(entries[bucket]) == images_per_call:
-                yield from run(bucket)
+                yield from dispatch(bucket)
     for bucket in list(batches):
-        yield from run(bucket)
+        yield from dispatch(bucket)
+    while in_flight:
+        yield from collect(in_flight.pop(0))
 
 
 def _normalise(maps: np.ndarray) -> np.ndarray:

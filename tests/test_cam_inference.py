@@ -177,6 +177,30 @@ def test_inputs_reach_the_network_as_uint8_with_their_boxes():
     assert not normalised[2:].any() and not normalised[:2, 40:].any() and not normalised[:2, :, 56:].any()
 
 
+def test_a_call_in_flight_keeps_its_inputs_until_its_maps_are_fetched():
+    """The next call is dispatched before the previous call's maps are fetched; a forward that reads its inputs only
+    when fetched (as a device still computing may) must see them unchanged."""
+
+    class LazyMaps:
+        def __init__(self, images, boxes):
+            self.images, self.boxes = images, boxes  # the caller's buffers, not copies
+
+        def __array__(self, dtype=None, copy=None):
+            return _cell_sums(self.images, self.boxes)
+
+    rng = np.random.default_rng(11)
+    records = [(f"im{index}", rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), np.ones(3)) for index in range(5)]
+    # One scale, one image per call: consecutive calls use the same size bucket, whose buffers get reused.
+    settings = dict(scales=(1.0,), flip=True, pad_multiple=32, output_stride=STRIDE, images_per_call=1,
+                    host_threads=1)
+    eager = dict(cam_inference.iterate_cams(_cell_sums, records, **settings))
+    lazy = dict(cam_inference.iterate_cams(lambda images, boxes: LazyMaps(images, boxes), records, **settings))
+    assert sorted(lazy) == sorted(eager) == [record[0] for record in records]
+    for image_id, payload in eager.items():
+        for key in ("keys", "cam", "hr_cam"):
+            np.testing.assert_array_equal(lazy[image_id][key], payload[key])
+
+
 def test_create_forward_rejects_float_images():
     from flax import nnx
 
