@@ -46,14 +46,19 @@ def _random_batch(batch_size=8, size=64, seed=0):
     }
 
 
-def _one_step(num_devices):
-    mesh = sharding.create_mesh(num_devices)
+def _puzzle_step(mesh):
+    """The initial state and the jitted Puzzle-CAM step of the tiny classifier on ``mesh``."""
     model = _tiny_classifier()
     _, params, _ = training.split_model(model)
     optimizer = optim.create_optimizer(params, learning_rate=0.1, weight_decay=1e-4, total_steps=10)
     objective = classifier_training.create_puzzle_objective(_puzzle_config(), 10, 16)
     graphdef, state = training.create_train_state(model, optimizer, mesh)
-    step = training.make_train_step(graphdef, optimizer, objective, mesh)
+    return state, training.make_train_step(graphdef, optimizer, objective, mesh)
+
+
+def _one_step(num_devices):
+    mesh = sharding.create_mesh(num_devices)
+    state, step = _puzzle_step(mesh)
     batch = sharding.host_batch_to_global(_random_batch(), mesh)
     state, metrics = step(state, batch)
     # Two steps, so the second one sees updated parameters and BN statistics.
@@ -80,12 +85,7 @@ def test_the_step_compiles_once_for_a_stream_of_loader_batches():
     """Donated state in, replicated state out, new uint8 batches every step: one compiled program (a second one would
     mean a recompile per step on an accelerator, minutes for ResNeSt)."""
     mesh = sharding.create_mesh(8)
-    model = _tiny_classifier()
-    _, params, _ = training.split_model(model)
-    optimizer = optim.create_optimizer(params, learning_rate=0.1, weight_decay=1e-4, total_steps=10)
-    objective = classifier_training.create_puzzle_objective(_puzzle_config(), 10, 16)
-    graphdef, state = training.create_train_state(model, optimizer, mesh)
-    step = training.make_train_step(graphdef, optimizer, objective, mesh)
+    state, step = _puzzle_step(mesh)
     iterator = iter(input_pipeline.create_train_loader(
         _FakeSource(), global_batch_size=8, crop_size=64, rescale_range=(48, 80), seed=1
     ))
