@@ -379,15 +379,22 @@ def _host_peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def _synthetic_labels(rng, batch: int):
+    """Multi-hot labels with at least one class per image."""
+    import numpy as np
+
+    labels = (rng.random((batch, NUM_CLASSES)) < 0.15).astype(np.float32)
+    labels[np.arange(batch), rng.integers(0, NUM_CLASSES, batch)] = 1.0
+    return labels
+
+
 def _synthetic_train_batch(batch: int, height: int, width: int, seed: int):
-    """Normalised-looking images and multi-hot labels with at least one class per image."""
+    """Normalised-looking float32 images (the PyTorch step's input, as the authors' loader gives it) and labels."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((batch, height, width, 3), dtype=np.float32)
-    labels = (rng.random((batch, NUM_CLASSES)) < 0.15).astype(np.float32)
-    labels[np.arange(batch), rng.integers(0, NUM_CLASSES, batch)] = 1.0
-    return images, labels
+    return images, _synthetic_labels(rng, batch)
 
 
 def _synthetic_loader_batch(batch: int, height: int, width: int, seed: int) -> dict:
@@ -395,10 +402,10 @@ def _synthetic_loader_batch(batch: int, height: int, width: int, seed: int) -> d
     each image's box on its crop (here the whole crop) and multi-hot labels."""
     import numpy as np
 
-    _, labels = _synthetic_train_batch(batch, 1, 1, seed)
-    images = np.random.default_rng(seed).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
     boxes = np.tile(np.array([0, 0, height, width], np.int32), (batch, 1))
-    return {"image": images, "image_box": boxes, "labels": labels}
+    return {"image": images, "image_box": boxes, "labels": _synthetic_labels(rng, batch)}
 
 
 def _synthetic_voc_images(count: int, height: int, width: int, seed: int):

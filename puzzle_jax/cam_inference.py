@@ -3,21 +3,19 @@
 For each scale the image is resized on the host (PIL bicubic, as the authors), batched as uint8 with its horizontal
 flip and padded up to a multiple of ``pad_multiple`` so that XLA compiles once per size bucket; the forward call
 normalises it on the device (``transforms.normalize_crops``: the host's float32 values bit for bit, zero, the mean
-colour, in the padding). The
-class maps of the valid region go through ReLU, the flipped map is flipped back and added, and the sum over scales
-is accumulated at two resolutions with bilinear (align_corners=False) resizing: the strided map
-``(ceil(H/4), ceil(W/4))`` for the random walk and the full-resolution map for evaluation (resized to the next
-multiples of 16, then cropped to ``(H, W)``, as the authors do). Only the
-image's ground-truth classes are kept, each divided by its own spatial maximum (+1e-5).
+colour, in the padding). The class maps of the valid region go through ReLU, the flipped map is flipped back and
+added, and the sum over scales is accumulated at two resolutions with bilinear (align_corners=False) resizing: the
+strided map ``(ceil(H/4), ceil(W/4))`` for the random walk and the full-resolution map for evaluation (resized to
+the next multiples of 16, then cropped to ``(H, W)``, as the authors do). Only the image's ground-truth classes are
+kept, each divided by its own spatial maximum (+1e-5).
 
-The host work is what limits inference on a GPU (BENCHMARKS.md), so it resizes the next images on a pool of threads
-(PIL releases the GIL) while the main thread batches and accumulates, writes each scaled uint8 input and its flip
-straight into its bucket's batch (reused from call to call: the boxes, not the stale pixels, say what is padding),
-leaves the normalisation to the device (a quarter of the bytes to copy and transfer), keeps one forward call in
-flight (the next call is dispatched before the previous call's maps are fetched and accumulated, so the device does
-not wait for the host in between), and flips, resizes and sums only the ground-truth classes' maps (resizing is per
-channel, so this changes no value). The results do not depend
-on the number of threads.
+The host work is what limited inference on a GPU (BENCHMARKS.md), so it resizes the next images on a pool of
+threads (PIL releases the GIL) while the main thread batches and accumulates, writes each scaled uint8 input and its
+flip straight into its bucket's batch (reused from call to call: the boxes, not the stale pixels, say what is
+padding), leaves the normalisation to the device (a quarter of the bytes to copy and transfer), keeps one forward
+call in flight (the next call is dispatched before the previous call's maps are fetched and accumulated, so the
+device does not wait for the host in between), and flips, resizes and sums only the ground-truth classes' maps
+(resizing is per channel, so this changes no value). The results do not depend on the number of threads.
 """
 
 from __future__ import annotations
