@@ -229,7 +229,8 @@ def _inference_rows(
 
 
 def _pipeline_row(batch: int, crop: int, batches: int) -> RowSpec:
-    return RowSpec("pipeline", "host", "", batch, crop, crop, "float32", "host", 1, batches)
+    # The loader's batches are uint8 crops (normalised on the device by the step).
+    return RowSpec("pipeline", "host", "", batch, crop, crop, "uint8", "host", 1, batches)
 
 
 def build_suite(name: str, options: argparse.Namespace) -> list[RowSpec]:
@@ -1575,7 +1576,7 @@ def format_table(rows: Sequence[dict]) -> str:
                 row["arch"] or "-",
                 str(row["batch"]),
                 f"{row['height']}x{row['width']}",
-                "bf16" if row["dtype"] == "bfloat16" else "fp32",
+                {"bfloat16": "bf16", "float32": "fp32"}.get(row["dtype"], row["dtype"]),
                 row["layout"],
                 _format_number(row.get("images_per_second"), ".1f"),
                 _format_number(row.get("step_time_ms"), ".1f"),
