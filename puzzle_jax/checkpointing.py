@@ -118,17 +118,22 @@ def export_model(directory: str, params: Any, batch_stats: Any, model_config: di
         model_config: JSON-serialisable keyword arguments of ``models.create_classifier``.
     """
     directory = os.path.abspath(directory)
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    checkpointer.save(
-        directory,
-        args=ocp.args.Composite(
-            **{
-                _ARRAYS: ocp.args.StandardSave({"params": params, "batch_stats": batch_stats}),
-                _MODEL_CONFIG: ocp.args.JsonSave(dict(model_config)),
-            }
-        ),
-    )
-    checkpointer.close()
+    with _composite_checkpointer() as checkpointer:
+        checkpointer.save(
+            directory,
+            args=ocp.args.Composite(
+                **{
+                    _ARRAYS: ocp.args.StandardSave({"params": params, "batch_stats": batch_stats}),
+                    _MODEL_CONFIG: ocp.args.JsonSave(dict(model_config)),
+                }
+            ),
+        )
+
+
+def _composite_checkpointer() -> ocp.Checkpointer:
+    """The checkpointer of exported models; use it in a ``with`` block, which closes it (and its background threads)
+    once the save or restore is done."""
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
 def is_exported_model(directory: str) -> bool:
@@ -139,11 +144,11 @@ def is_exported_model(directory: str) -> bool:
 def load_model_config(directory: str) -> dict:
     """Reads only the model config of an exported model."""
     _check_export(directory)
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    restored = checkpointer.restore(
-        os.path.abspath(directory),
-        args=ocp.args.Composite(**{_MODEL_CONFIG: ocp.args.JsonRestore()}),
-    )
+    with _composite_checkpointer() as checkpointer:
+        restored = checkpointer.restore(
+            os.path.abspath(directory),
+            args=ocp.args.Composite(**{_MODEL_CONFIG: ocp.args.JsonRestore()}),
+        )
     return dict(restored[_MODEL_CONFIG])
 
 
@@ -159,18 +164,18 @@ def load_exported_model(directory: str, target: Any) -> tuple[Any, Any, dict]:
         ``(params, batch_stats, model_config)``.
     """
     _check_export(directory)
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     abstract = jax.tree.map(_as_abstract, target)
     try:
-        restored = checkpointer.restore(
-            os.path.abspath(directory),
-            args=ocp.args.Composite(
-                **{
-                    _ARRAYS: ocp.args.StandardRestore(abstract),
-                    _MODEL_CONFIG: ocp.args.JsonRestore(),
-                }
-            ),
-        )
+        with _composite_checkpointer() as checkpointer:
+            restored = checkpointer.restore(
+                os.path.abspath(directory),
+                args=ocp.args.Composite(
+                    **{
+                        _ARRAYS: ocp.args.StandardRestore(abstract),
+                        _MODEL_CONFIG: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
     except (ValueError, KeyError) as error:
         raise ValueError(
             f"Exported model {directory} does not match the model it is loaded into "
