@@ -5,6 +5,7 @@ Every other config imports this one and overrides fields. Override any field on 
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -65,8 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.init_head = False
     # Compute dtype of the backbone: "float32" or "bfloat16" (parameters and BN statistics stay float32).
     config.model.dtype = "float32"
-    # Rematerialise each residual block in the backward pass (saves memory for ResNeSt-269 at 512x512).
-    config.model.remat = False
+    # Rematerialise each residual block in the backward pass: True, False, or "auto" (on when XLA's estimate of the
+    # step without it exceeds 90% of a device's memory; decided by compiling the step once; off on CPUs). A field of
+    # either type, so that both --config.model.remat=True and --config.model.remat=auto parse.
+    config.model.remat = config_dict.FieldReference(False, field_type=object)
 
     config.cam = ml_collections.ConfigDict()
     # Loss terms, as the authors' --loss_option: cl (plain CAM), cl_pcl, cl_re, cl_pcl_re (Puzzle-CAM).

@@ -22,12 +22,17 @@ if TYPE_CHECKING:  # Type hints only: the objectives also run where ml_collectio
     import ml_collections
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model.remat="auto" recomputes activations when the step without it would take more than this share of a device's
+# memory (the rest is left to the allocator's fragmentation and the input batches in flight).
+AUTO_REMAT_MEMORY_FRACTION = 0.9
 
 
 def model_config_from(config: ml_collections.ConfigDict, num_classes: int) -> dict:
     """The JSON-serialisable keyword arguments of ``models.create_classifier`` (stored with exports)."""
     if config.model.dtype not in _DTYPES:
         raise ValueError(f"model.dtype={config.model.dtype!r}; allowed values are {list(_DTYPES)}.")
+    if not (isinstance(config.model.remat, bool) or config.model.remat == "auto"):
+        raise ValueError(f"model.remat={config.model.remat!r}; allowed values are [True, False, 'auto'].")
     return {
         "arch": config.model.arch,
         "num_classes": int(num_classes),
@@ -35,7 +40,8 @@ def model_config_from(config: ml_collections.ConfigDict, num_classes: int) -> di
         "bn_mode": config.model.bn_mode,
         "bn_group_size": int(config.model.bn_group_size) if config.model.bn_mode == "per_replica" else None,
         "dtype": config.model.dtype,
-        "remat": bool(config.model.remat),
+        # "auto" starts without remat; train_classifier decides (choose_remat) and records the decision.
+        "remat": config.model.remat is True,
     }
 
 
@@ -167,6 +173,48 @@ def create_puzzle_objective(cam: ml_collections.ConfigDict, total_steps: int, ou
     return compute_loss
 
 
+def choose_remat(
+    model: nnx.Module,
+    optimizer,
+    compute_loss: training.LossFunction,
+    mesh: jax.sharding.Mesh,
+    *,
+    global_batch_size: int,
+    crop_size: int,
+    num_classes: int,
+) -> tuple[bool, dict[str, Any]]:
+    """Whether the training step needs activation recomputation to fit a device (``model.remat="auto"``).
+
+    Compiles the step without remat for the loader's batch and compares XLA's static estimate of its peak memory
+    (arguments + outputs + temporaries - donated buffers; on the H100 it equalled the measured peak,
+    BENCHMARKS.md) with ``AUTO_REMAT_MEMORY_FRACTION`` of the device's memory. Without a known limit (CPU) the
+    answer is no, and nothing is compiled. The compiled step lands in the compilation cache, so a run that keeps
+    remat off does not compile it again.
+
+    Returns:
+      ``(remat, facts)``: the decision (process 0's, on every process) and what it was based on.
+    """
+    limit = sharding.device_memory_limit()
+    if limit is None:
+        return False, {"reason": "the backend reports no memory limit"}
+    graphdef, state = training.create_train_state(model, optimizer, mesh)
+    step = training.make_train_step(graphdef, optimizer, compute_loss, mesh)
+    placement = sharding.data_sharded(mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct((global_batch_size, crop_size, crop_size, 3), jnp.uint8, sharding=placement),
+        "image_box": jax.ShapeDtypeStruct((global_batch_size, 4), jnp.int32, sharding=placement),
+        "labels": jax.ShapeDtypeStruct((global_batch_size, num_classes), jnp.float32, sharding=placement),
+    }
+    memory = step.lower(state, batch).compile().memory_analysis()
+    del state
+    needed = (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    remat = sharding.same_on_all_processes(needed > AUTO_REMAT_MEMORY_FRACTION * limit)
+    return remat, {"step_bytes_without_remat": int(needed), "device_bytes": int(limit)}
+
+
 def train_classifier(
     config: ml_collections.ConfigDict,
     stage_dir: str,
@@ -232,6 +280,16 @@ def train_classifier(
         compute_loss = create_puzzle_objective(config.cam, total_steps, int(config.model.output_stride))
     else:
         compute_loss = create_classification_objective()
+    remat_facts = {}
+    if config.model.remat == "auto":
+        remat, remat_facts = choose_remat(
+            model, optimizer, compute_loss, mesh,
+            global_batch_size=batch_size, crop_size=int(config.data.crop_size), num_classes=info.num_classes,
+        )
+        # A static attribute of the backbone: the step that fit() traces from here on recomputes or not.
+        model.model.remat = remat
+        model_config["remat"] = remat
+        logging.info("model.remat=auto: remat %s (%s)", "on" if remat else "off", remat_facts)
     loader = input_pipeline.create_train_loader(
         source,
         global_batch_size=batch_size,
@@ -265,4 +323,5 @@ def train_classifier(
     )
     checkpointing.export_model(export_dir, state.params, state.batch_stats, model_config)
     summary.update(exported_model=export_dir, images=len(source), epochs=epochs, batch_size=batch_size)
+    summary.update(remat=model_config["remat"], **({"remat_auto": remat_facts} if remat_facts else {}))
     return summary

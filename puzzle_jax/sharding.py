@@ -88,3 +88,21 @@ def wait_for_all_processes(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def device_memory_limit() -> int | None:
+    """Bytes one of this process's devices can hold (all devices of a run are alike), or None where the backend does
+    not say (CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    limit = (stats or {}).get("bytes_limit")
+    return int(limit) if limit else None
+
+
+def same_on_all_processes(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process: a decision that changes the compiled program must be the same on all
+    processes of a run, or their collectives would not match."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))

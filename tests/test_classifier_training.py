@@ -155,6 +155,39 @@ def test_bad_config_values_name_the_field():
     )
     with pytest.raises(ValueError, match="model.dtype"):
         classifier_training.model_config_from(config, 3)
+    for remat in ("sometimes", 1):
+        config = ml_collections.ConfigDict({"model": dict(config.model, dtype="float32", remat=remat)})
+        with pytest.raises(ValueError, match="model.remat"):
+            classifier_training.model_config_from(config, 3)
+    # "auto" builds the model without remat; train_classifier decides.
+    config = ml_collections.ConfigDict({"model": dict(config.model, remat="auto")})
+    assert classifier_training.model_config_from(config, 3)["remat"] is False
+
+
+@pytest.mark.parametrize(
+    "limit,expected",
+    [(None, False), (1, True), (1 << 50, False)],
+    ids=["no-limit-reported", "tiny-device", "huge-device"],
+)
+def test_auto_remat_compares_the_steps_memory_estimate_with_the_device(monkeypatch, limit, expected):
+    from puzzle_jax import optim, sharding
+
+    monkeypatch.setattr(sharding, "device_memory_limit", lambda: limit)
+    model = classifier_training.build_classifier(_model_config(NUM_CLASSES), seed=0)
+    model.train()
+    _, params, _ = training.split_model(model)
+    optimizer = optim.create_optimizer(params, learning_rate=0.1, weight_decay=1e-4, total_steps=10)
+    objective = classifier_training.create_puzzle_objective(_cam_config(), 10, output_stride=16)
+    remat, facts = classifier_training.choose_remat(
+        model, optimizer, objective, sharding.create_mesh(8), global_batch_size=8, crop_size=64,
+        num_classes=NUM_CLASSES,
+    )
+    assert remat is expected
+    if limit is None:
+        assert "no memory limit" in facts["reason"]
+    else:
+        # A real estimate: at least the parameters, their momentum and the gradients of a ~0.4M-parameter model.
+        assert facts["step_bytes_without_remat"] > 3 * 4 * 0.3e6 and facts["device_bytes"] == limit
 
 
 def _model_config(num_classes):
@@ -209,3 +242,33 @@ def test_load_exported_classifier_reproduces_outputs(tmp_path):
     assert model_config == _model_config(NUM_CLASSES)
     images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 48, 48, 3)), jnp.float32)
     np.testing.assert_allclose(np.asarray(loaded(images)[1]), np.asarray(source(images)[1]), rtol=1e-6)
+
+
+def test_auto_remat_decision_reaches_the_trained_model_and_the_export(tmp_path, monkeypatch):
+    """model.remat="auto": choose_remat's decision is the backbone flag the step is traced with (test_resnet checks
+    that the flag puts every block under jax.checkpoint), and the export and the summary record it."""
+    import importlib
+
+    config = importlib.import_module("configs.demo").get_config()
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.builder_kwargs = ml_collections.ConfigDict(dict(num_pretrain=2, num_train=8, num_val=2))
+    config.data.crop_size = 64
+    config.data.rescale_range = (48, 80)
+    config.model.init_from = ""
+    config.model.remat = "auto"
+    backbone_flags = []
+    original_fit = training.fit
+
+    def fit_recording_the_flag(**kwargs):
+        backbone_flags.append(kwargs["model"].model.remat)
+        return original_fit(**kwargs)
+
+    monkeypatch.setattr(training, "fit", fit_recording_the_flag)
+    monkeypatch.setattr(classifier_training, "choose_remat", lambda *args, **kwargs: (True, {"step_bytes": 1}))
+    summary = classifier_training.train_classifier(
+        config, str(tmp_path / "train_cam"), split="train", batch_size=8, epochs=1, learning_rate=0.01,
+        objective="puzzle", init_from="", seed=0,
+    )
+    assert backbone_flags == [True]
+    assert summary["remat"] is True and summary["remat_auto"] == {"step_bytes": 1}
+    assert checkpointing.load_model_config(str(tmp_path / "train_cam" / "model"))["remat"] is True
