@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def estimate(arch: str, batch: int, size: int, dtype: str, remat: bool) -> dict:
     import jax
 
-    from puzzle_jax import bench
+    from puzzle_jax import bench, training
 
     step, state, batch_arrays, _ = bench.build_jax_train_step(
         arch, batch_per_device=batch, height=size, width=size, dtype=dtype, remat=remat
@@ -33,16 +33,11 @@ def estimate(arch: str, batch: int, size: int, dtype: str, remat: bool) -> dict:
     started = time.perf_counter()
     compiled = step.lower(state, batch_arrays).compile()
     stats = compiled.memory_analysis()
-    result = {
+    return {
         "arch": arch, "batch": batch, "size": size, "dtype": dtype, "remat": remat,
         "backend": jax.default_backend(), "compile_s": time.perf_counter() - started,
-        "argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
-        "temp_bytes": stats.temp_size_in_bytes, "alias_bytes": stats.alias_size_in_bytes,
+        "total_bytes": training.step_memory_bytes(compiled), "temp_bytes": stats.temp_size_in_bytes,
     }
-    result["total_bytes"] = (
-        result["argument_bytes"] + result["output_bytes"] + result["temp_bytes"] - result["alias_bytes"]
-    )
-    return result
 
 
 def main() -> None:
@@ -64,7 +59,7 @@ def main() -> None:
                 result = estimate(arch, args.batch, args.size, dtype, remat)
                 results.append(result)
                 print(f"| {arch} | {args.batch} | {args.size} | {dtype} | {'on' if remat else 'off'} | "
-                      f"{result['total_bytes'] / 2**30:.1f} | {result['temp_bytes'] / 2**30:.1f} | "
+                      f"{result['total_bytes'] / 2**30:.2f} | {result['temp_bytes'] / 2**30:.2f} | "
                       f"{result['compile_s']:.0f} |", flush=True)
     if args.json:
         with open(args.json, "w") as file:

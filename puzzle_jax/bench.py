@@ -577,23 +577,6 @@ def _xla_flops(analysis) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def _xla_memory_bytes(compiled) -> int | None:
-    """XLA's static estimate of a step's memory: arguments + outputs + temporaries - aliased."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 (not every backend implements it)
-        return None
-    if stats is None:
-        return None
-    total = (
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        + stats.temp_size_in_bytes
-        - stats.alias_size_in_bytes
-    )
-    return int(total)
-
-
 def _jax_device_peak_bytes() -> int | None:
     import jax
 
@@ -701,7 +684,7 @@ class _JaxRunner:
         import jax
         import numpy as np
 
-        from puzzle_jax import flops
+        from puzzle_jax import flops, training
 
         train_step, state, batch, devices = build_jax_train_step(
             spec.arch,
@@ -739,7 +722,7 @@ class _JaxRunner:
         )
         metrics = carried["metrics"]
         final_loss = float(np.asarray(metrics["loss"])) if metrics is not None else None
-        xla_memory = _xla_memory_bytes(compiled)
+        xla_memory = training.step_memory_bytes(compiled)
         device_peak = _jax_device_peak_bytes()
         carried.clear()
         return {

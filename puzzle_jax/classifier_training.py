@@ -205,12 +205,10 @@ def choose_remat(
         "image_box": jax.ShapeDtypeStruct((global_batch_size, 4), jnp.int32, sharding=placement),
         "labels": jax.ShapeDtypeStruct((global_batch_size, num_classes), jnp.float32, sharding=placement),
     }
-    memory = step.lower(state, batch).compile().memory_analysis()
+    needed = training.step_memory_bytes(step.lower(state, batch).compile())
     del state
-    needed = (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes
-    )
+    if needed is None:
+        return False, {"reason": "the backend gives no memory analysis"}
     remat = sharding.same_on_all_processes(needed > AUTO_REMAT_MEMORY_FRACTION * limit)
     return remat, {"step_bytes_without_remat": int(needed), "device_bytes": int(limit)}
 

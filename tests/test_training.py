@@ -272,3 +272,20 @@ def test_nan_loss_names_the_step(tmp_path):
 
     with pytest.raises(FloatingPointError, match="step 2"):
         _fit(str(tmp_path / "nan"), total_steps=4, compute_loss=nan_after_first_step)
+
+
+def test_step_memory_bytes_is_xla_s_static_estimate():
+    mesh = sharding.create_mesh(1)
+    state, step = _puzzle_step(mesh)
+    compiled = step.lower(state, sharding.host_batch_to_global(_random_batch(), mesh)).compile()
+    memory = compiled.memory_analysis()
+    expected = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                - memory.alias_size_in_bytes)
+    parameter_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+    assert training.step_memory_bytes(compiled) == expected > 2 * parameter_bytes  # parameters + momentum at least
+
+    class NoAnalysis:
+        def memory_analysis(self):
+            raise NotImplementedError
+
+    assert training.step_memory_bytes(NoAnalysis()) is None
