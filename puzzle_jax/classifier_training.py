@@ -197,7 +197,8 @@ def choose_remat(
     limit = sharding.device_memory_limit()
     if limit is None:
         return False, {"reason": "the backend reports no memory limit"}
-    graphdef, state = training.create_train_state(model, optimizer, mesh)
+    # Shapes only: a second copy of the state on the device, while checking whether it fits, could itself not fit.
+    graphdef, state = training.abstract_train_state(model, optimizer, mesh)
     step = training.make_train_step(graphdef, optimizer, compute_loss, mesh)
     placement = sharding.data_sharded(mesh)
     batch = {
@@ -206,7 +207,6 @@ def choose_remat(
         "labels": jax.ShapeDtypeStruct((global_batch_size, num_classes), jnp.float32, sharding=placement),
     }
     needed = training.step_memory_bytes(step.lower(state, batch).compile())
-    del state
     if needed is None:
         return False, {"reason": "the backend gives no memory analysis"}
     remat = sharding.same_on_all_processes(needed > AUTO_REMAT_MEMORY_FRACTION * limit)

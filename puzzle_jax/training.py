@@ -62,8 +62,20 @@ def create_train_state(
         The graph definition the step merges into and the state, already placed on every device of the mesh.
     """
     graphdef, params, batch_stats = split_model(model)
-    replicated = sharding.replicated(mesh)
+    # Created already replicated: the optimizer state is allocated in place on every device.
+    return graphdef, _initial_state_fn(optimizer, mesh)(params, batch_stats)
 
+
+def abstract_train_state(
+    model: nnx.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, TrainState]:
+    """``create_train_state``'s result as shapes, dtypes and shardings only (``jax.ShapeDtypeStruct``), with nothing
+    allocated: enough to lower and compile the step, e.g. to read its memory estimate."""
+    graphdef, params, batch_stats = split_model(model)
+    return graphdef, jax.eval_shape(_initial_state_fn(optimizer, mesh), params, batch_stats)
+
+
+def _initial_state_fn(optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh):
     def initial_state(params, batch_stats):
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -72,9 +84,7 @@ def create_train_state(
             opt_state=optimizer.init(params),
         )
 
-    # Created already replicated: the optimizer state is allocated in place on every device.
-    state = jax.jit(initial_state, out_shardings=replicated)(params, batch_stats)
-    return graphdef, state
+    return jax.jit(initial_state, out_shardings=sharding.replicated(mesh))
 
 
 def make_train_step(

@@ -289,3 +289,21 @@ def test_step_memory_bytes_is_xla_s_static_estimate():
             raise NotImplementedError
 
     assert training.step_memory_bytes(NoAnalysis()) is None
+
+
+def test_abstract_train_state_lowers_the_same_step_as_the_real_state():
+    mesh = sharding.create_mesh(8)
+    model = _tiny_classifier()
+    _, params, _ = training.split_model(model)
+    optimizer = optim.create_optimizer(params, learning_rate=0.1, weight_decay=1e-4, total_steps=10)
+    graphdef, state = training.create_train_state(model, optimizer, mesh)
+    abstract_graphdef, abstract = training.abstract_train_state(model, optimizer, mesh)
+    assert abstract_graphdef == graphdef
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(abstract))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), state) == jax.tree.map(
+        lambda a: (a.shape, a.dtype, a.sharding), abstract
+    )
+    objective = classifier_training.create_puzzle_objective(_puzzle_config(), 10, 16)
+    step = training.make_train_step(graphdef, optimizer, objective, mesh)
+    batch = sharding.host_batch_to_global(_random_batch(), mesh)
+    assert step.lower(abstract, batch).as_text() == step.lower(state, batch).as_text()
