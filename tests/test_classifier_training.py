@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import default
 from puzzle_jax import checkpointing, classifier_training, training
 
 NUM_CLASSES = 4
@@ -28,17 +29,10 @@ class _CountingCamModel(nnx.Module):
 
 
 def _cam_config(**overrides):
-    values = dict(
-        loss_option="cl_pcl_re",
-        grid=2,
-        level="feature",
-        re_loss="l1",
-        re_loss_option="masking",
-        alpha=4.0,
-        alpha_schedule=0.5,
-    )
-    values.update(overrides)
-    return ml_collections.ConfigDict(values)
+    """The default config's Puzzle-CAM settings (the paper's), with ``overrides``."""
+    cam = default.get_config().cam
+    cam.update(overrides)
+    return cam
 
 
 def _soft_margin(logits, labels):

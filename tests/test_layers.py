@@ -196,7 +196,7 @@ def test_batch_norm_sharded_batch_matches_single_device(mode):
 )
 def test_conv_matches_torch(kwargs):
     x = _inputs((2, 9, 11, 4))
-    conv = layers.create_conv(4, 6, rngs=nnx.Rngs(0), **kwargs)
+    conv = layers.Conv2d(4, 6, rngs=nnx.Rngs(0), **kwargs)
     if conv.bias is not None:
         conv.bias.set_value(jnp.arange(6, dtype=jnp.float32))
     weight = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy())

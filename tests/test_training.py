@@ -5,11 +5,11 @@ import signal
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from configs import default
 from puzzle_jax import classifier_training, models, optim, sharding, training
 from puzzle_jax.data import input_pipeline
 
@@ -17,17 +17,8 @@ NUM_CLASSES = 3
 
 
 def _puzzle_config():
-    return ml_collections.ConfigDict(
-        dict(
-            loss_option="cl_pcl_re",
-            grid=2,
-            level="feature",
-            re_loss="l1",
-            re_loss_option="masking",
-            alpha=4.0,
-            alpha_schedule=0.5,
-        )
-    )
+    """The default config's (the paper's) Puzzle-CAM settings."""
+    return default.get_config().cam
 
 
 def _tiny_classifier(seed=0):

@@ -31,7 +31,7 @@ class Classifier(nnx.Module):
         self.num_classes = num_classes
         self.model = backbone
         # torch.nn.init.kaiming_normal_ defaults: fan_in, gain sqrt(2), untruncated normal.
-        self.classifier = layers.create_conv(
+        self.classifier = layers.Conv2d(
             backbone.out_features,
             num_classes,
             1,

@@ -1,4 +1,4 @@
-"""Building blocks with PyTorch semantics: BatchNorm in three modes, conv factory, pooling.
+"""Building blocks with PyTorch semantics: BatchNorm in three modes, convolution, pooling.
 
 This module owns the numerics that must match the authors' PyTorch code exactly:
 
@@ -7,7 +7,7 @@ This module owns the numerics that must match the authors' PyTorch code exactly:
   three modes (``global``, ``per_replica``, ``frozen``; see the class docstring).
 * ``max_pool2d`` / ``avg_pool2d``: padding, ``ceil_mode`` and ``count_include_pad`` exactly as
   ``torch.nn.functional`` defines them (max pooling pads with -inf, not with zeros).
-* ``Conv2d`` / ``create_conv``: torch-style convolution arguments (symmetric padding, dilation, groups) and
+* ``Conv2d``: torch-style convolution arguments (symmetric padding, dilation, groups) and
   torch's Kaiming-normal initialisations.
 
 Parameter-free layers (``ReLU``, ``MaxPool2d``, ``AvgPool2d``) are tiny modules so that they can sit inside an
@@ -162,36 +162,6 @@ class Conv2d(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
-
-
-def create_conv(
-    in_features: int,
-    out_features: int,
-    kernel_size: int | Sequence[int],
-    *,
-    stride: int | Sequence[int] = 1,
-    padding: int | Sequence[int] = 0,
-    dilation: int | Sequence[int] = 1,
-    groups: int = 1,
-    use_bias: bool = False,
-    init_mode: str = "fan_out",
-    dtype=jnp.float32,
-    rngs: nnx.Rngs | KernelInitializer,
-) -> Conv2d:
-    """Creates a ``Conv2d`` from torch-style arguments (see ``Conv2d``)."""
-    return Conv2d(
-        in_features,
-        out_features,
-        kernel_size,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        use_bias=use_bias,
-        init_mode=init_mode,
-        dtype=dtype,
-        rngs=rngs,
-    )
 
 
 class BatchNorm(nnx.Module):

@@ -65,7 +65,7 @@ class SplitAttentionConv(nnx.Module):
         self.radix = radix
         self.channels = channels
         inter_features = max(in_features * radix // REDUCTION_FACTOR, 32)
-        self.conv = layers.create_conv(
+        self.conv = layers.Conv2d(
             in_features,
             channels * radix,
             3,
@@ -77,9 +77,9 @@ class SplitAttentionConv(nnx.Module):
             rngs=rngs,
         )
         self.bn0 = layers.BatchNorm(channels * radix, **bn_kwargs)
-        self.fc1 = layers.create_conv(channels, inter_features, 1, use_bias=True, dtype=dtype, rngs=rngs)
+        self.fc1 = layers.Conv2d(channels, inter_features, 1, use_bias=True, dtype=dtype, rngs=rngs)
         self.bn1 = layers.BatchNorm(inter_features, **bn_kwargs)
-        self.fc2 = layers.create_conv(
+        self.fc2 = layers.Conv2d(
             inter_features, channels * radix, 1, use_bias=True, dtype=dtype, rngs=rngs
         )
 
@@ -111,7 +111,7 @@ class ResNeStBottleneck(nnx.Module):
         rngs: nnx.Rngs | layers.KernelInitializer,
     ):
         out_features = planes * EXPANSION
-        self.conv1 = layers.create_conv(in_features, planes, 1, dtype=dtype, rngs=rngs)
+        self.conv1 = layers.Conv2d(in_features, planes, 1, dtype=dtype, rngs=rngs)
         self.bn1 = layers.BatchNorm(planes, **bn_kwargs)
         use_avd = stride > 1 or is_first
         # avd moves the stride from the conv to a 3x3 AvgPool (padding 1, padding counted in the mean).
@@ -125,14 +125,14 @@ class ResNeStBottleneck(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
-        self.conv3 = layers.create_conv(planes, out_features, 1, dtype=dtype, rngs=rngs)
+        self.conv3 = layers.Conv2d(planes, out_features, 1, dtype=dtype, rngs=rngs)
         self.bn3 = layers.BatchNorm(out_features, **bn_kwargs)
         if downsample:
             self.downsample = nnx.List(
                 [
                     # avg_down: the shortcut pools first (size = stride; 1x1, the identity, when stride is 1).
                     layers.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
-                    layers.create_conv(in_features, out_features, 1, dtype=dtype, rngs=rngs),
+                    layers.Conv2d(in_features, out_features, 1, dtype=dtype, rngs=rngs),
                     layers.BatchNorm(out_features, **bn_kwargs),
                 ]
             )
@@ -179,13 +179,13 @@ class ResNeSt(nnx.Module):
         self.output_stride = output_stride
         self.conv1 = nnx.List(
             [
-                layers.create_conv(3, stem_width, 3, stride=2, padding=1, dtype=dtype, rngs=kernels),
+                layers.Conv2d(3, stem_width, 3, stride=2, padding=1, dtype=dtype, rngs=kernels),
                 layers.BatchNorm(stem_width, **bn_kwargs),
                 layers.ReLU(),
-                layers.create_conv(stem_width, stem_width, 3, padding=1, dtype=dtype, rngs=kernels),
+                layers.Conv2d(stem_width, stem_width, 3, padding=1, dtype=dtype, rngs=kernels),
                 layers.BatchNorm(stem_width, **bn_kwargs),
                 layers.ReLU(),
-                layers.create_conv(stem_width, stem_width * 2, 3, padding=1, dtype=dtype, rngs=kernels),
+                layers.Conv2d(stem_width, stem_width * 2, 3, padding=1, dtype=dtype, rngs=kernels),
             ]
         )
         self.bn1 = layers.BatchNorm(stem_width * 2, **bn_kwargs)

@@ -109,18 +109,18 @@ class Bottleneck(nnx.Module):
         rngs: nnx.Rngs | layers.KernelInitializer,
     ):
         out_features = planes * EXPANSION
-        self.conv1 = layers.create_conv(in_features, planes, 1, dtype=dtype, rngs=rngs)
+        self.conv1 = layers.Conv2d(in_features, planes, 1, dtype=dtype, rngs=rngs)
         self.bn1 = layers.BatchNorm(planes, **bn_kwargs)
-        self.conv2 = layers.create_conv(
+        self.conv2 = layers.Conv2d(
             planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, dtype=dtype, rngs=rngs
         )
         self.bn2 = layers.BatchNorm(planes, **bn_kwargs)
-        self.conv3 = layers.create_conv(planes, out_features, 1, dtype=dtype, rngs=rngs)
+        self.conv3 = layers.Conv2d(planes, out_features, 1, dtype=dtype, rngs=rngs)
         self.bn3 = layers.BatchNorm(out_features, **bn_kwargs)
         if downsample:
             self.downsample = nnx.List(
                 [
-                    layers.create_conv(in_features, out_features, 1, stride=stride, dtype=dtype, rngs=rngs),
+                    layers.Conv2d(in_features, out_features, 1, stride=stride, dtype=dtype, rngs=rngs),
                     layers.BatchNorm(out_features, **bn_kwargs),
                 ]
             )
@@ -173,7 +173,7 @@ class ResNet(nnx.Module):
         bn_kwargs = dict(mode=bn_mode, group_size=bn_group_size, dtype=dtype)
         self.remat = remat
         self.output_stride = output_stride
-        self.conv1 = layers.create_conv(3, base_width, 7, stride=2, padding=3, dtype=dtype, rngs=kernels)
+        self.conv1 = layers.Conv2d(3, base_width, 7, stride=2, padding=3, dtype=dtype, rngs=kernels)
         self.bn1 = layers.BatchNorm(base_width, **bn_kwargs)
         self.maxpool = layers.MaxPool2d(3, 2, 1)
 
