@@ -116,20 +116,26 @@ def main() -> None:
     if args.train_images < args.batch:
         parser.error("--train-images must be at least --batch")
 
+    header = (
+        f"train_cam end to end: {args.arch} {args.dtype}, batch {args.batch}, crop {args.crop}, "
+        f"rescale {args.rescale_min}-{args.rescale_max}\n"
+        f"| grain workers | images/s (median after step {args.skip_steps}) | records | steps | wall s |\n"
+        "|---|---|---|---|---|"
+    )
+    print(header, flush=True)
+    results = []
     with tempfile.TemporaryDirectory(prefix="end_to_end_data_") as scratch:
         data_dir = args.data_dir or scratch
-        results = [run_once(args, int(workers), data_dir) for workers in args.workers.split(",")]
-    print(f"train_cam end to end: {args.arch} {args.dtype}, batch {args.batch}, crop {args.crop}, "
-          f"rescale {args.rescale_min}-{args.rescale_max}")
-    print(f"| grain workers | images/s (median after step {args.skip_steps}) | records | steps | wall s |")
-    print("|---|---|---|---|---|")
-    for result in results:
-        print(f"| {result['workers']} | {result['images_per_second']:.1f} | {result['records']} | {result['steps']} "
-              f"| {result['wall_s']:.0f} |")
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"arguments": vars(args), "results": results}, file, indent=2)
-
+        for workers in args.workers.split(","):
+            # Each row as soon as it is measured: on a time-limited machine a later run may be cut.
+            result = run_once(args, int(workers), data_dir)
+            results.append(result)
+            print(f"| {result['workers']} | {result['images_per_second']:.1f} | {result['records']} "
+                  f"| {result['steps']} | {result['wall_s']:.0f} |", flush=True)
+            if args.json:
+                with open(args.json + ".tmp", "w") as file:
+                    json.dump({"arguments": vars(args), "results": results}, file, indent=2)
+                os.replace(args.json + ".tmp", args.json)
 
 if __name__ == "__main__":
     main()

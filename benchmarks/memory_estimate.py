@@ -61,9 +61,10 @@ def main() -> None:
                 print(f"| {arch} | {args.batch} | {args.size} | {dtype} | {'on' if remat else 'off'} | "
                       f"{result['total_bytes'] / 2**30:.2f} | {result['temp_bytes'] / 2**30:.2f} | "
                       f"{result['compile_s']:.0f} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"backend": results[0]["backend"] if results else None, "results": results}, file, indent=2)
+                if args.json:  # after every row: on a time-limited machine a later compile may be cut
+                    with open(args.json + ".tmp", "w") as file:
+                        json.dump({"backend": result["backend"], "results": results}, file, indent=2)
+                    os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":
