@@ -137,5 +137,6 @@ def main() -> None:
                     json.dump({"arguments": vars(args), "results": results}, file, indent=2)
                 os.replace(args.json + ".tmp", args.json)
 
+
 if __name__ == "__main__":
     main()

@@ -47,7 +47,7 @@ if [ "$limit" -gt 30 ]; then
   timeout "$limit" "$python" benchmarks/end_to_end.py "${end_to_end_args[@]}" --json "$out/end_to_end.json" \
     > "$out/end_to_end.log" 2>&1
   echo "gpu_followup: end to end exited $? after $(($(date +%s) - started)) s" >&2
-  cat "$out/end_to_end.log" | grep -v '^\s*$' | tail -n 8 >&2
+  grep -v '^\s*$' "$out/end_to_end.log" | tail -n 8 >&2
 else
   echo "gpu_followup: end to end skipped: ${limit} s left" >&2
 fi
