@@ -1044,7 +1044,8 @@ def build_torch_train_step(
     device,
     seed: int = 0,
 ):
-    """The authors' step in PyTorch on ``device``, and a synthetic batch (the JAX batch's numbers).
+    """The authors' step in PyTorch on ``device``, and a synthetic batch of normalised-looking float32
+    images (what the authors' loader gives their step; our step gets the loader's uint8 crops).
 
     Args:
       arch: a name ``create_torch_backbone`` accepts.
@@ -1054,7 +1055,6 @@ def build_torch_train_step(
       layout: ``nchw`` or ``channels_last`` (model and images).
       device: a ``torch.device``.
       seed: initialisation and synthetic-data seed.
-      remat: recompute each residual block's activations in the backward pass (``model.remat``).
 
     Returns:
       ``(train_step, images, labels)``; ``train_step(images, labels)`` runs one iteration and

@@ -22,7 +22,8 @@ from puzzle_jax.pipeline import Workdir
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     model_dir = workdir.exported_model("train_cam")
     model, model_config = classifier_training.load_exported_classifier(model_dir)
-    source, _ = datasets.load_split_from_config(config.data, config.infer.split)
+    # Images and image-level labels only: the masks are not decoded.
+    source, _ = datasets.load_split_from_config(config.data, config.infer.split, decode_masks=False)
     # Each process computes its own images' CAMs: a mesh of its own devices, no collective across processes.
     mesh = sharding.create_local_mesh(config.mesh.num_devices)
     forward = cam_inference.create_forward(model, mesh)
