@@ -1,11 +1,62 @@
 """Default configuration: the authors' Puzzle-CAM recipe (spec §1, §4, §5) for ResNet-50 on VOC 2012 + SBD.
 
 Every other config imports this one and overrides fields. Override any field on the command line with
-``--config.section.field=value``.
+``--config.section.field=value``. Each training stage has a section of the same shape (``training_section``):
+``config.pretrain`` and ``config.train_cam``; no stage reads another stage's section.
 """
 
 import ml_collections
 from ml_collections import config_dict
+
+
+def training_section(
+    *,
+    split: str,
+    batch_size: int,
+    epochs: int,
+    learning_rate: float,
+    crop_size: int,
+    rescale_range: tuple[int, int],
+    init_from: str = "",
+) -> ml_collections.ConfigDict:
+    """The settings of one training stage (the driver reads them all; the arguments are the usual differences)."""
+    section = ml_collections.ConfigDict()
+    # Split of config.data.dataset to train on.
+    section.split = split
+    # Exported model (folder) whose backbone initialises training: converted ImageNet weights
+    # (python -m puzzle_jax.weights.convert) or an earlier stage's export; "pretrain" is this workdir's
+    # pretrain/model (train_cam only). Empty = random initialisation.
+    section.init_from = init_from
+    # Also take the head from init_from (it must have the same classes); off for ImageNet weights.
+    section.init_head = False
+    # Global batch size (images per step over all devices and processes).
+    section.batch_size = batch_size
+    # Epochs over the split (steps per epoch = floor(images / batch_size)).
+    section.epochs = epochs
+    # Base learning rate of the pretrained backbone weights (biases x2, head x10, head biases x20).
+    section.learning_rate = learning_rate
+    # Weight decay of weights (biases and BN shifts get none).
+    section.weight_decay = 1e-4
+    # Power of the polynomial learning-rate decay.
+    section.poly_power = 0.9
+    # Nesterov momentum (the authors: on).
+    section.nesterov = True
+    # "authors": their PolyOptimizer's effective momentum (= weight_decay, i.e. almost none; spec §4), which is what
+    # their numbers were produced with; "standard": momentum = momentum.
+    section.momentum_mode = "authors"
+    # Momentum used when momentum_mode is "standard".
+    section.momentum = 0.9
+    # Random crop side of training images (the authors' --image_size).
+    section.crop_size = crop_size
+    # Range of the random long-side rescale before the crop (the authors' --min/--max_image_size).
+    section.rescale_range = rescale_range
+    # Steps between metric records (JSON lines and TensorBoard).
+    section.log_every_steps = 10
+    # Steps between checkpoints (the final step is always saved).
+    section.checkpoint_every_steps = 200
+    # Checkpoints kept on disk.
+    section.max_to_keep = 2
+    return section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,7 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.num_devices = 0
 
     config.data = ml_collections.ConfigDict()
-    # Dataset name: "puzzle_demo" (built-in synthetic set); the VOC/COCO/folder builders come with the datasets issue.
+    # Dataset name: "voc2012_aug" (VOC 2012 + SBD), "coco2014", "voc_folder" (your own data in VOC layout) or
+    # "puzzle_demo" (the built-in synthetic set); see the README's "Datasets".
     config.data.dataset = "voc2012_aug"
     # Folder of a dataset you downloaded (VOCdevkit/VOC2012, the COCO root, or your own VOC-layout folder);
     # unused by the built-in demo set. See the README's "Datasets" section.
@@ -35,12 +87,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.data_dir = "~/tensorflow_datasets"
     # Keyword arguments of the dataset builder (e.g. the demo set's sizes); empty for the defaults.
     config.data.builder_kwargs = ml_collections.ConfigDict()
-    # Split the CAM classifier trains on (VOC: train_aug, 10,582 images).
-    config.data.train_split = "train_aug"
-    # Random crop side of training images (the authors' --image_size).
-    config.data.crop_size = 512
-    # Range of the random long-side rescale before the crop (the authors' --min/--max_image_size).
-    config.data.rescale_range = (320, 640)
     # Host worker processes of the grain loader (0 = in the main process). One worker decodes and augments about
     # 120 images per CPU-second at 512x512 (README, "Host input pipeline throughput") while one H100 trains
     # ResNeSt-101 at 150-170 images/s and ResNet-50 at ~400 (BENCHMARKS.md), so an accelerator host needs several;
@@ -59,11 +105,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.bn_mode = "per_replica"
     # Images per BatchNorm group in "per_replica" mode (32 images over 4 GPUs = 8).
     config.model.bn_group_size = 8
-    # Exported model (folder) whose backbone initialises training: converted ImageNet weights
-    # (python -m puzzle_jax.weights.convert) or the "pretrain" stage's export. Empty = random init.
-    config.model.init_from = ""
-    # Also take the 1x1 classifier head from init_from (it must have the same classes); off for ImageNet weights.
-    config.model.init_head = False
     # Compute dtype of the backbone: "float32" or "bfloat16" (parameters and BN statistics stay float32).
     config.model.dtype = "float32"
     # Rematerialise each residual block in the backward pass: True, False, or "auto" (on when XLA's estimate of the
@@ -87,41 +128,18 @@ def get_config() -> ml_collections.ConfigDict:
     # Fraction of training over which alpha ramps up linearly from 0 (0 = constant alpha).
     config.cam.alpha_schedule = 0.5
 
-    config.train = ml_collections.ConfigDict()
-    # Global batch size (images per step over all devices and processes).
-    config.train.batch_size = 32
-    # Epochs over the training split (steps per epoch = floor(images / batch_size)).
-    config.train.epochs = 15
-    # Base learning rate of the pretrained backbone weights (biases x2, head x10, head biases x20).
-    config.train.learning_rate = 0.1
-    # Weight decay of weights (biases and BN shifts get none).
-    config.train.weight_decay = 1e-4
-    # Power of the polynomial learning-rate decay.
-    config.train.poly_power = 0.9
-    # Nesterov momentum (the authors: on).
-    config.train.nesterov = True
-    # "authors": their PolyOptimizer's effective momentum (= weight_decay, i.e. almost none; spec §4), which is what
-    # their numbers were produced with; "standard": momentum = train.momentum.
-    config.train.momentum_mode = "authors"
-    # Momentum used when momentum_mode is "standard".
-    config.train.momentum = 0.9
-    # Steps between metric records (JSON lines and TensorBoard).
-    config.train.log_every_steps = 10
-    # Steps between checkpoints (the final step is always saved).
-    config.train.checkpoint_every_steps = 200
-    # Checkpoints kept on disk.
-    config.train.max_to_keep = 2
+    # The pretrain stage: classification only, from random weights, on images disjoint from train_cam's split: the
+    # stand-in for ImageNet weights where they cannot be had (the demo). Its split must exist in the dataset.
+    config.pretrain = training_section(
+        split="pretrain", batch_size=32, epochs=10, learning_rate=0.1, crop_size=512, rescale_range=(320, 640)
+    )
 
-    config.pretrain = ml_collections.ConfigDict()
-    # Classification-only pretraining on data.pretrain_split, the stand-in for ImageNet weights on the demo set.
-    # Split used by the "pretrain" stage (images disjoint from train_split).
-    config.pretrain.split = "pretrain"
-    # Epochs of the pretrain stage.
-    config.pretrain.epochs = 10
-    # Global batch size of the pretrain stage.
-    config.pretrain.batch_size = 32
-    # Learning rate of the pretrain stage (every parameter is trained from scratch there).
-    config.pretrain.learning_rate = 0.1
+    # The train_cam stage: the authors' classifier recipe on VOC's train_aug (10,582 images): batch 32, 15 epochs,
+    # lr 0.1, crop 512 after a random long-side rescale to 320-640. Start it from ImageNet weights:
+    # --config.train_cam.init_from=weights/<arch> (README, "Pretrained weights").
+    config.train_cam = training_section(
+        split="train_aug", batch_size=32, epochs=15, learning_rate=0.1, crop_size=512, rescale_range=(320, 640)
+    )
 
     config.infer = ml_collections.ConfigDict()
     # Split whose CAMs are computed and evaluated (the paper reports CAM mIoU on VOC train, 1,464 images).

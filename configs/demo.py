@@ -3,7 +3,7 @@
 ``python -m puzzle_jax.main --config=configs/demo.py`` generates the data on first use, pretrains a tiny ResNet on
 classification (the stand-in for ImageNet weights), trains Puzzle-CAM from that backbone, and scores its CAMs.
 The plain-CAM baseline from the same start: ``--config.stages=train_cam,infer_cam,eval_cam
---config.cam.loss_option=cl --config.model.init_from=<dir>/pretrain/model`` (or ``launch/demo_comparison.sh``).
+--config.cam.loss_option=cl --config.train_cam.init_from=<dir>/pretrain/model`` (or ``launch/demo_comparison.sh``).
 """
 
 from configs import default
@@ -16,12 +16,6 @@ def get_config():
 
     # Built-in synthetic data: objects whose small head is stronger class evidence than their large body.
     config.data.dataset = "puzzle_demo"
-    # The demo's own CAM-training split (its "pretrain" split is disjoint from it).
-    config.data.train_split = "train"
-    # Demo images are 80..128 px, so the crop is scaled down from the paper's 512 ...
-    config.data.crop_size = 128
-    # ... and the random long-side rescale from the paper's 320-640 by the same factor.
-    config.data.rescale_range = (96, 160)
     # The 2-core CPU is busy with the model itself: load in the main process.
     config.data.worker_count = 0
 
@@ -29,26 +23,29 @@ def get_config():
     config.model.arch = "resnet_tiny"
     # One device here, so "global" statistics are the batch's.
     config.model.bn_mode = "global"
-    # train_cam starts from this workdir's pretrain export (the stand-in for converted ImageNet weights).
-    config.model.init_from = "pretrain"
-
-    # Half the paper's batch on one CPU ...
-    config.train.batch_size = 16
-    # ... and half its learning rate (linear scaling; 0.1 made the seed-to-seed spread of Puzzle-CAM ~4 points).
-    config.train.learning_rate = 0.05
-    # The paper's 15 epochs over the 600 training images (555 steps).
-    config.train.epochs = 15
-    # Metrics every 10 steps.
-    config.train.log_every_steps = 10
+    # Classification pretraining: the stand-in for ImageNet weights, on the demo's 1,200 "pretrain" images.
+    # Demo images are 80..128 px, so the crop is scaled down from the paper's 512 and the random long-side rescale
+    # from the paper's 320-640 by the same factor; batch 16 and lr 0.05 on one CPU, 8 epochs (600 steps).
+    config.pretrain = default.training_section(
+        split="pretrain", batch_size=16, epochs=8, learning_rate=0.05, crop_size=128, rescale_range=(96, 160)
+    )
     # A checkpoint every 100 steps (about half a minute of CPU work).
-    config.train.checkpoint_every_steps = 100
+    config.pretrain.checkpoint_every_steps = 100
 
-    # Classification pretraining: 8 epochs over the 1,200 pretrain images.
-    config.pretrain.epochs = 8
-    # Same batch as train_cam.
-    config.pretrain.batch_size = 16
-    # Every layer starts from random weights here.
-    config.pretrain.learning_rate = 0.05
+    # Puzzle-CAM on the demo's 600 "train" images, from this workdir's pretrain export (the stand-in for converted
+    # ImageNet weights): the paper's 15 epochs (555 steps), half its batch on one CPU and half its learning rate
+    # (linear scaling; 0.1 made the seed-to-seed spread of Puzzle-CAM ~4 points), the crop scaled as pretrain's.
+    config.train_cam = default.training_section(
+        split="train",
+        batch_size=16,
+        epochs=15,
+        learning_rate=0.05,
+        crop_size=128,
+        rescale_range=(96, 160),
+        init_from="pretrain",
+    )
+    # A checkpoint every 100 steps.
+    config.train_cam.checkpoint_every_steps = 100
 
     # The paper's inference scales with flip; larger padding buckets mean fewer XLA compilations.
     config.infer.pad_multiple = 64

@@ -1,30 +1,20 @@
-"""Multi-scale + flip CAMs of one image from an exported classifier (spec §5).
+"""Multi-scale + flip CAMs of an exported classifier (spec §5): the CAM arithmetic over the batched-inference
+engine (``batched_inference``), and the ``infer_cam`` stage's loop (``write_cams``).
 
-For each scale the image is resized on the host (PIL bicubic, as the authors), batched as uint8 with its horizontal
-flip and padded up to a multiple of ``pad_multiple`` so that XLA compiles once per size bucket; the forward call
-normalises it on the device (``transforms.normalize_crops``: the host's float32 values bit for bit, zero, the mean
-colour, in the padding). The class maps of the valid region go through ReLU, the flipped map is flipped back and
-added, and the sum over scales is accumulated at two resolutions with bilinear (align_corners=False) resizing: the
-strided map ``(ceil(H/4), ceil(W/4))`` for the random walk and the full-resolution map for evaluation (resized to
-the next multiples of 16, then cropped to ``(H, W)``, as the authors do). Only the image's ground-truth classes are
-kept, each divided by its own spatial maximum (+1e-5).
-
-The host work is what limited inference on a GPU (BENCHMARKS.md), so it resizes the next images on a pool of
-threads (PIL releases the GIL) while the main thread batches and accumulates, writes each scaled uint8 input and its
-flip straight into its bucket's batch (reused from call to call: the boxes, not the stale pixels, say what is
-padding), leaves the normalisation to the device (a quarter of the bytes to copy and transfer), keeps one forward
-call in flight (the next call is dispatched before the previous call's maps are fetched and accumulated, so the
-device does not wait for the host in between), and flips, resizes and sums only the ground-truth classes' maps
-(resizing is per channel, so this changes no value). The results do not depend on the number of threads.
+For each scale the image is resized on the host (PIL bicubic, as the authors) and batched as uint8 with its
+horizontal flip by the engine (size buckets, uint8 inputs normalised on the device, host work on a thread pool, one
+call in flight). The class maps of the valid region go through ReLU, the flipped map is flipped back and added, and
+the sum over scales is accumulated at two resolutions with bilinear (align_corners=False) resizing: the strided map
+``(ceil(H/4), ceil(W/4))`` for the random walk and the full-resolution map for evaluation (resized to the next
+multiples of 16, then cropped to ``(H, W)``, as the authors do). Only the image's ground-truth classes are kept
+(resizing is per channel, so flipping, resizing and summing only those changes no value), each divided by its own
+spatial maximum (+1e-5).
 """
 
 from __future__ import annotations
 
-import collections
 import math
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import cv2
@@ -33,45 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from puzzle_jax import puzzle, sharding
+from puzzle_jax import batched_inference, cam_files, per_image, sharding
 from puzzle_jax.data import transforms
 
 # Added to each class's maximum before dividing, as the authors do, so an all-zero map stays zero.
 NORMALISATION_EPSILON = 1e-5
 
-
-# The network call of inference: (uint8 images (N, H, W, 3), int32 boxes (N, 4)) -> ReLU'd class maps (N, h, w, C),
-# as any array ``np.asarray`` accepts (a jax.Array still being computed, from ``create_forward``). The inputs must
-# not change until ``np.asarray`` of the result has returned.
-Forward = Callable[[np.ndarray, np.ndarray], Any]
+Forward = batched_inference.Forward
 
 
 def create_forward(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> Forward:
-    """Returns ``(images, boxes) -> ReLU'd class maps (N, h, w, C)`` (a ``jax.Array``), jitted once per input shape.
+    """Returns ``(images, boxes) -> ReLU'd class maps (N, h, w, C)`` (``batched_inference.create_forward``)."""
 
-    ``images`` are uint8 ``(N, H, W, 3)``, normalised on the device with zeros outside each image's box ``(top, left,
-    height, width)`` (``transforms.normalize_crops``). With a mesh, the batch is split over its ``'data'`` axis (N
-    must then be a multiple of the device count) and the weights are replicated.
-    """
-    model.eval()
-    graphdef, state = nnx.split(model)
-    if mesh is not None:
-        state = sharding.replicate(state, mesh)
-
-    @jax.jit
-    def forward(state, images, boxes):
-        _, class_maps = nnx.merge(graphdef, state)(transforms.normalize_crops(images, boxes))
+    def relu_class_maps(classifier, images):
+        _, class_maps = classifier(images)
         return jax.nn.relu(class_maps.astype(jnp.float32))
 
-    def run(images: np.ndarray, boxes: np.ndarray) -> jax.Array:
-        if images.dtype != np.uint8:
-            raise ValueError(f"create_forward takes uint8 images (normalised on the device); got {images.dtype}.")
-        arrays = (images, np.asarray(boxes, np.int32))
-        placed = jax.device_put(arrays, sharding.data_sharded(mesh)) if mesh is not None else arrays
-        # Returned while the device may still be computing (``np.asarray`` waits for it).
-        return forward(state, *placed)
-
-    return run
+    return batched_inference.create_forward(model, relu_class_maps, mesh)
 
 
 def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -96,51 +64,28 @@ def _scaled_input(image: np.ndarray, scale: float) -> np.ndarray:
     return transforms.resize_image(image, height, width)
 
 
-def _prefetched(function: Callable, items: Iterable, threads: int) -> Iterator[tuple]:
-    """Yields ``(item, function(item))`` in order, computing up to ``2 * threads`` items ahead on a thread pool."""
-    if threads <= 1:
-        for item in items:
-            yield item, function(item)
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="cam-inputs") as pool:
-        pending: collections.deque = collections.deque()
-        for item in items:
-            pending.append((item, pool.submit(function, item)))
-            if len(pending) >= 2 * threads:
-                ready_item, ready = pending.popleft()
-                yield ready_item, ready.result()
-        while pending:
-            ready_item, ready = pending.popleft()
-            yield ready_item, ready.result()
-
-
-def default_host_threads() -> int:
-    """Threads that prepare inference inputs when none are asked for: the CPU cores, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-class _ImageAccumulator:
+class CamAccumulator:
     """Sums one image's flip-merged maps of its ground-truth classes over scales, at both resolutions."""
 
-    def __init__(self, image: np.ndarray, labels: np.ndarray, pending: int):
+    def __init__(self, image: np.ndarray, labels: np.ndarray, *, flip: bool, output_stride: int):
         self.height, self.width = image.shape[:2]
         self.class_ids = np.flatnonzero(np.asarray(labels) > 0)
-        self.pending = pending
+        self.flip = flip
+        self.output_stride = output_stride
         self.strided_sum = 0.0
         self.full_sum = 0.0
 
-    def add(self, maps: np.ndarray, scaled_size: tuple[int, int], flip: bool, output_stride: int) -> None:
-        valid_height = math.ceil(scaled_size[0] / output_stride)
-        valid_width = math.ceil(scaled_size[1] / output_stride)
+    def add(self, maps: np.ndarray, input_size: tuple[int, int]) -> None:
+        valid_height = math.ceil(input_size[0] / self.output_stride)
+        valid_width = math.ceil(input_size[1] / self.output_stride)
         maps = maps[:, :valid_height, :valid_width, self.class_ids]
-        summed = maps[0] + maps[1][:, ::-1] if flip else maps[0]
+        summed = maps[0] + maps[1][:, ::-1] if self.flip else maps[0]
         self.strided_sum = self.strided_sum + _resize_maps(
             summed, math.ceil(self.height / 4), math.ceil(self.width / 4)
         )
         # The authors upsample to the next multiple of 16 and crop, rather than resizing to (H, W) directly.
         upsampled = _resize_maps(summed, 16 * math.ceil(self.height / 16), 16 * math.ceil(self.width / 16))
         self.full_sum = self.full_sum + upsampled[: self.height, : self.width]
-        self.pending -= 1
 
     def result(self) -> dict[str, np.ndarray]:
         return {
@@ -202,88 +147,92 @@ def iterate_cams(
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """``compute_cams`` for a stream of images, batching inputs of the same padded size across images.
 
-    Each (image, scale) input waits in the queue of its size bucket; a full queue of ``images_per_call`` inputs (with
-    their flips) runs as one forward call. Calls always have the same batch size (unused slots have empty boxes, so
-    they are all zeros), so XLA compiles once per bucket. An image's payload is yielded once all its scales are done.
-
     Args:
       forward: from ``create_forward`` (with a mesh, to spread each call over the devices).
       records: ``(id, uint8 image, multi-hot labels)`` triples.
       scales, flip, pad_multiple, output_stride: as in ``compute_cams``.
-      images_per_call: inputs (images at one scale) per forward call.
+      images_per_call: inputs (images at one scale, with their flips) per forward call.
       batch_multiple: the call's batch size is rounded up to a multiple of this (the number of devices).
-      host_threads: threads that resize the next images' inputs; 0 = ``default_host_threads()``.
+      host_threads: threads that resize the next images' inputs; 0 = the CPU cores, at most 8.
 
     Yields:
       ``(id, payload)`` with the payload of ``compute_cams``, in completion order.
     """
-    multiple = max(pad_multiple, output_stride)
-    per_input = 2 if flip else 1
-    batch_size = -(-images_per_call * per_input // batch_multiple) * batch_multiple
-    # Per size bucket: the uint8 batch being filled and the box of each input in it ((0, 0, height, width); empty for
-    # unused slots: whatever else the reused batch holds becomes zeros on the device), the (image id, scaled size)
-    # of each input, and a spent batch and boxes to fill again (cheaper than faulting in fresh pages).
-    batches: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-    entries: dict[tuple[int, int], list[tuple[str, tuple[int, int]]]] = {}
-    spent: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-    accumulators: dict[str, _ImageAccumulator] = {}
 
-    # One call in flight: a full batch is dispatched (asynchronously on an accelerator) before the previous call's
-    # maps are fetched and accumulated, so the device computes while the host accumulates and fills the next batch.
-    in_flight: list[tuple] = []
+    def prepare(item):
+        image, _ = item
+        inputs = []
+        for scale in scales:
+            scaled = _scaled_input(image, scale)
+            inputs.append((scaled, scaled[:, ::-1]) if flip else (scaled,))
+        return inputs
 
-    def dispatch(bucket) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-        images, boxes = batches.pop(bucket)
-        in_flight.append((bucket, images, boxes, entries.pop(bucket), forward(images, boxes)))
-        if len(in_flight) > 1:
-            yield from collect(in_flight.pop(0))
+    def create_accumulator(item):
+        image, labels = item
+        return CamAccumulator(image, labels, flip=flip, output_stride=output_stride)
 
-    def collect(call) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-        bucket, images, boxes, call_entries, pending_maps = call
-        maps = np.asarray(pending_maps)
-        # Only now, with the call's outputs fetched, may its input buffers be filled again.
-        spent[bucket] = (images, boxes)
-        for position, (image_id, scaled_size) in enumerate(call_entries):
-            accumulator = accumulators[image_id]
-            accumulator.add(maps[position * per_input : (position + 1) * per_input], scaled_size, flip, output_stride)
-            if accumulator.pending == 0:
-                yield image_id, accumulators.pop(image_id).result()
+    return batched_inference.iterate_batched(
+        forward,
+        ((image_id, (image, labels)) for image_id, image, labels in records),
+        prepare=prepare,
+        create_accumulator=create_accumulator,
+        group_size=2 if flip else 1,
+        images_per_call=images_per_call,
+        pad_multiple=max(pad_multiple, output_stride),
+        batch_multiple=batch_multiple,
+        host_threads=host_threads,
+    )
 
-    def scaled_inputs(record):
-        return [_scaled_input(record[1], scale) for scale in scales]
 
-    threads = host_threads or default_host_threads()
-    for (image_id, image, labels), inputs in _prefetched(scaled_inputs, records, threads):
-        if image_id in accumulators:
-            raise ValueError(f"Image id {image_id!r} appears twice in the inference stream.")
-        accumulators[image_id] = _ImageAccumulator(image, labels, pending=len(scales))
-        for scaled in inputs:
-            height, width = scaled.shape[:2]
-            bucket = puzzle.padded_size(height, width, multiple)
-            if bucket not in batches:
-                if bucket in spent:
-                    batches[bucket] = spent.pop(bucket)
-                    batches[bucket][1].fill(0)
-                else:
-                    batches[bucket] = (
-                        np.zeros((batch_size, *bucket, 3), np.uint8),
-                        np.zeros((batch_size, 4), np.int32),
-                    )
-                entries[bucket] = []
-            images, boxes = batches[bucket]
-            slot = len(entries[bucket]) * per_input
-            images[slot, :height, :width] = scaled
-            boxes[slot] = (0, 0, height, width)
-            if flip:
-                images[slot + 1, :height, :width] = scaled[:, ::-1]
-                boxes[slot + 1] = (0, 0, height, width)
-            entries[bucket].append((image_id, (height, width)))
-            if len(entries[bucket]) == images_per_call:
-                yield from dispatch(bucket)
-    for bucket in list(batches):
-        yield from dispatch(bucket)
-    while in_flight:
-        yield from collect(in_flight.pop(0))
+def write_cams(
+    model: nnx.Module,
+    model_config: dict[str, Any],
+    source: Sequence[dict[str, Any]],
+    cam_dir: str,
+    infer: Any,
+    *,
+    num_devices: int,
+) -> dict[str, int]:
+    """Writes the CAM file (``cam_files``) of every image of this process's share of ``source`` that has none.
+
+    Args:
+      model: an exported classifier (``checkpointing.load_exported``).
+      model_config: its model config (for the output stride).
+      source: the split's records (``id``, ``image``, ``labels``).
+      cam_dir: the output folder.
+      infer: ``config.infer`` (scales, flip, padding, inputs per call, host threads).
+      num_devices: devices of this process that each call is split over (0 = all).
+
+    Returns:
+      ``{"written": ..., "skipped_existing": ...}`` for this process.
+    """
+    # Each process computes its own images' CAMs: a mesh of its own devices, no collective across processes.
+    mesh = sharding.create_local_mesh(num_devices)
+    forward = create_forward(model, mesh)
+
+    def compute(records):
+        return iterate_cams(
+            forward,
+            ((record["id"], record["image"], record["labels"]) for record in records),
+            scales=tuple(infer.scales),
+            flip=bool(infer.flip),
+            pad_multiple=int(infer.pad_multiple),
+            output_stride=int(model_config["output_stride"]),
+            images_per_call=int(infer.images_per_call),
+            batch_multiple=mesh.devices.size,
+            host_threads=int(infer.host_threads),
+        )
+
+    def write(path, payload):
+        cam_files.write_cam_file(path, **payload)
+
+    return per_image.write_per_image(
+        source,
+        output_path=lambda image_id: cam_files.path_of(cam_dir, image_id),
+        compute=compute,
+        write=write,
+        description="infer_cam",
+    )
 
 
 def _normalise(maps: np.ndarray) -> np.ndarray:

@@ -5,19 +5,25 @@ Two kinds of artefact live on disk:
 * **Training checkpoints** (``CheckpointManager``, asynchronous, with retention): the training state pytree, the input
     pipeline's iterator state (JSON), so a resumed run continues with the same step, learning rate, alpha and data
     order.
-* **Exported models**: an inference-only checkpoint holding the parameters, the batch statistics and the model part
-    of the config (enough to rebuild the module with ``puzzle_jax.models.create_classifier``), loadable without any
-    training state. Orbax writes to a temporary folder and renames it, so an export is either complete or absent.
+* **Exported models**: an inference-only checkpoint holding the parameters, the batch statistics and the model config
+    (``puzzle_jax.models``' schema: the family and its constructor arguments), loadable without any training state:
+    ``load_exported`` rebuilds any family's model from it, ``initialise_from_export`` copies parts of one (a
+    backbone, a head) into a model about to be trained. Orbax writes to a temporary folder and renames it, so an
+    export is either complete or absent.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from puzzle_jax import models
 
 _ARRAYS = "arrays"
 _MODEL_CONFIG = "model_config"
@@ -183,6 +189,79 @@ def load_exported_model(directory: str, target: Any) -> tuple[Any, Any, dict]:
         ) from error
     arrays = restored[_ARRAYS]
     return arrays["params"], arrays["batch_stats"], dict(restored[_MODEL_CONFIG])
+
+
+def _pure_state(model: nnx.Module) -> dict[str, Any]:
+    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return {"params": nnx.as_pure(params), "batch_stats": nnx.as_pure(batch_stats)}
+
+
+def load_exported(directory: str, *, family: str | None = None) -> tuple[nnx.Module, dict]:
+    """Rebuilds an exported model of any family from its recorded config, with its weights, in evaluation mode.
+
+    Args:
+      directory: an ``export_model`` folder.
+      family: the model family the caller needs (``models.MODEL_FAMILIES``); None takes any.
+
+    Returns:
+      ``(model, model_config)``.
+
+    Raises:
+      FileNotFoundError: ``directory`` is not an export.
+      ValueError: the export is of another family than ``family``.
+    """
+    model_config = load_model_config(directory)
+    if family is not None and models.model_family(model_config) != family:
+        raise ValueError(
+            f"{directory} holds a {models.model_family(model_config)} model; a {family} model is needed here."
+        )
+    # Shapes only: every variable comes from the export, so no time goes into a random initialisation.
+    model = nnx.eval_shape(lambda: models.create_model(model_config, rngs=nnx.Rngs(0)))
+    params, batch_stats, _ = load_exported_model(directory, _pure_state(model))
+    nnx.update(model, params, batch_stats)
+    model.eval()
+    return model, model_config
+
+
+def initialise_from_export(model: nnx.Module, directory: str, parts: Sequence[str], *, field: str) -> None:
+    """Copies the parameters and batch statistics under the top-level attributes ``parts`` of an exported model
+    (e.g. ``("model",)``, the backbone) into ``model``, in place.
+
+    Args:
+      model: the model about to be trained.
+      directory: the export (``models``' schema; converted ImageNet weights are exported classifiers).
+      parts: top-level attributes to copy; a part ``model`` has and the export lacks is an error.
+      field: the config field that named ``directory``, for error messages.
+
+    Raises:
+      FileNotFoundError: ``directory`` is not an export.
+      ValueError: a part's structure or shapes differ from ``model``'s.
+    """
+    if not is_exported_model(directory):
+        raise FileNotFoundError(
+            f"{field}={directory}: not an exported puzzle_jax model (expected the folders '{_ARRAYS}' and "
+            f"'{_MODEL_CONFIG}' inside it). Point {field} at converted weights (python -m puzzle_jax.weights.convert),"
+            " at an exported model folder, or at the name of a training stage of this workdir that has run (e.g. "
+            "'pretrain': add that stage to config.stages)."
+        )
+    source_config = load_model_config(directory)
+    source = nnx.eval_shape(lambda: models.create_model(source_config, rngs=nnx.Rngs(0)))
+    loaded = load_exported_model(directory, _pure_state(source))[:2]
+    own = _pure_state(model)
+    for part in parts:
+        for name, loaded_tree in zip(("params", "batch_stats"), loaded):
+            if part not in own[name]:
+                continue
+            own_shapes = jax.tree.map(np.shape, own[name][part])
+            loaded_shapes = jax.tree.map(np.shape, loaded_tree[part]) if part in loaded_tree else None
+            if own_shapes != loaded_shapes:
+                raise ValueError(
+                    f"{field}={directory}: its {name} under '{part}' do not match the model being trained "
+                    f"(exported {models.model_family(source_config)} of arch {source_config.get('arch')!r}, "
+                    f"{source_config.get('num_classes')} classes)."
+                )
+            own[name][part] = loaded_tree[part]
+    nnx.update(model, own["params"], own["batch_stats"])
 
 
 def _check_export(directory: str) -> None:

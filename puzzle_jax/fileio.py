@@ -37,6 +37,12 @@ def write_json(path: str, payload: Any) -> None:
         handle.write("\n")
 
 
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` atomically."""
+    with atomic_path(path) as temporary, open(temporary, "w") as handle:
+        handle.write(text)
+
+
 def read_json(path: str) -> Any:
     with open(path) as handle:
         return json.load(handle)

@@ -14,7 +14,7 @@ import time
 import jax
 import ml_collections
 
-from puzzle_jax import fileio, sharding
+from puzzle_jax import fileio, sharding, training
 
 # Stage name -> module. Order here is the pipeline order; config.stages picks a subsequence.
 STAGES: dict[str, str] = {
@@ -26,10 +26,24 @@ STAGES: dict[str, str] = {
 
 
 class Workdir:
-    """Paths of every artefact of a run, relative to its root folder."""
+    """Paths of every artefact of a run, relative to its root folder: the only code that composes them.
+
+    ``<root>/config.txt`` and one folder per stage, holding its ``summary.json`` and what the stage writes:
+
+    * a training stage (``pretrain``, ``train_cam``, and the coming ``train_aff``, ``train_seg``): ``checkpoints/``,
+      ``metrics.jsonl``, ``tensorboard/`` and the exported ``model/`` (``training``);
+    * ``infer_cam/cams/<id>.npz``: the CAM files (``cam_files``), scored by ``eval_cam``, which draws
+      ``eval_cam/gallery/``;
+    * the refinement and segmentation stages' folders: ``aff_labels/labels/``, ``infer_rw/rw/``,
+      ``pseudo_labels/labels/`` (label PNGs or CAM-format files, one per image) and ``infer_seg/predictions/``.
+    """
 
     def __init__(self, root: str):
         self.root = os.path.abspath(os.path.expanduser(root))
+
+    def config_file(self) -> str:
+        """The resolved config of the run, as text."""
+        return os.path.join(self.root, "config.txt")
 
     def stage_dir(self, stage: str) -> str:
         return os.path.join(self.root, stage)
@@ -37,13 +51,48 @@ class Workdir:
     def summary_path(self, stage: str) -> str:
         return os.path.join(self.stage_dir(stage), "summary.json")
 
+    def training(self, stage: str) -> training.TrainingPaths:
+        """Where a training stage keeps its checkpoints, metrics and exported model."""
+        stage_dir = self.stage_dir(stage)
+        return training.TrainingPaths(
+            checkpoints=os.path.join(stage_dir, "checkpoints"),
+            metrics=os.path.join(stage_dir, "metrics.jsonl"),
+            tensorboard=os.path.join(stage_dir, "tensorboard"),
+            export=self.exported_model(stage),
+        )
+
     def exported_model(self, stage: str) -> str:
         """The inference-only model a training stage exports when it finishes."""
         return os.path.join(self.stage_dir(stage), "model")
 
+    def resolve_init_from(self, value: str) -> str:
+        """An ``init_from`` setting as a folder: a stage's name (``"pretrain"``) stands for that stage's export in
+        this workdir; anything else is a path (``""``: none)."""
+        return self.exported_model(value) if value in STAGES else value
+
+    def gallery_dir(self, stage: str) -> str:
+        """The HTML gallery (``index.html`` and its pictures) an evaluation stage draws."""
+        return os.path.join(self.stage_dir(stage), "gallery")
+
     def cam_dir(self) -> str:
         """One ``<image id>.npz`` per image (``keys``, ``cam``, ``hr_cam``), written by ``infer_cam``."""
         return os.path.join(self.stage_dir("infer_cam"), "cams")
+
+    def affinity_label_dir(self) -> str:
+        """One ``<image id>.png`` per image: the affinity labels ``aff_labels`` writes and ``train_aff`` reads."""
+        return os.path.join(self.stage_dir("aff_labels"), "labels")
+
+    def random_walk_dir(self) -> str:
+        """One ``<image id>.npz`` per image (``keys``, ``rw``), written by ``infer_rw``."""
+        return os.path.join(self.stage_dir("infer_rw"), "rw")
+
+    def pseudo_label_dir(self) -> str:
+        """One ``<image id>.png`` per image: the pseudo labels ``pseudo_labels`` writes and ``train_seg`` reads."""
+        return os.path.join(self.stage_dir("pseudo_labels"), "labels")
+
+    def segmentation_dir(self) -> str:
+        """One ``<image id>.png`` per image: the segmenter's predictions, written by ``infer_seg``."""
+        return os.path.join(self.stage_dir("infer_seg"), "predictions")
 
 
 def check_stages(stages: list[str] | tuple[str, ...]) -> list[str]:
@@ -64,8 +113,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dic
     layout = Workdir(workdir)
     os.makedirs(layout.root, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(layout.root, "config.txt"), "w") as handle:
-            handle.write(str(config))
+        fileio.write_text(layout.config_file(), str(config))
     summaries = {}
     for name in stages:
         _announce(f"[{name}] starting (workdir {layout.root})")

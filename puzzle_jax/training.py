@@ -12,6 +12,7 @@ module in training mode, ``batch`` a dict of global arrays and ``metrics`` a dic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,23 @@ from flax import nnx
 from puzzle_jax import checkpointing, sharding
 
 LossFunction = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPaths:
+    """Where a training run writes (``pipeline.Workdir.training`` lays them out in a workdir).
+
+    Attributes:
+      checkpoints: folder of the Orbax training checkpoints (numbered step folders).
+      metrics: the JSON-lines file of the logged scalars.
+      tensorboard: folder of the TensorBoard event files.
+      export: folder of the exported inference-only model.
+    """
+
+    checkpoints: str
+    metrics: str
+    tensorboard: str
+    export: str
 
 
 @flax.struct.dataclass
@@ -134,17 +152,17 @@ def step_memory_bytes(compiled) -> int | None:
 
 
 class MetricsWriter:
-    """Writes scalar metrics as JSON lines and TensorBoard events (process 0 only)."""
+    """Writes scalar metrics as JSON lines (appended to ``metrics_path``) and TensorBoard events (process 0 only)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, metrics_path: str, tensorboard_dir: str):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        os.makedirs(directory, exist_ok=True)
-        self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+        os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
+        self._jsonl = open(metrics_path, "a")
         from tensorboardX import SummaryWriter  # Imported lazily: only process 0 writes events.
 
-        self._tensorboard = SummaryWriter(logdir=os.path.join(directory, "tensorboard"))
+        self._tensorboard = SummaryWriter(logdir=tensorboard_dir)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -193,7 +211,7 @@ def fit(
     loader: Iterable,
     total_steps: int,
     mesh: jax.sharding.Mesh,
-    workdir: str,
+    paths: TrainingPaths,
     checkpoint_every_steps: int,
     log_every_steps: int,
     description: str,
@@ -201,7 +219,7 @@ def fit(
     max_to_keep: int = 2,
     stop_after_steps: int | None = None,
 ) -> tuple[nnx.GraphDef, TrainState, dict]:
-    """Trains ``model`` for ``total_steps``, resuming from ``workdir/checkpoints`` when a checkpoint is there.
+    """Trains ``model`` for ``total_steps``, resuming from ``paths.checkpoints`` when a checkpoint is there.
 
     Args:
         model: the NNX module, already initialised (pretrained weights loaded) and in training mode.
@@ -210,7 +228,7 @@ def fit(
         loader: a grain loader; its iterator's ``get_state``/``set_state`` are checkpointed with the model.
         total_steps: number of optimisation steps of the whole run.
         mesh: the data-parallel mesh.
-        workdir: the stage's folder: ``checkpoints/`` and ``metrics.jsonl``/TensorBoard events go there.
+        paths: where checkpoints, metrics and TensorBoard events go (``paths.export`` is not written here).
         checkpoint_every_steps: checkpoint period; the last step is always saved.
         log_every_steps: how often metrics are fetched from the device and written.
         description: progress-bar label.
@@ -229,7 +247,7 @@ def fit(
 
     graphdef, state = create_train_state(model, optimizer, mesh)
     checkpointer = checkpointing.TrainingCheckpointer(
-        os.path.join(workdir, "checkpoints"),
+        paths.checkpoints,
         save_every_steps=checkpoint_every_steps,
         max_to_keep=max_to_keep,
     )
@@ -241,7 +259,7 @@ def fit(
         if data_state and "iterator" in data_state:
             iterator.set_state(data_state["iterator"].encode())
     train_step = make_train_step(graphdef, optimizer, compute_loss, mesh)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(paths.metrics, paths.tensorboard)
     schedules = scalar_schedules or {}
     summary: dict = {"start_step": start_step, "total_steps": total_steps}
     progress = tqdm(

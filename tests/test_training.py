@@ -10,8 +10,10 @@ import pytest
 from flax import nnx
 
 from configs import default
-from puzzle_jax import classifier_training, models, optim, sharding, training
+from puzzle_jax import models, optim, pipeline, sharding, training
 from puzzle_jax.data import input_pipeline
+from puzzle_jax.tasks import base as task_base
+from puzzle_jax.tasks import classifier as classifier_task
 
 NUM_CLASSES = 3
 
@@ -42,7 +44,7 @@ def _puzzle_step(mesh):
     model = _tiny_classifier()
     _, params, _ = training.split_model(model)
     optimizer = optim.create_optimizer(params, learning_rate=0.1, weight_decay=1e-4, total_steps=10)
-    objective = classifier_training.create_puzzle_objective(_puzzle_config(), 10, 16)
+    objective = classifier_task.create_puzzle_objective(_puzzle_config(), 10, 16)
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     return state, training.make_train_step(graphdef, optimizer, objective, mesh)
 
@@ -78,7 +80,7 @@ def test_the_step_compiles_once_for_a_stream_of_loader_batches():
     mesh = sharding.create_mesh(8)
     state, step = _puzzle_step(mesh)
     iterator = iter(input_pipeline.create_train_loader(
-        _FakeSource(), global_batch_size=8, crop_size=64, rescale_range=(48, 80), seed=1
+        _FakeSource(), transform=_augmentation(), global_batch_size=8, seed=1
     ))
     for _ in range(3):
         host_batch = next(iterator)
@@ -132,6 +134,10 @@ class _SmallCamModel(nnx.Module):
         return class_maps.mean(axis=(1, 2)), class_maps
 
 
+def _augmentation():
+    return input_pipeline.ClassifierAugmentation(crop_size=64, rescale_range=(48, 80))
+
+
 class _FakeSource:
     """A tiny in-memory split with the record layout of data.datasets."""
 
@@ -167,12 +173,10 @@ def _fit(workdir, *, total_steps, stop_after_steps=None, loader_hook=None, compu
     model.train()
     _, params, _ = training.split_model(model)
     optimizer = optim.create_optimizer(params, learning_rate=0.05, weight_decay=1e-4, total_steps=total_steps)
-    objective = compute_loss or classifier_training.create_puzzle_objective(
+    objective = compute_loss or classifier_task.create_puzzle_objective(
         _puzzle_config(), total_steps, _SmallCamModel.OUTPUT_STRIDE
     )
-    loader = input_pipeline.create_train_loader(
-        _FakeSource(), global_batch_size=4, crop_size=64, rescale_range=(48, 80), seed=5
-    )
+    loader = input_pipeline.create_train_loader(_FakeSource(), transform=_augmentation(), global_batch_size=4, seed=5)
     if loader_hook is not None:
         loader = loader_hook(loader)
     return training.fit(
@@ -182,7 +186,7 @@ def _fit(workdir, *, total_steps, stop_after_steps=None, loader_hook=None, compu
         loader=loader,
         total_steps=total_steps,
         mesh=mesh,
-        workdir=workdir,
+        paths=pipeline.Workdir(workdir).training("test"),
         checkpoint_every_steps=4,
         log_every_steps=1,
         description="test",
@@ -193,7 +197,7 @@ def _fit(workdir, *, total_steps, stop_after_steps=None, loader_hook=None, compu
 def _metrics_by_step(workdir):
     import json
 
-    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+    with open(pipeline.Workdir(workdir).training("test").metrics) as handle:
         records = [json.loads(line) for line in handle]
     return {record["step"]: record for record in records}
 
@@ -251,13 +255,14 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     workdir = str(tmp_path / "run")
     with pytest.raises(training.Preempted, match="step 2 of 6"):
         _fit(workdir, total_steps=6, loader_hook=SendTermAtSecondBatch)
-    saved_steps = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+    checkpoints = pipeline.Workdir(workdir).training("test").checkpoints
+    saved_steps = [int(name) for name in os.listdir(checkpoints) if name.isdigit()]
     assert max(saved_steps) == 2  # saved at the step the signal arrived, although 2 is not yet due
 
 
 def test_nan_loss_names_the_step(tmp_path):
     def nan_after_first_step(model, batch, step):
-        logits, _ = model(classifier_training.batch_images(batch))
+        logits, _ = model(task_base.batch_images(batch))
         loss = jnp.mean(logits) * 0.0 + jnp.where(step >= 1, jnp.nan, 1.0)
         return loss, {}
 
@@ -294,7 +299,7 @@ def test_abstract_train_state_lowers_the_same_step_as_the_real_state():
     assert jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), state) == jax.tree.map(
         lambda a: (a.shape, a.dtype, a.sharding), abstract
     )
-    objective = classifier_training.create_puzzle_objective(_puzzle_config(), 10, 16)
+    objective = classifier_task.create_puzzle_objective(_puzzle_config(), 10, 16)
     step = training.make_train_step(graphdef, optimizer, objective, mesh)
     batch = sharding.host_batch_to_global(_random_batch(), mesh)
     assert step.lower(abstract, batch).as_text() == step.lower(state, batch).as_text()

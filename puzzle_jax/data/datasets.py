@@ -14,6 +14,10 @@ uses:
 
 To add a dataset, write a builder module that exposes `create_builder(*, data_dir, **kwargs)`
 returning a tfds builder with a `class_names` property, and add it to `DATASET_BUILDERS`.
+
+`LabelFolderRecords` joins a split's images with a folder of label PNGs that an earlier stage
+wrote (pseudo labels, affinity labels), by image id: the label maps the segmentation and affinity
+tasks train on.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from puzzle_jax import sharding
+from puzzle_jax import labels, sharding
 from puzzle_jax.data import coco, demo, voc, voc_folder
 
 # Name (the value of config.data.dataset) -> builder factory taking data_dir and builder options.
@@ -99,18 +103,88 @@ class DecodedRecords(Sequence):
     def __repr__(self) -> str:
         return f"DecodedRecords({self._data_source!r})"
 
+    def ids(self) -> list[str]:
+        """Every record's id, in record order, read without decoding any image (when the split was opened through
+        the registry; else by decoding each record)."""
+        if self._opened_with is None:
+            return [record["id"] for record in self]
+        name, split, data_dir, builder_kwargs, _ = self._opened_with
+        builder = create_builder(name, data_dir=data_dir, **builder_kwargs)
+        skip = tfds.decode.SkipDecoding()
+        raw = builder.as_data_source(split, decoders={"image": skip, "mask": skip})
+        return [_decode_id(raw[index]["id"]) for index in range(len(raw))]
+
+
+class LabelFolderRecords(Sequence):
+    """A split's records whose ``mask`` is the label PNG ``<label_dir>/<id>.png`` written by an earlier stage.
+
+    The images and image-level labels come from ``source`` (opened without its own masks); the label maps from the
+    folder, read with the VOC palette rules (``0`` background, ``1..C`` classes, ``255`` ignored). Picklable for grain
+    workers, like ``source``.
+
+    Args:
+      source: a split's ``DecodedRecords``.
+      label_dir: folder of ``<id>.png`` label maps.
+      num_classes: foreground classes C (a value above C that is not 255 is an error naming the file).
+      produced_by: what writes the folder (e.g. "the pseudo_labels stage"), for the error messages.
+
+    Raises:
+      FileNotFoundError: the folder is missing, or some ids of the split have no label map (the count and the first
+        missing files are named).
+    """
+
+    def __init__(self, source: DecodedRecords, label_dir: str, num_classes: int, *, produced_by: str):
+        self._source = source
+        self.label_dir = os.path.abspath(os.path.expanduser(label_dir))
+        self.num_classes = int(num_classes)
+        self.produced_by = produced_by
+        if not os.path.isdir(self.label_dir):
+            raise FileNotFoundError(f"{self.label_dir}: no such label folder; it is written by {produced_by}.")
+        present = {name[: -len(".png")] for name in os.listdir(self.label_dir) if name.endswith(".png")}
+        missing = [image_id for image_id in source.ids() if image_id not in present]
+        if missing:
+            first = ", ".join(self.label_path(image_id) for image_id in missing[:3])
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(source)} images have no label map in {self.label_dir} (first: {first}); "
+                f"it is written by {produced_by}: run it (again) for this split."
+            )
+
+    def label_path(self, image_id: str) -> str:
+        return os.path.join(self.label_dir, f"{image_id}.png")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._source[index]
+        path = self.label_path(record["id"])
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: the label map of image {record['id']!r} is missing ({self.produced_by}).")
+        mask = labels.read_label_png(path, self.num_classes)
+        if mask.shape != record["image"].shape[:2]:
+            raise ValueError(
+                f"{path}: label map of size {mask.shape[0]}x{mask.shape[1]} for image {record['id']!r} of size "
+                f"{record['image'].shape[0]}x{record['image'].shape[1]}."
+            )
+        return {**record, "mask": mask}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index in range(len(self)):
+            yield self[index]
+
+
+def _decode_id(example_id: Any) -> str:
+    return str(example_id.decode("utf-8") if isinstance(example_id, bytes) else example_id)
+
 
 def decode_record(record: Mapping[str, Any], *, decode_mask: bool = True) -> dict[str, Any]:
     """Converts one tfds numpy record to the project's layout (see the module docstring).
 
     With ``decode_mask=False`` the record (read with the mask's decoding skipped) has no ``mask``.
     """
-    example_id = record["id"]
-    if isinstance(example_id, bytes):
-        example_id = example_id.decode("utf-8")
     decoded = {
         "image": np.asarray(record["image"], np.uint8),
-        "id": str(example_id),
+        "id": _decode_id(record["id"]),
         "labels": np.asarray(record["labels"], np.float32),
     }
     if decode_mask:

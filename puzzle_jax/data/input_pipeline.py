@@ -1,14 +1,22 @@
-"""Host input pipelines: the grain train loader, the per-image eval iterator, steps per epoch.
+"""Host input pipelines: the grain train loader and its per-task transforms, the per-image eval iterator, steps
+per epoch.
 
 This module owns how records of a split (see `datasets.load_split`) become what a stage consumes:
 
-* `create_train_loader`: a grain `DataLoader` that shuffles, shards across JAX processes, augments
-  (spec §4, `transforms.train_crop`: uint8 crops, normalised later on the device by
-  `transforms.normalize_crops`) and batches. Its iterator's state
-  (`get_state`/`set_state`, checkpointable by Orbax) makes a resumed run see exactly the data order
-  of an uninterrupted one.
+* `create_train_loader`: a grain `DataLoader` that shuffles, shards across JAX processes, applies
+  the training task's random transform and batches. Its iterator's state (`get_state`/`set_state`,
+  checkpointable by Orbax) makes a resumed run see exactly the data order of an uninterrupted one.
+* the transforms of the training tasks (grain random maps), all built on `transforms.train_crop`
+  (spec §4: rescale, flip, crop, with uint8 crops normalised later on the device by
+  `transforms.normalize_crops`): `ClassifierAugmentation` (image-level labels),
+  `SegmentationAugmentation` (the label map cropped with the image, 255 outside it) and
+  `AffinityAugmentation` (the same, then the label map reduced to the network's stride-4 grid).
 * `iterate_eval`: single images, normalised but unpadded, sharded so that every example is seen by
   exactly one process.
+
+The images stay uint8 up to the device: normalising on the host would make every batch four times
+larger to stack, to hand from a worker process to the main one and to copy to the device, and cost
+the workers a float pass over every pixel.
 """
 
 from __future__ import annotations
@@ -22,35 +30,62 @@ import numpy as np
 from puzzle_jax.data import transforms
 
 
-class TrainAugmentation(grain.RandomMapTransform):
-    """The classifier augmentation as a grain random map: record -> {image, image_box, labels}.
+class ClassifierAugmentation(grain.RandomMapTransform):
+    """The classifier augmentation: record -> {image, image_box, labels}.
 
-    The image stays uint8 (see `transforms.train_crop`): normalising on the host would make every
-    batch four times larger to stack, to hand from a worker process to the main one and to copy
-    to the device, and cost the workers a float pass over every pixel. The mask and id are
-    dropped: the classifier sees only image-level labels, and masks of varied sizes could not be
-    batched anyway.
+    The mask and id are dropped: the classifier sees only image-level labels (and masks of varied
+    sizes could not be batched anyway).
     """
 
     def __init__(self, *, crop_size: int, rescale_range: tuple[int, int]):
-        self.crop_size = crop_size
+        self.crop_size = int(crop_size)
         self.rescale_range = (int(rescale_range[0]), int(rescale_range[1]))
 
-    def random_map(
-        self, element: dict[str, Any], rng: np.random.Generator
-    ) -> dict[str, np.ndarray]:
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         image, _, box = transforms.train_crop(
-            element["image"],
-            None,
-            crop_size=self.crop_size,
-            rescale_range=self.rescale_range,
-            rng=rng,
+            element["image"], None, crop_size=self.crop_size, rescale_range=self.rescale_range, rng=rng
+        )
+        return {"image": image, "image_box": box, "labels": np.asarray(element["labels"], np.float32)}
+
+
+class SegmentationAugmentation(ClassifierAugmentation):
+    """Image and label map augmented together: record -> {image, image_box, mask, labels}.
+
+    The mask is rescaled by nearest neighbour, flipped and cropped with the image, and is 255
+    (ignored) wherever the crop holds no image pixel (spec §9: DeepLab's training data).
+    """
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if "mask" not in element:
+            raise ValueError(
+                f"Record {element.get('id')!r} has no label map; a segmentation or affinity task needs one "
+                "(open the split with its masks, or join it with a label folder)."
+            )
+        image, mask, box = transforms.train_crop(
+            element["image"], element["mask"], crop_size=self.crop_size, rescale_range=self.rescale_range, rng=rng
         )
         return {
             "image": image,
             "image_box": box,
+            "mask": mask,
             "labels": np.asarray(element["labels"], np.float32),
         }
+
+
+class AffinityAugmentation(SegmentationAugmentation):
+    """`SegmentationAugmentation`, then the label map reduced to the edge network's grid by nearest
+    neighbour (spec §8: a 512 crop's labels become 128 x 128 at stride 4)."""
+
+    def __init__(self, *, crop_size: int, rescale_range: tuple[int, int], label_stride: int = 4):
+        super().__init__(crop_size=crop_size, rescale_range=rescale_range)
+        if crop_size % label_stride:
+            raise ValueError(f"crop_size={crop_size} must be a multiple of the label stride {label_stride}.")
+        self.label_stride = int(label_stride)
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        example = super().random_map(element, rng)
+        example["mask"] = transforms.downscale_labels(example["mask"], self.label_stride)
+        return example
 
 
 def _validate_process(process_index: int, process_count: int) -> None:
@@ -64,9 +99,8 @@ def _validate_process(process_index: int, process_count: int) -> None:
 def create_train_loader(
     source: Sequence[dict[str, Any]],
     *,
+    transform: grain.RandomMapTransform,
     global_batch_size: int,
-    crop_size: int,
-    rescale_range: tuple[int, int],
     seed: int,
     num_epochs: int | None = None,
     process_index: int = 0,
@@ -78,14 +112,15 @@ def create_train_loader(
 
     Each process reads its own contiguous shard of the split (shards are equal: the remainder of
     len(source) / process_count is dropped so that all processes run the same number of steps) and
-    produces batches of global_batch_size // process_count images. Randomness (shuffle order and
+    produces batches of global_batch_size // process_count examples. Randomness (shuffle order and
     augmentation) is a function of `seed` and the position in the stream only.
 
     Args:
-      source: random-access records with `image` uint8 (H, W, 3) and `labels` (C,).
-      global_batch_size: images per step over all processes; divisible by process_count.
-      crop_size: side of the square training crop.
-      rescale_range: inclusive (min, max) of the random long side (spec §4).
+      source: random-access records with `image` uint8 (H, W, 3) and `labels` (C,) (and `mask`
+        for the segmentation and affinity transforms).
+      transform: the task's per-example random transform (`ClassifierAugmentation`, ...); every
+        example it returns must have the same shapes.
+      global_batch_size: examples per step over all processes; divisible by process_count.
       seed: shuffle and augmentation seed (non-negative, 32 bits).
       num_epochs: passes over the data; None repeats forever (reshuffled every epoch).
       process_index: this process (jax.process_index()).
@@ -95,11 +130,12 @@ def create_train_loader(
       drop_remainder: drop the last incomplete batch (with num_epochs=None there is none).
 
     Returns:
-      A grain DataLoader; iterate it (`iter(loader)`) for batches {"image": uint8 (b, crop, crop,
-      3), "image_box": int32 (b, 4), "labels": float32 (b, C)} with b = global_batch_size //
-      process_count: unnormalised crops and the (top, left, height, width) of each image on its
-      crop (`transforms.normalize_crops` turns both into the normalised float32 batch). The
-      iterator has `get_state()` / `set_state()`.
+      A grain DataLoader; iterate it (`iter(loader)`) for batches of the transform's examples
+      stacked to b = global_batch_size // process_count (with `ClassifierAugmentation`:
+      {"image": uint8 (b, crop, crop, 3), "image_box": int32 (b, 4), "labels": float32 (b, C)}:
+      unnormalised crops and the (top, left, height, width) of each image on its crop, which
+      `transforms.normalize_crops` turns into the normalised float32 batch). The iterator has
+      `get_state()` / `set_state()`.
 
     Raises:
       ValueError: for a batch size that is not a positive multiple of process_count, bad process
@@ -130,7 +166,7 @@ def create_train_loader(
         seed=seed,
     )
     operations = [
-        TrainAugmentation(crop_size=crop_size, rescale_range=rescale_range),
+        transform,
         grain.Batch(batch_size=per_process_batch, drop_remainder=drop_remainder),
     ]
     return grain.DataLoader(
@@ -140,6 +176,17 @@ def create_train_loader(
         worker_count=worker_count,
         shard_options=shard_options,
     )
+
+
+def batch_spec(
+    source: Sequence[dict[str, Any]], transform: grain.RandomMapTransform, global_batch_size: int
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The global batch's ``name -> (shape, dtype)`` that `create_train_loader` would produce, from the transform
+    of the split's first record (the transforms give every example the same shapes)."""
+    example = transform.random_map(source[0], np.random.default_rng(0))
+    return {
+        name: ((global_batch_size, *np.shape(value)), np.asarray(value).dtype) for name, value in example.items()
+    }
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:

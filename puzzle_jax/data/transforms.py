@@ -321,6 +321,17 @@ def eval_transform(
     return padded_image, padded_mask
 
 
+def downscale_labels(label_map: np.ndarray, factor: int) -> np.ndarray:
+    """Reduces a label map by an integer ``factor`` with nearest neighbour (PIL), as the authors reduce a 512 crop's
+    affinity labels to the 128 x 128 stride-4 grid (spec §8): output pixel ``i`` takes input pixel
+    ``factor * i + factor // 2``."""
+    height, width = label_map.shape
+    if factor < 1 or height % factor or width % factor:
+        raise ValueError(f"A {height}x{width} label map cannot be reduced by a factor of {factor}.")
+    size = (width // factor, height // factor)
+    return np.asarray(Image.fromarray(np.asarray(label_map, np.uint8)).resize(size, Image.Resampling.NEAREST))
+
+
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resizes a uint8 RGB image to (height, width) with PIL bicubic, as the authors (spec §5)."""
     if image.shape[:2] == (height, width):

@@ -1,4 +1,4 @@
-"""Printed tables of evaluation results (per-class IoU and the threshold sweep)."""
+"""Printed tables and JSON summaries of evaluation results (per-class IoU and the threshold sweep)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,18 @@ def format_sweep_table(class_names: Sequence[str], result: dict, *, title: str =
         + "  ".join(f"{t:.2f}:{m:.1f}" for t, m in zip(result["thresholds"], result["per_threshold_miou"]))
     )
     return "\n".join(lines)
+
+
+def sweep_summary(class_names: Sequence[str], result: dict) -> dict:
+    """The JSON summary of a ``ThresholdSweep.result()``: ``miou``, ``best_threshold``, ``per_class_iou`` and
+    ``per_threshold_miou`` keyed by class name and threshold (absent classes as None), ``num_images``."""
+    return {
+        "miou": result["miou"],
+        "best_threshold": result["best_threshold"],
+        "per_class_iou": dict(zip(class_names, ious_for_json(result["per_class_iou"]))),
+        "per_threshold_miou": dict(zip(map(str, result["thresholds"]), result["per_threshold_miou"])),
+        "num_images": result["num_images"],
+    }
 
 
 def format_label_table(class_names: Sequence[str], result: dict, *, title: str = "Label mIoU") -> str:

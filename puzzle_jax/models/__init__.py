@@ -1,17 +1,27 @@
-"""Model library: backbones (ResNet, ResNeSt) and the Puzzle-CAM classifier, created by name.
+"""Model library: backbones (ResNet, ResNeSt) and the model families built on them, created by name or from a
+model config.
 
 Public API:
   * ``create_backbone(arch, *, output_stride=16, bn_mode="frozen", bn_group_size=None, dtype=jnp.float32,
     remat=False, rngs)``: an NNX module mapping an NHWC batch to ``{"stage1": ..., ..., "stage5": ...}``.
   * ``create_classifier(arch, num_classes, *, rngs, <create_backbone's keywords>)``: a ``Classifier`` whose call returns
     ``(logits (B, C), class_maps (B, h, w, C))``.
-  * ``ARCHITECTURES``, ``OUTPUT_STRIDES``, ``BN_MODES``: the accepted values.
+  * **Model configs**, the schema an exported model records (``checkpointing.export_model``) and from which any
+    model is rebuilt: a JSON-serialisable dict whose ``family`` field names the model family (``MODEL_FAMILIES``)
+    and whose other fields are that family's constructor arguments. ``classifier_config(...)`` writes (and checks)
+    one for the Puzzle-CAM classifier; ``create_model(model_config, rngs=...)`` builds any family's model from one.
+    Configs exported before families were recorded have no ``family`` and are classifiers.
+  * ``ARCHITECTURES``, ``OUTPUT_STRIDES``, ``BN_MODES``, ``DTYPES``: the accepted values.
 
 Every model holds only ``nnx.Param`` and ``nnx.BatchStat`` variables, so
-``nnx.split(model, nnx.Param, nnx.BatchStat)`` is exhaustive.
+``nnx.split(model, nnx.Param, nnx.BatchStat)`` is exhaustive, and keeps its backbone under the attribute ``model``
+(the optimizer's pretrained/scratch groups and ``init_from`` rely on that path).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -23,17 +33,27 @@ from puzzle_jax.models.resnest import ResNeSt
 from puzzle_jax.models.resnet import OUTPUT_STRIDES, ResNet
 
 ARCHITECTURES = tuple(resnet.RESNET_BLOCKS) + tuple(resnest.RESNEST_BLOCKS)
+# Compute dtypes by the name a model config stores (parameters and BatchNorm statistics stay float32).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The family a model config without a "family" field belongs to (exports written before families were recorded).
+LEGACY_FAMILY = "classifier"
 
 __all__ = [
     "ARCHITECTURES",
     "BN_MODES",
     "OUTPUT_STRIDES",
+    "DTYPES",
+    "MODEL_FAMILIES",
     "BatchNorm",
     "Classifier",
     "ResNeSt",
     "ResNet",
+    "classifier_config",
     "create_backbone",
     "create_classifier",
+    "create_model",
+    "model_family",
+    "set_remat",
 ]
 
 
@@ -110,3 +130,89 @@ def create_classifier(arch: str, num_classes: int, *, rngs: nnx.Rngs, **backbone
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     backbone = create_backbone(arch, rngs=rngs, **backbone_options)
     return Classifier(backbone, num_classes, dtype=backbone_options.get("dtype", jnp.float32), rngs=rngs)
+
+
+def classifier_config(
+    *,
+    arch: str,
+    num_classes: int,
+    output_stride: int = 16,
+    bn_mode: str = "frozen",
+    bn_group_size: int | None = None,
+    dtype: str = "float32",
+    remat: bool = False,
+) -> dict[str, Any]:
+    """The model config of a Puzzle-CAM classifier (``create_classifier``'s arguments, JSON-serialisable).
+
+    Args:
+      arch, num_classes, output_stride, bn_mode: as in ``create_classifier``.
+      bn_group_size: images per BatchNorm group; kept only for ``bn_mode="per_replica"``.
+      dtype: a key of ``DTYPES``.
+      remat: recompute each residual block's activations in the backward pass.
+
+    Raises:
+      ValueError: for a value ``create_classifier`` would not accept, naming the field.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r}; allowed values are {list(DTYPES)}.")
+    if not isinstance(remat, bool):
+        raise ValueError(f"model.remat={remat!r}; a model config takes True or False.")
+    group_size = int(bn_group_size) if bn_mode == "per_replica" and bn_group_size is not None else None
+    _check_arguments(arch, int(output_stride), bn_mode, group_size)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return {
+        "family": "classifier",
+        "arch": arch,
+        "num_classes": num_classes,
+        "output_stride": int(output_stride),
+        "bn_mode": bn_mode,
+        "bn_group_size": group_size,
+        "dtype": dtype,
+        "remat": remat,
+    }
+
+
+def _create_classifier_from_config(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> Classifier:
+    return create_classifier(
+        model_config["arch"],
+        int(model_config["num_classes"]),
+        output_stride=int(model_config["output_stride"]),
+        bn_mode=model_config["bn_mode"],
+        bn_group_size=model_config["bn_group_size"],
+        dtype=DTYPES[model_config["dtype"]],
+        remat=bool(model_config["remat"]),
+        rngs=rngs,
+    )
+
+
+# Family name -> builder from a model config. The affinity and segmentation families add themselves here.
+_FAMILY_BUILDERS: dict[str, Callable[[Mapping[str, Any], nnx.Rngs], nnx.Module]] = {
+    "classifier": _create_classifier_from_config,
+}
+MODEL_FAMILIES = tuple(_FAMILY_BUILDERS)
+
+
+def model_family(model_config: Mapping[str, Any]) -> str:
+    """The family of a model config (``LEGACY_FAMILY`` when it records none)."""
+    return model_config.get("family", LEGACY_FAMILY)
+
+
+def create_model(model_config: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model a model config describes (in training behaviour; ``.eval()`` for inference).
+
+    Raises:
+      ValueError: for an unknown family.
+    """
+    family = model_family(model_config)
+    if family not in _FAMILY_BUILDERS:
+        raise ValueError(f"Unknown model family {family!r}; known families are {list(MODEL_FAMILIES)}.")
+    return _FAMILY_BUILDERS[family](model_config, rngs)
+
+
+def set_remat(model: nnx.Module, remat: bool) -> None:
+    """Turns activation recomputation of the model's backbone (the ``model`` attribute) on or off.
+
+    It is a static attribute: a step traced after the call recomputes or not.
+    """
+    model.model.remat = bool(remat)

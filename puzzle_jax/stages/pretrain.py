@@ -2,27 +2,24 @@
 
 The paper starts from ImageNet weights, which cannot be downloaded in every setting (and mean nothing for the
 built-in demo set). This stage produces the stand-in: a classifier trained with the class loss alone on images
-disjoint from the CAM training split. ``train_cam`` then initialises its backbone from ``pretrain/model``, exactly
-as it would from converted ImageNet weights (``config.model.init_from``).
+disjoint from the CAM training split, exported to ``pretrain/model``; ``train_cam`` then initialises its backbone
+from it (``--config.train_cam.init_from=pretrain``), exactly as it would from converted ImageNet weights.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from puzzle_jax import classifier_training
+from puzzle_jax import driver
 from puzzle_jax.pipeline import Workdir
+from puzzle_jax.tasks.classifier import ClassifierTask
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
-    return classifier_training.train_classifier(
-        config,
-        workdir.stage_dir("pretrain"),
-        split=config.pretrain.split,
-        batch_size=config.pretrain.batch_size,
-        epochs=config.pretrain.epochs,
-        learning_rate=config.pretrain.learning_rate,
-        objective="classification",
-        init_from="",
-        seed=config.seed + 1000,  # Independent of the CAM run's seed, so seeds of train_cam share one pretrain.
+    task = ClassifierTask(config.model, objective="classification")
+    init_from = workdir.resolve_init_from(config.pretrain.init_from)
+    # Seeded apart from train_cam, so that runs with other seeds of train_cam can share one pretrain export.
+    seed = config.seed + 1000
+    return driver.train_and_export(
+        task, config, "pretrain", workdir.training("pretrain"), init_from=init_from, seed=seed
     )

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from puzzle_jax import fileio
+from puzzle_jax import cam_files, fileio
 from puzzle_jax.evaluation import miou
 from puzzle_jax.viz import overlays, palette
 
@@ -292,3 +292,44 @@ def write_gallery(
     with fileio.atomic_path(index_path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         handle.write(page)
     return index_path
+
+
+def write_cam_gallery(
+    output_dir: str,
+    source: Sequence[Mapping[str, Any]],
+    cam_dir: str,
+    *,
+    count: int,
+    class_names: Sequence[str],
+    threshold: float,
+    title: str,
+    run_name: str,
+    compare_dir: str | None = None,
+    compare_name: str | None = None,
+) -> str:
+    """``write_gallery`` for ``count`` images spread evenly over a split (``image``, ``mask``, ``id`` records), with
+    their CAM files (``cam_files``, ``hr_cam``) from ``cam_dir`` and optionally another run's from ``compare_dir``.
+
+    Returns:
+      The path of ``index.html``.
+    """
+    count = min(int(count), len(source))
+    entries = []
+    for index in np.linspace(0, len(source) - 1, count).round().astype(int):
+        record = source[int(index)]
+        cams = cam_files.read_cam_file(cam_files.path_of(cam_dir, record["id"]))
+        entry = {
+            "id": record["id"],
+            "image": record["image"],
+            "ground_truth": record["mask"],
+            "cams": cams["hr_cam"],
+            "keys": cams["keys"],
+            "threshold": threshold,
+        }
+        if compare_dir is not None:
+            other = cam_files.read_cam_file(cam_files.path_of(compare_dir, record["id"]))
+            entry.update(compare_cams=other["hr_cam"], compare_keys=other["keys"])
+        entries.append(entry)
+    return write_gallery(
+        output_dir, entries, class_names=class_names, title=title, compare_name=compare_name, run_name=run_name
+    )

@@ -24,7 +24,7 @@ CLI::
     python -m puzzle_jax.weights.convert --arch resnest101 --input resnest101-22405ba7.pth --output DIR
 
 writes an exported model (``puzzle_jax.checkpointing.export_model``) of a full ``Classifier`` that
-``config.model.init_from=DIR`` loads.
+``config.train_cam.init_from=DIR`` (or another training section's ``init_from``) loads.
 """
 
 from __future__ import annotations
@@ -258,8 +258,8 @@ def convert_checkpoint(
       source: checkpoint file or state dict.
       output: destination folder (must not exist).
       num_classes: classes of the head. Default: those of the checkpoint's head (an authors' checkpoint),
-        else 20 (VOC) with a freshly initialised head, which ``config.model.init_from`` does not copy
-        unless ``config.model.init_head``.
+        else 20 (VOC) with a freshly initialised head, which ``init_from`` does not copy
+        unless the training section's ``init_head``.
       output_stride, bn_mode: stored in the exported model config (they do not change the weights).
       seed: seed of the head initialisation when the checkpoint has no head.
 
@@ -267,21 +267,15 @@ def convert_checkpoint(
       A summary: the model config, and the counts/lists of ``load_torch_weights``'s result.
     """
     from puzzle_jax import checkpointing
-    from puzzle_jax.models import Classifier, create_backbone
+    from puzzle_jax.models import Classifier, classifier_config, create_backbone
 
     state_dict = read_state_dict(source)
     if num_classes is None:
         heads = [value for key, value in state_dict.items() if key.endswith("classifier.weight")]
         num_classes = int(heads[0].shape[0]) if heads else 20
-    model_config = {
-        "arch": arch,
-        "num_classes": num_classes,
-        "output_stride": output_stride,
-        "bn_mode": bn_mode,
-        "bn_group_size": None,
-        "dtype": "float32",
-        "remat": False,
-    }
+    model_config = classifier_config(
+        arch=arch, num_classes=num_classes, output_stride=output_stride, bn_mode=bn_mode
+    )
     # An abstract backbone (all its weights come from the checkpoint: no time spent on a random init) under a
     # concrete head (which keeps its initialisation when the checkpoint has none).
     backbone = nnx.eval_shape(
@@ -301,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m puzzle_jax.weights.convert",
         description="Convert official ResNet/ResNeSt ImageNet weights or an authors' Puzzle-CAM checkpoint "
-        "into an exported puzzle_jax model (load it with config.model.init_from=OUTPUT).",
+        "into an exported puzzle_jax model (load it with --config.train_cam.init_from=OUTPUT).",
     )
     parser.add_argument("--arch", required=True, choices=ARCHITECTURES)
     parser.add_argument("--input", required=True, help=".pth/.pt/.bin (torch) or .safetensors file")

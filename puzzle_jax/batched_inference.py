@@ -1,0 +1,200 @@
+"""The batched-inference engine: many images, each as several inputs (scales, flips), through one network call
+per batch of same-sized inputs, each image's outputs folded into a per-image accumulator.
+
+What any multi-input inference over a split needs, independent of what the outputs mean (CAMs, the random walk's
+edge maps, DeepLab's multi-scale logits):
+
+* **size buckets**: inputs are zero-padded up to a multiple of ``pad_multiple``, so XLA compiles once per bucket, not
+  once per image, and inputs of one bucket are batched across images; every call of a bucket has the same batch
+  size (unused slots have empty boxes, so the device sees zeros there), split over the devices of a mesh;
+* **uint8 inputs with boxes**: each input travels as uint8 with the box of its pixels, normalised on the device
+  (``transforms.normalize_crops``): a quarter of the bytes to copy and transfer; a bucket's batch is reused from
+  call to call (the boxes, not the stale pixels, say what is padding), which is cheaper than faulting in new pages;
+* **host work ahead of the device**: ``prepare`` (resizing, flipping) runs for the next images on a thread pool
+  (PIL and OpenCV release the GIL), and **one call stays in flight**: the next call is dispatched before the
+  previous call's outputs are fetched and accumulated, so the device does not wait for the host in between.
+
+An image's result is yielded once all its inputs are accumulated. Results do not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+
+from puzzle_jax import puzzle, sharding
+from puzzle_jax.data import transforms
+
+# The network call: (uint8 images (N, H, W, 3), int32 boxes (N, 4)) -> outputs (N, ...), as any array
+# ``np.asarray`` accepts (a jax.Array still being computed). The inputs must not change until ``np.asarray`` of
+# the result has returned.
+Forward = Callable[[np.ndarray, np.ndarray], Any]
+
+
+class Accumulator(Protocol):
+    """Folds one image's outputs together, input by input."""
+
+    def add(self, outputs: np.ndarray, input_size: tuple[int, int]) -> None:
+        """Takes the outputs of one input's group (``(group_size, ...)``, padded like the input) and the input's
+        unpadded ``(height, width)``."""
+
+    def result(self) -> Any:
+        """The image's result, once every input was added."""
+
+
+def create_forward(
+    model: nnx.Module, apply: Callable[[nnx.Module, jax.Array], jax.Array], mesh: jax.sharding.Mesh | None = None
+) -> Forward:
+    """Returns the jitted network call ``(images, boxes) -> apply(model, normalised images)`` of an eval-mode model.
+
+    ``images`` are uint8 ``(N, H, W, 3)``, normalised on the device with zeros outside each image's box ``(top, left,
+    height, width)`` (``transforms.normalize_crops``). With a mesh, the batch is split over its ``'data'`` axis (N
+    must then be a multiple of the device count) and the weights are replicated. Compiled once per input shape; the
+    result is returned while the device may still be computing (``np.asarray`` waits for it).
+    """
+    model.eval()
+    graphdef, state = nnx.split(model)
+    if mesh is not None:
+        state = sharding.replicate(state, mesh)
+
+    @jax.jit
+    def forward(state, images, boxes):
+        return apply(nnx.merge(graphdef, state), transforms.normalize_crops(images, boxes))
+
+    def run(images: np.ndarray, boxes: np.ndarray) -> jax.Array:
+        if images.dtype != np.uint8:
+            raise ValueError(f"Inference takes uint8 images (normalised on the device); got {images.dtype}.")
+        arrays = (images, np.asarray(boxes, np.int32))
+        placed = jax.device_put(arrays, sharding.data_sharded(mesh)) if mesh is not None else arrays
+        return forward(state, *placed)
+
+    return run
+
+
+def default_host_threads() -> int:
+    """Threads that prepare inference inputs when none are asked for: the CPU cores, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _prefetched(function: Callable, items: Iterable, threads: int) -> Iterator[tuple]:
+    """Yields ``(item, function(item))`` in order, computing up to ``2 * threads`` items ahead on a thread pool."""
+    if threads <= 1:
+        for item in items:
+            yield item, function(item)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="inference-inputs") as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append((item, pool.submit(function, item)))
+            if len(pending) >= 2 * threads:
+                ready_item, ready = pending.popleft()
+                yield ready_item, ready.result()
+        while pending:
+            ready_item, ready = pending.popleft()
+            yield ready_item, ready.result()
+
+
+def iterate_batched(
+    forward: Forward,
+    items: Iterable[tuple[str, Any]],
+    *,
+    prepare: Callable[[Any], Sequence[Sequence[np.ndarray]]],
+    create_accumulator: Callable[[Any], Accumulator],
+    group_size: int,
+    images_per_call: int,
+    pad_multiple: int,
+    batch_multiple: int = 1,
+    host_threads: int = 0,
+) -> Iterator[tuple[str, Any]]:
+    """Runs every input of every item through ``forward`` in batches and yields each item's accumulated result.
+
+    Args:
+      forward: the network call (see ``Forward``).
+      items: ``(id, item)`` pairs; ids must be unique.
+      prepare: ``item -> inputs``; each input is a group of ``group_size`` uint8 ``(h, w, 3)`` arrays of the same
+        size (e.g. an image at one scale and its flip), placed in consecutive slots of one call. Runs on the
+        thread pool.
+      create_accumulator: ``item -> Accumulator``, called (in the main thread) when the item's inputs are ready.
+      group_size: arrays per input.
+      images_per_call: inputs (groups) per forward call.
+      pad_multiple: inputs are padded up to a multiple of this side (their size bucket).
+      batch_multiple: a call's batch size (``images_per_call * group_size``) is rounded up to a multiple of this
+        (the number of devices the call is split over).
+      host_threads: threads that run ``prepare`` ahead; 0 = ``default_host_threads()``.
+
+    Yields:
+      ``(id, accumulator.result())``, in completion order.
+    """
+    batch_size = -(-images_per_call * group_size // batch_multiple) * batch_multiple
+    # Per size bucket: the uint8 batch being filled and the box of each slot ((0, 0, height, width); empty for unused
+    # slots), the (id, input size) of each group in it, and a spent batch and boxes to fill again.
+    batches: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    entries: dict[tuple[int, int], list[tuple[str, tuple[int, int]]]] = {}
+    spent: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    accumulators: dict[str, Accumulator] = {}
+    remaining: dict[str, int] = {}
+    in_flight: list[tuple] = []
+
+    def dispatch(bucket) -> Iterator[tuple[str, Any]]:
+        images, boxes = batches.pop(bucket)
+        in_flight.append((bucket, images, boxes, entries.pop(bucket), forward(images, boxes)))
+        if len(in_flight) > 1:
+            yield from collect(in_flight.pop(0))
+
+    def collect(call) -> Iterator[tuple[str, Any]]:
+        bucket, images, boxes, call_entries, pending_outputs = call
+        outputs = np.asarray(pending_outputs)
+        # Only now, with the call's outputs fetched, may its input buffers be filled again.
+        spent[bucket] = (images, boxes)
+        for position, (item_id, input_size) in enumerate(call_entries):
+            accumulators[item_id].add(outputs[position * group_size : (position + 1) * group_size], input_size)
+            remaining[item_id] -= 1
+            if remaining[item_id] == 0:
+                del remaining[item_id]
+                yield item_id, accumulators.pop(item_id).result()
+
+    def prepare_item(pair):
+        return prepare(pair[1])
+
+    for (item_id, item), inputs in _prefetched(prepare_item, items, host_threads or default_host_threads()):
+        if item_id in accumulators:
+            raise ValueError(f"Image id {item_id!r} appears twice in the inference stream.")
+        accumulators[item_id] = create_accumulator(item)
+        remaining[item_id] = len(inputs)
+        if not inputs:
+            del remaining[item_id]
+            yield item_id, accumulators.pop(item_id).result()
+        for group in inputs:
+            if len(group) != group_size:
+                raise ValueError(f"Image {item_id!r}: an input group has {len(group)} arrays, expected {group_size}.")
+            height, width = group[0].shape[:2]
+            bucket = puzzle.padded_size(height, width, pad_multiple)
+            if bucket not in batches:
+                if bucket in spent:
+                    batches[bucket] = spent.pop(bucket)
+                    batches[bucket][1].fill(0)
+                else:
+                    batches[bucket] = (
+                        np.zeros((batch_size, *bucket, 3), np.uint8),
+                        np.zeros((batch_size, 4), np.int32),
+                    )
+                entries[bucket] = []
+            images, boxes = batches[bucket]
+            slot = len(entries[bucket]) * group_size
+            for offset, array in enumerate(group):
+                images[slot + offset, :height, :width] = array
+                boxes[slot + offset] = (0, 0, height, width)
+            entries[bucket].append((item_id, (height, width)))
+            if len(entries[bucket]) == images_per_call:
+                yield from dispatch(bucket)
+    for bucket in list(batches):
+        yield from dispatch(bucket)
+    while in_flight:
+        yield from collect(in_flight.pop(0))

@@ -1,0 +1,85 @@
+"""The ``Task`` interface of the training driver, and what every task shares.
+
+A task is a small object per model family. The driver (``driver.train_and_export``) asks it, in this order, for the
+records of the training split (``load_split``), the model config to build and export (``model_config``), the parts
+of an exported model that ``init_from`` copies (``init_parts``), the optimizer (``create_optimizer``; the default is
+the authors' poly SGD with the stage section's settings), the objective (``create_objective``) and the per-example
+input transform of the train loader (``create_transform``). A new model family needs a task and a model builder
+(``models.create_model``), and no change to the driver.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from puzzle_jax import optim, training
+from puzzle_jax.data import transforms
+
+
+class Task(abc.ABC):
+    """What the driver needs from a model family; the stage section (``config.<stage>``) is passed where it matters.
+
+    Attributes:
+      remat_auto: the family's config asks the driver to decide activation recomputation (``"auto"``): the driver
+        compiles the step without it and turns it on when XLA's memory estimate does not fit a device.
+    """
+
+    remat_auto: bool = False
+
+    @abc.abstractmethod
+    def load_split(self, data_config: Any, split: str) -> tuple[Sequence[dict], Any]:
+        """The training records (random access, picklable for grain workers) and the split's ``SplitInfo``."""
+
+    @abc.abstractmethod
+    def model_config(self, split_info: Any) -> dict[str, Any]:
+        """The model config (``models``' schema) to build, train and export; with ``remat_auto``, remat off."""
+
+    @abc.abstractmethod
+    def init_parts(self, section: Any) -> tuple[str, ...]:
+        """Top-level model attributes that ``init_from`` initialises (e.g. ``("model",)``, the backbone)."""
+
+    @abc.abstractmethod
+    def create_objective(self, section: Any, total_steps: int) -> training.LossFunction:
+        """``compute_loss(model, batch, step) -> (loss, metrics)`` for batches of ``create_transform``'s examples."""
+
+    @abc.abstractmethod
+    def create_transform(self, section: Any) -> Any:
+        """The train loader's per-example random transform (a ``grain.RandomMapTransform``)."""
+
+    def create_optimizer(self, params: Any, section: Any, total_steps: int) -> optax.GradientTransformation:
+        """The authors' four-group poly SGD (``optim``) with the section's settings."""
+        return optim.create_optimizer(
+            params,
+            learning_rate=section.learning_rate,
+            weight_decay=section.weight_decay,
+            total_steps=total_steps,
+            poly_power=section.poly_power,
+            nesterov=section.nesterov,
+            momentum_mode=section.momentum_mode,
+            momentum=section.momentum,
+        )
+
+
+def batch_images(batch: dict[str, jax.Array]) -> jax.Array:
+    """The normalised float32 images of a training batch, inside the jitted step.
+
+    The train loader sends uint8 crops with the box of the image on each (``input_pipeline``), normalised here on
+    the device (``transforms.normalize_crops``); floating-point images are taken as already normalised.
+    """
+    images = batch["image"]
+    if images.dtype == jnp.uint8:
+        if "image_box" not in batch:
+            raise ValueError(
+                "A batch of uint8 images needs 'image_box' (top, left, height, width of each image on its crop), "
+                "as the train loader produces; give normalised float images otherwise."
+            )
+        return transforms.normalize_crops(images, batch["image_box"])
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"batch['image'] has dtype {images.dtype}; expected uint8 crops or normalised floats.")
+    return images
