@@ -4,7 +4,8 @@ Every test builds a small fake tree of the real layout (VOCdevkit/VOC2012 + SBD'
 benchmark_RELEASE, or SegmentationClassAug) in a temporary directory; expected values come from
 what the test wrote (ids, object lists, mask arrays), never from the builder.
 
-The helpers `write_image`, `write_palette_mask`, `write_xml` are also used by test_voc_folder.py.
+The helpers `write_image`, `write_palette_mask`, `write_xml` are also used by test_voc_folder.py
+(and `write_palette_mask` by test_labels.py).
 """
 
 import os
@@ -17,6 +18,7 @@ import scipy.io
 from PIL import Image
 
 from puzzle_jax.data import datasets, input_pipeline, voc
+from puzzle_jax.labels import BadExampleError
 
 # Spec §1: VOC class order, aeroplane..tvmonitor (label index i = mask value i + 1).
 SPEC_VOC_CLASSES = (
@@ -308,38 +310,9 @@ def test_xml_labels_count_difficult_objects_and_skip_zero_size_boxes(tmp_path):
 def test_bad_xml_is_a_clear_error_naming_the_file(tmp_path, content, message):
     path = tmp_path / "bad.xml"
     path.write_text(content)
-    with pytest.raises(voc.BadExampleError, match=message) as caught:
+    with pytest.raises(BadExampleError, match=message) as caught:
         voc.parse_xml_labels(path, SPEC_VOC_CLASSES)
     assert str(path) in str(caught.value)
-
-
-def test_palette_grey_and_colour_masks_decode_to_class_ids(tmp_path):
-    mask = np.array([[0, 1, 12], [15, 255, 20]], np.uint8)
-    write_palette_mask(str(tmp_path / "p.png"), mask, seed=5)
-    np.testing.assert_array_equal(voc.read_class_mask(tmp_path / "p.png", 20), mask)
-    Image.fromarray(mask, mode="L").save(tmp_path / "l.png")
-    np.testing.assert_array_equal(voc.read_class_mask(tmp_path / "l.png", 20), mask)
-    # VOC colour map: 0 black, 1 aeroplane (128,0,0), 12 dog (64,0,128), 15 person (192,128,128),
-    # 20 tvmonitor (0,64,128), 255 void (224,224,192).
-    colours = {0: (0, 0, 0), 1: (128, 0, 0), 12: (64, 0, 128), 15: (192, 128, 128),
-               20: (0, 64, 128), 255: (224, 224, 192)}
-    rgb = np.array([[colours[value] for value in row] for row in mask.tolist()], np.uint8)
-    Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    np.testing.assert_array_equal(voc.read_class_mask(tmp_path / "rgb.png", 20), mask)
-
-
-def test_bad_masks_are_clear_errors_naming_the_file(tmp_path):
-    Image.fromarray(np.array([[0, 21]], np.uint8), mode="L").save(tmp_path / "value.png")
-    with pytest.raises(voc.BadExampleError, match=r"value\.png.*\[21\].*allowed: 0"):
-        voc.read_class_mask(tmp_path / "value.png", 20)
-    Image.fromarray(np.full((2, 2, 3), 7, np.uint8)).save(tmp_path / "colour.png")
-    with pytest.raises(voc.BadExampleError, match=r"colour\.png.*\(7, 7, 7\)"):
-        voc.read_class_mask(tmp_path / "colour.png", 20)
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with pytest.raises(voc.BadExampleError, match=r"broken\.png.*corrupt"):
-        voc.read_class_mask(tmp_path / "broken.png", 20)
-    with pytest.raises(voc.BadExampleError, match=r"absent\.png: mask file is missing"):
-        voc.read_class_mask(tmp_path / "absent.png", 20)
 
 
 def test_images_keep_their_bytes_and_odd_ones_are_converted(tmp_path):
@@ -354,10 +327,10 @@ def test_images_keep_their_bytes_and_odd_ones_are_converted(tmp_path):
     np.testing.assert_array_equal(decoded, written)  # Alpha dropped, colours exact.
     truncated = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(truncated[: len(truncated) // 2])
-    with pytest.raises(voc.BadExampleError, match=r"cut\.jpg: image is corrupt"):
+    with pytest.raises(BadExampleError, match=r"cut\.jpg: image is corrupt"):
         voc.read_image(tmp_path / "cut.jpg")
     (tmp_path / "empty.jpg").write_bytes(b"")
-    with pytest.raises(voc.BadExampleError, match=r"empty\.jpg: image file is empty"):
+    with pytest.raises(BadExampleError, match=r"empty\.jpg: image file is empty"):
         voc.read_image(tmp_path / "empty.jpg")
 
 
@@ -410,7 +383,7 @@ def break_tree(tree, problem):
 def test_bad_example_stops_preparation_naming_the_file_or_is_skipped_and_counted(tmp_path, problem):
     tree = small_tree(tmp_path / "root")
     bad_id, bad_file, message = break_tree(tree, problem)
-    with pytest.raises(voc.BadExampleError, match=message) as caught:
+    with pytest.raises(BadExampleError, match=message) as caught:
         datasets.load_split("voc2012_aug", "train", data_dir=str(tmp_path / "tfds"), root=tree.root,
                             splits="train")
     assert bad_file in str(caught.value) and repr(bad_id) in str(caught.value)

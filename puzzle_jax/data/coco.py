@@ -45,6 +45,7 @@ from absl import logging
 from etils import epath
 
 from puzzle_jax.data import voc
+from puzzle_jax.labels import IGNORE_LABEL, BadExampleError
 
 # COCO 2014's 80 categories as (category id, name), in increasing id order: class id = position + 1.
 COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
@@ -252,7 +253,7 @@ def render_semantic_mask(
         region = segmentation_to_mask(annotation.get("segmentation"), height, width)
         class_id = class_of_category[category]
         if annotation.get("iscrowd", 0):
-            mask[region] = voc.IGNORE_LABEL if crowd == "ignore" else class_id
+            mask[region] = IGNORE_LABEL if crowd == "ignore" else class_id
         else:
             instances.append((region, class_id))
     # Largest first, so that smaller instances end on top; sorted() is stable for equal areas.
@@ -403,7 +404,7 @@ class Coco2014(voc.ManualDataBuilder, skip_registration=__name__ == "__main__"):
             image_path = image_dir / file_name
             image, image_height, image_width = voc.read_image(image_path)
             if (image_height, image_width) != (height, width):
-                raise voc.BadExampleError(
+                raise BadExampleError(
                     image_path,
                     f"image is {image_height}x{image_width} (HxW) but {json_path} says "
                     f"{height}x{width}",
@@ -411,7 +412,7 @@ class Coco2014(voc.ManualDataBuilder, skip_registration=__name__ == "__main__"):
             try:
                 mask = render_semantic_mask(annotations, height, width, crowd=config.crowd)
             except ValueError as error:
-                raise voc.BadExampleError(json_path, f"image {file_name}: {error}") from error
+                raise BadExampleError(json_path, f"image {file_name}: {error}") from error
             return voc.make_record(
                 example_id, image=image, height=height, width=width, image_path=image_path,
                 labels=labels_of_annotations(annotations), mask=mask, mask_path=json_path,

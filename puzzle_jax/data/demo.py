@@ -30,6 +30,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from puzzle_jax.labels import voc_palette
+
 # --------------------------------------------------------------------------------------------------
 # Class generation parameters: the one place to tune the demo problem.
 # --------------------------------------------------------------------------------------------------
@@ -585,22 +587,6 @@ def create_builder(*, data_dir: str, **config_overrides) -> PuzzleDemo:
 # --------------------------------------------------------------------------------------------------
 
 
-def segmentation_palette() -> np.ndarray:
-    """The VOC colour map: (256, 3) uint8, class i -> colour; 255 (void) is cream as in VOC."""
-    palette = np.zeros((256, 3), np.uint8)
-    for label in range(256):
-        red = green = blue = 0
-        code = label
-        for bit in range(8):
-            red |= ((code >> 0) & 1) << (7 - bit)
-            green |= ((code >> 1) & 1) << (7 - bit)
-            blue |= ((code >> 2) & 1) << (7 - bit)
-            code >>= 3
-        palette[label] = (red, green, blue)
-    palette[255] = (224, 224, 192)
-    return palette
-
-
 def render_contact_sheet(
     records: Sequence[dict], names: Sequence[str], *, columns: int = 4, cell: int = 128
 ) -> np.ndarray:
@@ -615,7 +601,7 @@ def render_contact_sheet(
     Returns:
       uint8 RGB sheet.
     """
-    palette = segmentation_palette()
+    palette = voc_palette()
     caption = 14
     rows = math.ceil(len(records) / columns)
     pair_gap, column_gap, row_gap = 4, 12, 4

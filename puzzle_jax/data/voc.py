@@ -4,7 +4,8 @@ This module owns:
 
 * the readers of the VOC layout, also used by `voc_folder` (and `coco` for images): split lists,
   images (validated, stored as their original JPEG/PNG bytes), XML image-level labels (spec §1),
-  class masks (palette, grey or colour-coded PNGs), SBD `cls/*.mat` masks;
+  SBD `cls/*.mat` masks (class-mask PNGs are read by `puzzle_jax.labels.read_label_png`, whose
+  `BadExampleError` every reader raises);
 * the machinery shared by the builders that read data the user has downloaded (`voc2012_aug`,
   `coco2014`, `voc_folder`): the `root` option, config names that change when the data or the
   options change, the bad-example policy (`on_bad_example`: "error" or "skip", counted), parallel
@@ -52,9 +53,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
-from PIL import Image
 
-from puzzle_jax.data import demo
+from puzzle_jax.labels import (
+    IGNORE_LABEL,
+    BadExampleError,
+    check_mask_values,
+    read_file_bytes,
+    read_label_png,
+)
 
 VOC_CLASS_NAMES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -66,9 +72,6 @@ VOC_CLASS_NAMES: tuple[str, ...] = (
 VOC2012_SPLIT_SIZES: Mapping[str, int] = {
     "train_aug": 10582, "train": 1464, "val": 1449, "test": 1456
 }
-
-# Mask value of pixels that nothing learns from or scores (VOC's object borders, padding).
-IGNORE_LABEL = 255
 
 # What a builder does with an example whose files are missing or invalid.
 BAD_EXAMPLE_POLICIES = ("error", "skip")
@@ -82,20 +85,6 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 # How many skipped examples the metadata and the log name per split (the count is always exact).
 _SKIPPED_EXAMPLES_LISTED = 50
-
-
-class BadExampleError(ValueError):
-    """An example's file is missing or invalid; the message names the file and the problem.
-
-    Attributes:
-      path: the offending file.
-      problem: what is wrong with it.
-    """
-
-    def __init__(self, path: os.PathLike | str, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path = str(path)
-        self.problem = problem
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,18 +119,6 @@ def read_id_list(path: epath.PathLike) -> list[str]:
     return ids
 
 
-def _read_bytes(path: epath.Path, what: str) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BadExampleError(path, f"{what} file is missing") from None
-    except OSError as error:
-        raise BadExampleError(path, f"{what} file is unreadable ({error})") from error
-    if not data:
-        raise BadExampleError(path, f"{what} file is empty")
-    return data
-
-
 def read_image(path: epath.PathLike) -> tuple[bytes, int, int]:
     """Reads and validates an image file; returns the bytes to store and the image size.
 
@@ -159,7 +136,7 @@ def read_image(path: epath.PathLike) -> tuple[bytes, int, int]:
       BadExampleError: for a missing, empty, unreadable or corrupt (e.g. truncated) file.
     """
     path = epath.Path(path)
-    data = _read_bytes(path, "image")
+    data = read_file_bytes(path, "image")
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if decoded is None or decoded.size == 0:
         raise BadExampleError(path, "image is corrupt or not in a format OpenCV can decode")
@@ -189,82 +166,6 @@ def encode_png(array: np.ndarray) -> bytes:
     return encoded.tobytes()
 
 
-def _check_mask_values(mask: np.ndarray, path: epath.Path, num_classes: int) -> np.ndarray:
-    values = np.unique(mask)
-    bad = values[(values > num_classes) & (values != IGNORE_LABEL)]
-    if bad.size:
-        raise BadExampleError(
-            path,
-            f"mask has value(s) {bad.tolist()[:10]} that are not a class; allowed: 0 (background), "
-            f"1..{num_classes} (classes) and {IGNORE_LABEL} (ignored)",
-        )
-    return mask
-
-
-def _colour_mask_to_classes(rgb: np.ndarray, path: epath.Path, num_classes: int) -> np.ndarray:
-    """Maps a colour-coded mask (VOC colour map) back to class ids."""
-    palette = demo.segmentation_palette().astype(np.int64)
-    codes_of_palette = (palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]
-    allowed = list(range(num_classes + 1)) + [IGNORE_LABEL]
-    class_of_code = {int(codes_of_palette[value]): value for value in allowed}
-    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    unique_codes, inverse = np.unique(codes, return_inverse=True)
-    unknown = [int(code) for code in unique_codes if int(code) not in class_of_code]
-    if unknown:
-        colours = [((code >> 16) & 255, (code >> 8) & 255, code & 255) for code in unknown[:5]]
-        raise BadExampleError(
-            path,
-            f"colour mask has RGB colour(s) {colours} that are not in the VOC colour map of "
-            f"classes 0..{num_classes} and {IGNORE_LABEL}; save masks as palette or grey PNGs of "
-            "class ids",
-        )
-    lookup = np.array([class_of_code[int(code)] for code in unique_codes], np.uint8)
-    return lookup[inverse.reshape(codes.shape)]
-
-
-def read_class_mask(path: epath.PathLike, num_classes: int) -> np.ndarray:
-    """Reads a class mask PNG as uint8 class ids (0 background, 1..C, 255 ignored).
-
-    Palette PNGs (VOC's `SegmentationClass`) give their palette indices, grey PNGs
-    (`SegmentationClassAug`) their values, and colour PNGs are mapped through the VOC colour map.
-
-    Args:
-      path: the mask file.
-      num_classes: number of foreground classes C.
-
-    Returns:
-      uint8 (H, W).
-
-    Raises:
-      BadExampleError: for a missing, corrupt or unsupported file, an unknown colour or a value that
-        is not a class.
-    """
-    path = epath.Path(path)
-    data = _read_bytes(path, "mask")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            mode = image.mode
-            if mode in ("P", "L"):
-                mask = np.asarray(image, np.uint8)
-            elif mode in ("RGB", "RGBA"):
-                mask = _colour_mask_to_classes(
-                    np.asarray(image.convert("RGB")), path, num_classes
-                )
-            elif mode in ("I", "I;16", "I;16B"):
-                values = np.asarray(image)
-                if values.min() < 0 or values.max() > 255:
-                    raise BadExampleError(path, "mask has values outside 0..255")
-                mask = values.astype(np.uint8)
-            else:
-                raise BadExampleError(path, f"mask has unsupported image mode {mode!r}")
-    except BadExampleError:
-        raise
-    except Exception as error:  # PIL raises many types for corrupt files.
-        raise BadExampleError(path, f"mask is corrupt or not an image ({error})") from error
-    return _check_mask_values(mask, path, num_classes)
-
-
 def read_sbd_mask(path: epath.PathLike, num_classes: int = len(VOC_CLASS_NAMES)) -> np.ndarray:
     """Reads an SBD `cls/<id>.mat` file (MATLAB struct GTcls.Segmentation) as uint8 class ids.
 
@@ -274,7 +175,7 @@ def read_sbd_mask(path: epath.PathLike, num_classes: int = len(VOC_CLASS_NAMES))
     import scipy.io  # pylint: disable=import-outside-toplevel  (only SBD needs it)
 
     path = epath.Path(path)
-    data = _read_bytes(path, "SBD mask")
+    data = read_file_bytes(path, "SBD mask")
     try:
         content = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True, struct_as_record=False)
         segmentation = content["GTcls"].Segmentation
@@ -287,7 +188,7 @@ def read_sbd_mask(path: epath.PathLike, num_classes: int = len(VOC_CLASS_NAMES))
         raise BadExampleError(path, f"GTcls.Segmentation has shape {mask.shape}; expected (H, W)")
     if mask.min() < 0 or mask.max() > 255:
         raise BadExampleError(path, "GTcls.Segmentation has values outside 0..255")
-    return _check_mask_values(mask.astype(np.uint8), path, num_classes)
+    return check_mask_values(mask.astype(np.uint8), path, num_classes)
 
 
 def _box_coordinate(box: ElementTree.Element, field: str, path: epath.Path) -> float:
@@ -316,7 +217,7 @@ def parse_xml_labels(path: epath.PathLike, class_names: Sequence[str]) -> np.nda
         name (the message lists the allowed ones) or a box of negative size.
     """
     path = epath.Path(path)
-    data = _read_bytes(path, "annotation")
+    data = read_file_bytes(path, "annotation")
     try:
         root = ElementTree.fromstring(data)
     except ElementTree.ParseError as error:
@@ -827,7 +728,7 @@ class Voc2012Aug(ManualDataBuilder, skip_registration=__name__ == "__main__"):
                     voc_dir / "Annotations" / f"{example_id}.xml", VOC_CLASS_NAMES
                 )
                 mask_path, kind = mask_for(example_id)
-                reader = read_sbd_mask if kind == "mat" else read_class_mask
+                reader = read_sbd_mask if kind == "mat" else read_label_png
                 mask = reader(mask_path, num_classes)
             return make_record(
                 example_id, image=image, height=height, width=width, image_path=image_path,

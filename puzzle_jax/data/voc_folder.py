@@ -48,6 +48,7 @@ from absl import logging
 from etils import epath
 
 from puzzle_jax.data import voc
+from puzzle_jax.labels import BadExampleError, read_label_png
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_SOURCES = ("auto", "csv", "xml", "mask")
@@ -134,7 +135,7 @@ def _csv_labels(
     labels = np.zeros((len(class_names),), np.float32)
     for name in names:
         if name not in index_of:
-            raise voc.BadExampleError(
+            raise BadExampleError(
                 path,
                 f"line {line_number}: unknown class name {name!r}; allowed: {list(class_names)}",
             )
@@ -258,20 +259,20 @@ class VocFolder(voc.ManualDataBuilder, skip_registration=__name__ == "__main__")
         def load(example_id: str) -> dict[str, Any]:
             candidates = images.get(example_id, [])
             if not candidates:
-                raise voc.BadExampleError(
+                raise BadExampleError(
                     root / "JPEGImages" / f"{example_id}.jpg",
                     f"image file is missing (no {example_id}.<{'|'.join(IMAGE_EXTENSIONS)}> in "
                     "JPEGImages)",
                 )
             if len(candidates) > 1:
-                raise voc.BadExampleError(
+                raise BadExampleError(
                     candidates[0],
                     f"id {example_id!r} has several images: {sorted(p.name for p in candidates)}",
                 )
             image_path = candidates[0]
             image, height, width = voc.read_image(image_path)
             mask_path = root / "SegmentationClass" / f"{example_id}.png"
-            mask = voc.read_class_mask(mask_path, num_classes) if example_id in mask_ids else None
+            mask = read_label_png(mask_path, num_classes) if example_id in mask_ids else None
             labels = self._labels(example_id, root, mask, csv_rows, labels_optional)
             return voc.make_record(
                 example_id, image=image, height=height, width=width, image_path=image_path,
@@ -310,7 +311,7 @@ class VocFolder(voc.ManualDataBuilder, skip_registration=__name__ == "__main__")
             missing_path = root / "SegmentationClass" / f"{example_id}.png"
         if optional:
             return np.zeros((len(class_names),), np.float32)
-        raise voc.BadExampleError(missing_path, problem)
+        raise BadExampleError(missing_path, problem)
 
 
 def create_builder(
