@@ -199,17 +199,6 @@ def test_missing_layout_parts_are_clear_errors(tmp_path):
         datasets.load_split("voc_folder", "train", data_dir=data_dir, root=tree.root)
 
 
-def test_check_command_prints_splits_and_writes_a_preview(folder, tmp_path, capsys):
-    preview = tmp_path / "sheet.png"
-    voc_folder.main(["--root", folder.root, "--data_dir", str(tmp_path / "tfds"), "--preview",
-                     str(preview), "--split", "val", "--option", "on_bad_example=skip"])
-    printed = capsys.readouterr().out
-    assert "train: 3 examples (listed 3, skipped 0, without mask 3)" in printed
-    assert "val: 2 examples" in printed and "apple, traffic light, cat" in printed
-    with Image.open(preview) as sheet:
-        assert sheet.size[0] > 0 and np.asarray(sheet).std() > 10
-
-
 def write_image_array(path, image):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(image).save(path)
