@@ -28,6 +28,7 @@ from tqdm import tqdm
 from puzzle_jax import fileio
 from puzzle_jax.data import voc
 from puzzle_jax.evaluation import miou, report
+from puzzle_jax.labels import read_label_png
 
 
 def _stems(directory: str, extension: str) -> dict[str, str]:
@@ -97,7 +98,7 @@ def evaluate_folders(
     else:
         confusion = np.zeros((num_classes, num_classes + 1), np.int64)
     for stem in tqdm(sorted(predictions), desc="evaluate", disable=not show_progress):
-        ground_truth = voc.read_class_mask(ground_truths[stem], num_classes - 1)
+        ground_truth = read_label_png(ground_truths[stem], num_classes - 1)
         if cam_files:
             cams, keys = _read_cams(predictions[stem])
             if cams.shape[1:] != ground_truth.shape:
@@ -107,7 +108,7 @@ def evaluate_folders(
                 )
             accumulator.update(cams, keys, ground_truth)
         else:
-            prediction = voc.read_class_mask(predictions[stem], num_classes - 1)
+            prediction = read_label_png(predictions[stem], num_classes - 1)
             if prediction.shape != ground_truth.shape:
                 raise ValueError(
                     f"{predictions[stem]}: size {prediction.shape} differs from its ground truth {ground_truth.shape}."

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from puzzle_jax.data import coco, datasets, voc
+from puzzle_jax.data import coco, datasets
+from puzzle_jax.labels import BadExampleError
 
 # --------------------------------------------------------------------------------------------------
 # RLE.
@@ -306,13 +307,13 @@ def test_bad_coco_input_is_a_clear_error_naming_the_file(tmp_path):
     content["annotations"][0]["category_id"] = 12
     with open(tree.json_paths["val"], "w") as file:
         json.dump(content, file)
-    with pytest.raises(voc.BadExampleError, match=r"instances_val2014\.json: image COCO_val2014_"
+    with pytest.raises(BadExampleError, match=r"instances_val2014\.json: image COCO_val2014_"
                        r"000000000007\.jpg: annotation \d+ has unknown category_id 12"):
         datasets.load_split("coco2014", "val", data_dir=data_dir, root=tree.root, splits="val")
     # The train image 42 on disk is smaller than its JSON entry says.
     path, height, width, _ = tree.images["COCO_train2014_000000000042"]
     Image.fromarray(np.zeros((height - 2, width, 3), np.uint8)).save(path)
-    with pytest.raises(voc.BadExampleError, match=r"000000000042\.jpg: image is 20x20 \(HxW\) but "
+    with pytest.raises(BadExampleError, match=r"000000000042\.jpg: image is 20x20 \(HxW\) but "
                        r".*instances_train2014\.json says 22x20"):
         datasets.load_split("coco2014", "train", data_dir=data_dir, root=tree.root, splits="train")
     os.remove(tree.images["COCO_train2014_000000000009"][0])

@@ -230,13 +230,3 @@ def test_unknown_dataset_split_and_option_are_clear_errors(data_dir):
         datasets.load_split("puzzle_demo", "train", data_dir=data_dir, num_objects=3)
     with pytest.raises(ValueError, match="num_classes=9"):
         datasets.load_split("puzzle_demo", "train", data_dir=data_dir, num_classes=9)
-
-
-def test_preview_command_writes_contact_sheet(data_dir, tmp_path):
-    output = tmp_path / "sheet.png"
-    demo.main(["--preview", str(output), "--data_dir", data_dir, "--seed", "3", "--count", "8",
-               "--num_pretrain", "6", "--num_train", "12", "--num_val", "4"])
-    sheet = cv2.imread(str(output))
-    # 8 pairs in 4 columns: 2 rows of 128-pixel cells plus captions.
-    assert sheet.shape[1] == 4 * (2 * 128 + 16) and sheet.shape[0] == 2 * (128 + 14 + 4)
-    assert sheet.std() > 20

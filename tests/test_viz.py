@@ -1,4 +1,4 @@
-"""Tests for the VOC palette, the CAM / label overlays and the HTML gallery."""
+"""Tests for the label-map colouring, the CAM / label overlays and the HTML gallery."""
 
 import os
 import re
@@ -7,36 +7,6 @@ import numpy as np
 import pytest
 
 from puzzle_jax.viz import gallery, overlays, palette
-
-
-def _reference_voc_colour(label: int) -> tuple[int, int, int]:
-    """The VOC devkit's colour map rule (bitget over the label's bits, 3 at a time), written independently."""
-    red = green = blue = 0
-    for shift in range(8):
-        red += ((label >> (3 * shift)) & 1) * 2 ** (7 - shift)
-        green += ((label >> (3 * shift + 1)) & 1) * 2 ** (7 - shift)
-        blue += ((label >> (3 * shift + 2)) & 1) * 2 ** (7 - shift)
-    return red, green, blue
-
-
-def test_palette_matches_voc_definition():
-    colours = palette.voc_palette()
-    assert colours.shape == (256, 3) and colours.dtype == np.uint8
-    # Well-known VOC colours: aeroplane, bicycle, person, tvmonitor, void.
-    assert tuple(colours[0]) == (0, 0, 0)
-    assert tuple(colours[1]) == (128, 0, 0)
-    assert tuple(colours[2]) == (0, 128, 0)
-    assert tuple(colours[15]) == (192, 128, 128)
-    assert tuple(colours[20]) == (0, 64, 128)
-    assert tuple(colours[255]) == (224, 224, 192)
-    for label in range(255):
-        assert tuple(int(value) for value in colours[label]) == _reference_voc_colour(label), label
-
-
-def test_palette_copy_does_not_change_cache():
-    colours = palette.voc_palette()
-    colours[1] = (1, 2, 3)
-    assert tuple(palette.voc_palette()[1]) == (128, 0, 0)
 
 
 def test_colorize_labels():

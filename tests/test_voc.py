@@ -1,10 +1,11 @@
-"""Tests for the voc2012_aug builder and the VOC-layout readers (puzzle_jax/data/voc.py).
+"""Tests for the voc2012_aug builder (puzzle_jax/data/voc.py) and its base (data/manual_builder.py).
 
 Every test builds a small fake tree of the real layout (VOCdevkit/VOC2012 + SBD's
 benchmark_RELEASE, or SegmentationClassAug) in a temporary directory; expected values come from
 what the test wrote (ids, object lists, mask arrays), never from the builder.
 
-The helpers `write_image`, `write_palette_mask`, `write_xml` are also used by test_voc_folder.py.
+The helpers `write_image`, `write_palette_mask`, `write_xml`, `write_list` are also used by
+test_voc_folder.py, test_readers.py and test_labels.py.
 """
 
 import os
@@ -17,6 +18,7 @@ import scipy.io
 from PIL import Image
 
 from puzzle_jax.data import datasets, input_pipeline, voc
+from puzzle_jax.labels import BadExampleError
 
 # Spec §1: VOC class order, aeroplane..tvmonitor (label index i = mask value i + 1).
 SPEC_VOC_CLASSES = (
@@ -275,104 +277,6 @@ def test_segmentation_class_aug_pngs_stand_in_for_sbd(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Readers.
-# --------------------------------------------------------------------------------------------------
-
-
-def test_xml_labels_count_difficult_objects_and_skip_zero_size_boxes(tmp_path):
-    path = str(tmp_path / "a.xml")
-    objects = [
-        ("dog", True, (10, 10, 40, 30)),
-        ("person", False, (5, 7, 5, 20)),    # zero width
-        ("cat", False, (5, 7, 30, 7)),       # zero height
-        ("sofa", False, None),               # no box: the name still counts
-        ("dog", False, (1, 1, 2, 2)),
-    ]
-    write_xml(path, objects)
-    labels = voc.parse_xml_labels(path, SPEC_VOC_CLASSES)
-    assert [SPEC_VOC_CLASSES[i] for i in np.flatnonzero(labels)] == ["dog", "sofa"]
-    np.testing.assert_array_equal(labels, expected_labels(objects))
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ("<annotation><object><name>zebra</name></object></annotation>",
-         r"unknown class name 'zebra'; allowed: \['aeroplane'"),
-        ("<annotation><object><name>dog</name><bndbox><xmin>9</xmin><ymin>1</ymin><xmax>3</xmax>"
-         "<ymax>5</ymax></bndbox></object></annotation>", "negative size"),
-        ("<annotation><object><name>dog</name>", "not valid XML"),
-        ("<annotation><object><pose>x</pose></object></annotation>", "has no <name>"),
-    ],
-)
-def test_bad_xml_is_a_clear_error_naming_the_file(tmp_path, content, message):
-    path = tmp_path / "bad.xml"
-    path.write_text(content)
-    with pytest.raises(voc.BadExampleError, match=message) as caught:
-        voc.parse_xml_labels(path, SPEC_VOC_CLASSES)
-    assert str(path) in str(caught.value)
-
-
-def test_palette_grey_and_colour_masks_decode_to_class_ids(tmp_path):
-    mask = np.array([[0, 1, 12], [15, 255, 20]], np.uint8)
-    write_palette_mask(str(tmp_path / "p.png"), mask, seed=5)
-    np.testing.assert_array_equal(voc.read_class_mask(tmp_path / "p.png", 20), mask)
-    Image.fromarray(mask, mode="L").save(tmp_path / "l.png")
-    np.testing.assert_array_equal(voc.read_class_mask(tmp_path / "l.png", 20), mask)
-    # VOC colour map: 0 black, 1 aeroplane (128,0,0), 12 dog (64,0,128), 15 person (192,128,128),
-    # 20 tvmonitor (0,64,128), 255 void (224,224,192).
-    colours = {0: (0, 0, 0), 1: (128, 0, 0), 12: (64, 0, 128), 15: (192, 128, 128),
-               20: (0, 64, 128), 255: (224, 224, 192)}
-    rgb = np.array([[colours[value] for value in row] for row in mask.tolist()], np.uint8)
-    Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    np.testing.assert_array_equal(voc.read_class_mask(tmp_path / "rgb.png", 20), mask)
-
-
-def test_bad_masks_are_clear_errors_naming_the_file(tmp_path):
-    Image.fromarray(np.array([[0, 21]], np.uint8), mode="L").save(tmp_path / "value.png")
-    with pytest.raises(voc.BadExampleError, match=r"value\.png.*\[21\].*allowed: 0"):
-        voc.read_class_mask(tmp_path / "value.png", 20)
-    Image.fromarray(np.full((2, 2, 3), 7, np.uint8)).save(tmp_path / "colour.png")
-    with pytest.raises(voc.BadExampleError, match=r"colour\.png.*\(7, 7, 7\)"):
-        voc.read_class_mask(tmp_path / "colour.png", 20)
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with pytest.raises(voc.BadExampleError, match=r"broken\.png.*corrupt"):
-        voc.read_class_mask(tmp_path / "broken.png", 20)
-    with pytest.raises(voc.BadExampleError, match=r"absent\.png: mask file is missing"):
-        voc.read_class_mask(tmp_path / "absent.png", 20)
-
-
-def test_images_keep_their_bytes_and_odd_ones_are_converted(tmp_path):
-    written = write_image(str(tmp_path / "a.jpg"), 10, 14, seed=1)
-    data, height, width = voc.read_image(tmp_path / "a.jpg")
-    assert data == (tmp_path / "a.jpg").read_bytes() and (height, width) == written.shape[:2]
-    rgba = np.dstack([written, np.full(written.shape[:2], 9, np.uint8)])
-    Image.fromarray(rgba).save(tmp_path / "rgba.png")
-    data, height, width = voc.read_image(tmp_path / "rgba.png")
-    decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED),
-                           cv2.COLOR_BGR2RGB)
-    np.testing.assert_array_equal(decoded, written)  # Alpha dropped, colours exact.
-    truncated = (tmp_path / "a.jpg").read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(truncated[: len(truncated) // 2])
-    with pytest.raises(voc.BadExampleError, match=r"cut\.jpg: image is corrupt"):
-        voc.read_image(tmp_path / "cut.jpg")
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    with pytest.raises(voc.BadExampleError, match=r"empty\.jpg: image file is empty"):
-        voc.read_image(tmp_path / "empty.jpg")
-
-
-def test_split_lists_tolerate_crlf_and_reject_empty_or_duplicate(tmp_path):
-    write_list(str(tmp_path / "a.txt"), ["x1", "x2"], newline="\r\n")
-    assert voc.read_id_list(tmp_path / "a.txt") == ["x1", "x2"]
-    (tmp_path / "empty.txt").write_text("\n \n")
-    with pytest.raises(ValueError, match=r"empty\.txt is empty"):
-        voc.read_id_list(tmp_path / "empty.txt")
-    (tmp_path / "twice.txt").write_text("x1\nx2\nx1\n")
-    with pytest.raises(ValueError, match=r"twice\.txt lists id 'x1' more than once"):
-        voc.read_id_list(tmp_path / "twice.txt")
-
-
-# --------------------------------------------------------------------------------------------------
 # Bad input in the builder: errors naming the file, or counted skips.
 # --------------------------------------------------------------------------------------------------
 
@@ -410,7 +314,7 @@ def break_tree(tree, problem):
 def test_bad_example_stops_preparation_naming_the_file_or_is_skipped_and_counted(tmp_path, problem):
     tree = small_tree(tmp_path / "root")
     bad_id, bad_file, message = break_tree(tree, problem)
-    with pytest.raises(voc.BadExampleError, match=message) as caught:
+    with pytest.raises(BadExampleError, match=message) as caught:
         datasets.load_split("voc2012_aug", "train", data_dir=str(tmp_path / "tfds"), root=tree.root,
                             splits="train")
     assert bad_file in str(caught.value) and repr(bad_id) in str(caught.value)

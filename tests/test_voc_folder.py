@@ -13,6 +13,7 @@ from PIL import Image
 from test_voc import write_image, write_list, write_palette_mask, write_xml
 
 from puzzle_jax.data import datasets, demo, input_pipeline, voc, voc_folder
+from puzzle_jax.labels import BadExampleError
 
 CLASSES = ("apple", "traffic light", "cat")
 
@@ -113,7 +114,7 @@ def test_auto_label_source_prefers_csv_then_xml_then_masks(tmp_path):
     tree = FakeFolder(tmp_path / "root", label_file=False)
     data_dir = str(tmp_path / "tfds")
     # Only masks: labels are the classes in each mask (PSA/IRN's rule); ids without a mask are bad.
-    with pytest.raises(voc.BadExampleError,
+    with pytest.raises(BadExampleError,
                        match=r"img_a\.png: mask file is missing \(label_source"):
         datasets.load_split("voc_folder", "val", data_dir=data_dir, root=tree.root)
     source, info = datasets.load_split("voc_folder", "val", data_dir=data_dir, root=tree.root,
@@ -141,7 +142,7 @@ def test_default_classes_are_voc_and_bad_class_lists_are_errors(tmp_path):
     os.remove(os.path.join(tree.root, "classes.txt"))
     assert voc_folder.read_class_names(tree.root) == voc.VOC_CLASS_NAMES
     # labels.csv names classes that VOC does not have: a clear error naming the file and line.
-    with pytest.raises(voc.BadExampleError, match=r"labels\.csv: line \d: unknown class name"):
+    with pytest.raises(BadExampleError, match=r"labels\.csv: line \d: unknown class name"):
         datasets.load_split("voc_folder", "train", data_dir=str(tmp_path / "tfds"), root=tree.root)
     (tmp_path / "root" / "classes.txt").write_text("_background_\ncat\n")
     with pytest.raises(ValueError,
@@ -159,7 +160,7 @@ def test_bad_examples_error_or_are_skipped_and_counted(tmp_path):
     (tmp_path / "root" / "labels.csv").write_text("\n".join(r for r in rows if not r.startswith(
         "img_b")) + "\n")
     os.remove(os.path.join(tree.root, "JPEGImages", f"img_c.{tree.images['img_c'][1]}"))
-    with pytest.raises(voc.BadExampleError, match=r"labels\.csv: has no row for id 'img_b'"):
+    with pytest.raises(BadExampleError, match=r"labels\.csv: has no row for id 'img_b'"):
         datasets.load_split("voc_folder", "train", data_dir=data_dir, root=tree.root)
     source, info = datasets.load_split("voc_folder", "train", data_dir=data_dir, root=tree.root,
                                        on_bad_example="skip")
@@ -171,12 +172,12 @@ def test_bad_examples_error_or_are_skipped_and_counted(tmp_path):
     # A mask whose size differs from its image names the mask file.
     write_palette_mask(os.path.join(tree.root, "SegmentationClass", "v1.png"),
                        np.zeros((4, 4), np.uint8))
-    with pytest.raises(voc.BadExampleError, match=r"v1\.png: mask is 4x4"):
+    with pytest.raises(BadExampleError, match=r"v1\.png: mask is 4x4"):
         datasets.load_split("voc_folder", "val", data_dir=data_dir, root=tree.root, splits="val")
     # Two images for one id.
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(os.path.join(tree.root, "JPEGImages",
                                                                      "t1.bmp"))
-    with pytest.raises(voc.BadExampleError, match=r"id 't1' has several images"):
+    with pytest.raises(BadExampleError, match=r"id 't1' has several images"):
         datasets.load_split("voc_folder", "test", data_dir=data_dir, root=tree.root, splits="test")
 
 
@@ -196,17 +197,6 @@ def test_missing_layout_parts_are_clear_errors(tmp_path):
     shutil.rmtree(os.path.join(tree.root, "ImageSets"))
     with pytest.raises(FileNotFoundError, match=r"no split list in .*ImageSets/Segmentation"):
         datasets.load_split("voc_folder", "train", data_dir=data_dir, root=tree.root)
-
-
-def test_check_command_prints_splits_and_writes_a_preview(folder, tmp_path, capsys):
-    preview = tmp_path / "sheet.png"
-    voc_folder.main(["--root", folder.root, "--data_dir", str(tmp_path / "tfds"), "--preview",
-                     str(preview), "--split", "val", "--option", "on_bad_example=skip"])
-    printed = capsys.readouterr().out
-    assert "train: 3 examples (listed 3, skipped 0, without mask 3)" in printed
-    assert "val: 2 examples" in printed and "apple, traffic light, cat" in printed
-    with Image.open(preview) as sheet:
-        assert sheet.size[0] > 0 and np.asarray(sheet).std() > 10
 
 
 def write_image_array(path, image):

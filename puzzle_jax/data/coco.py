@@ -11,7 +11,7 @@ Expected layout of `root`::
     root/annotations/instances_train2014.json
     root/annotations/instances_val2014.json
 
-Records (layout of `datasets.py`): `id` is the file name without extension; `labels` (80,) marks the
+Records (layout of `records`): `id` is the file name without extension; `labels` (80,) marks the
 categories of all the image's annotations (crowd ones included: the class is in the image); `mask`
 holds 0 background and 1..80 for the categories in increasing category-id order (1 person ...
 80 toothbrush).
@@ -44,7 +44,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from puzzle_jax.data import voc
+from puzzle_jax.data import manual_builder, readers
+from puzzle_jax.labels import IGNORE_LABEL, BadExampleError
 
 # COCO 2014's 80 categories as (category id, name), in increasing id order: class id = position + 1.
 COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
@@ -239,7 +240,7 @@ def render_semantic_mask(
     Raises:
       ValueError: for an unknown category id or a malformed segmentation.
     """
-    voc.check_policy("crowd", crowd, CROWD_RULES, "coco2014")
+    manual_builder.check_policy("crowd", crowd, CROWD_RULES, "coco2014")
     mask = np.zeros((height, width), np.uint8)
     instances = []
     for annotation in annotations:
@@ -252,7 +253,7 @@ def render_semantic_mask(
         region = segmentation_to_mask(annotation.get("segmentation"), height, width)
         class_id = class_of_category[category]
         if annotation.get("iscrowd", 0):
-            mask[region] = voc.IGNORE_LABEL if crowd == "ignore" else class_id
+            mask[region] = IGNORE_LABEL if crowd == "ignore" else class_id
         else:
             instances.append((region, class_id))
     # Largest first, so that smaller instances end on top; sorted() is stable for equal areas.
@@ -334,14 +335,14 @@ def load_instances(path: epath.PathLike) -> CocoIndex:
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
-class Coco2014Config(voc.ManualDataConfig):
+class Coco2014Config(manual_builder.ManualDataConfig):
     """coco2014 options (see `create_builder`)."""
 
     images_without_annotations: str = "skip"
     crowd: str = "ignore"
 
 
-class Coco2014(voc.ManualDataBuilder, skip_registration=__name__ == "__main__"):
+class Coco2014(manual_builder.ManualDataBuilder):
     """MS COCO 2014 with semantic masks rendered from its instances (tfds name "coco2014")."""
 
     name = "coco2014"
@@ -401,9 +402,9 @@ class Coco2014(voc.ManualDataBuilder, skip_registration=__name__ == "__main__"):
             file_name, height, width = index.images[by_id[example_id]]
             annotations = index.annotations.get(by_id[example_id], [])
             image_path = image_dir / file_name
-            image, image_height, image_width = voc.read_image(image_path)
+            image, image_height, image_width = readers.read_image(image_path)
             if (image_height, image_width) != (height, width):
-                raise voc.BadExampleError(
+                raise BadExampleError(
                     image_path,
                     f"image is {image_height}x{image_width} (HxW) but {json_path} says "
                     f"{height}x{width}",
@@ -411,8 +412,8 @@ class Coco2014(voc.ManualDataBuilder, skip_registration=__name__ == "__main__"):
             try:
                 mask = render_semantic_mask(annotations, height, width, crowd=config.crowd)
             except ValueError as error:
-                raise voc.BadExampleError(json_path, f"image {file_name}: {error}") from error
-            return voc.make_record(
+                raise BadExampleError(json_path, f"image {file_name}: {error}") from error
+            return manual_builder.make_record(
                 example_id, image=image, height=height, width=width, image_path=image_path,
                 labels=labels_of_annotations(annotations), mask=mask, mask_path=json_path,
             )
@@ -447,7 +448,7 @@ def create_builder(
       splits: splits to prepare ("train,val" or a sequence); default both.
       images_without_annotations: "skip" (counted in the metadata) or "background".
       crowd: "ignore" (crowd regions 255) or "class".
-      on_bad_example: "error" or "skip" (see voc.ManualDataConfig).
+      on_bad_example: "error" or "skip" (see manual_builder.ManualDataConfig).
 
     Returns:
       The builder; its config name hashes the root, the options and the annotation files' sizes and
@@ -457,17 +458,19 @@ def create_builder(
       ValueError, FileNotFoundError: for a missing root or a bad option.
     """
     dataset = "coco2014"
-    voc.check_policy("on_bad_example", on_bad_example, voc.BAD_EXAMPLE_POLICIES, dataset)
-    voc.check_policy(
+    manual_builder.check_policy(
+        "on_bad_example", on_bad_example, manual_builder.BAD_EXAMPLE_POLICIES, dataset
+    )
+    manual_builder.check_policy(
         "images_without_annotations", images_without_annotations, IMAGES_WITHOUT_ANNOTATIONS,
         dataset,
     )
-    voc.check_policy("crowd", crowd, CROWD_RULES, dataset)
-    root_path = voc.resolve_root(root, dataset, _COCO_LAYOUT_HINT)
-    selected = voc.parse_split_names(splits, tuple(COCO2014_SPLITS), dataset) or tuple(
-        COCO2014_SPLITS
-    )
-    digest = voc.fingerprint({
+    manual_builder.check_policy("crowd", crowd, CROWD_RULES, dataset)
+    root_path = manual_builder.resolve_root(root, dataset, _COCO_LAYOUT_HINT)
+    selected = manual_builder.parse_split_names(
+        splits, tuple(COCO2014_SPLITS), dataset
+    ) or tuple(COCO2014_SPLITS)
+    digest = manual_builder.fingerprint({
         "root": os.fspath(root_path),
         "splits": selected,
         "images_without_annotations": images_without_annotations,
@@ -478,7 +481,7 @@ def create_builder(
         },
     })
     config = Coco2014Config(
-        name=voc.make_config_name(root_path, digest),
+        name=manual_builder.make_config_name(root_path, digest),
         description=f"COCO 2014 from {root_path}, splits {list(selected)}.",
         root=os.fspath(root_path),
         class_names=COCO_CLASS_NAMES,

@@ -3,17 +3,12 @@
 This module owns how a named dataset becomes a random-access source of decoded numpy records: it
 prepares the tfds builder to `array_record` on first use (no TensorFlow needed), opens the split
 with `tfds.data_source`-style random access, and converts each record to the layout every stage
-uses:
-
-    image   uint8 (H, W, 3) RGB
-    mask    uint8 (H, W): 0 background, 1..C classes, 255 ignored (absent when the split is opened
-            with `decode_masks=False`, as classifier training does: it needs image-level labels only,
-            and skipping the PNG decode saves the loader ~1 ms of ~10 per 500x375 image)
-    id      str
-    labels  float32 (C,) multi-hot image-level labels
+uses (`records.decode_record`: `image` uint8 (H, W, 3) RGB, `mask` uint8 (H, W) unless the split is
+opened with `decode_masks=False`, `id` str, `labels` float32 (C,); see `records`).
 
 To add a dataset, write a builder module that exposes `create_builder(*, data_dir, **kwargs)`
-returning a tfds builder with a `class_names` property, and add it to `DATASET_BUILDERS`.
+returning a tfds builder with a `class_names` property and the features `records.record_features`,
+and add it to `DATASET_BUILDERS`.
 
 `LabelFolderRecords` joins a split's images with a folder of label PNGs that an earlier stage
 wrote (pseudo labels, affinity labels), by image id: the label maps the segmentation and affinity
@@ -33,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from puzzle_jax import labels, sharding
 from puzzle_jax.data import coco, demo, voc, voc_folder
+from puzzle_jax.data.records import decode_id, decode_record
 
 # Name (the value of config.data.dataset) -> builder factory taking data_dir and builder options.
 # The builders of downloaded data take the data's folder as the option `root`.
@@ -112,7 +108,7 @@ class DecodedRecords(Sequence):
         builder = create_builder(name, data_dir=data_dir, **builder_kwargs)
         skip = tfds.decode.SkipDecoding()
         raw = builder.as_data_source(split, decoders={"image": skip, "mask": skip})
-        return [_decode_id(raw[index]["id"]) for index in range(len(raw))]
+        return [decode_id(raw[index]["id"]) for index in range(len(raw))]
 
 
 class LabelFolderRecords(Sequence):
@@ -171,29 +167,6 @@ class LabelFolderRecords(Sequence):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for index in range(len(self)):
             yield self[index]
-
-
-def _decode_id(example_id: Any) -> str:
-    return str(example_id.decode("utf-8") if isinstance(example_id, bytes) else example_id)
-
-
-def decode_record(record: Mapping[str, Any], *, decode_mask: bool = True) -> dict[str, Any]:
-    """Converts one tfds numpy record to the project's layout (see the module docstring).
-
-    With ``decode_mask=False`` the record (read with the mask's decoding skipped) has no ``mask``.
-    """
-    decoded = {
-        "image": np.asarray(record["image"], np.uint8),
-        "id": _decode_id(record["id"]),
-        "labels": np.asarray(record["labels"], np.float32),
-    }
-    if decode_mask:
-        mask = np.asarray(record["mask"], np.uint8)
-        if mask.ndim == 3:
-            # Masks are stored as single-channel PNGs, which tfds decodes as (H, W, 1).
-            mask = mask[..., 0]
-        decoded["mask"] = mask
-    return decoded
 
 
 def create_builder(name: str, *, data_dir: str, **builder_kwargs) -> tfds.core.DatasetBuilder:

@@ -2,10 +2,10 @@
 
 This module owns everything about the demo data: the appearance of its classes (one documented
 place, `GENERATION` and `CLASS_APPEARANCES`, for whoever tunes it), the renderer of one example, the
-tfds builder that prepares the splits to `array_record` without TensorFlow, and a contact-sheet
-preview:
+tfds builder that prepares the splits to `array_record` without TensorFlow. Preview a split as a
+contact sheet with
 
-    python -m puzzle_jax.data.demo --preview out.png --data_dir /tmp/puzzle_demo_data
+    python -m puzzle_jax.data.cli preview-demo --preview out.png --data_dir /tmp/puzzle_demo_data
 
 Why it looks the way it does: the demo must pose a *real* weakly-supervised segmentation problem.
 Every object is a large body (an ellipse) with a small head (a two-colour disc at one end of the
@@ -19,7 +19,6 @@ body's evidence too, and its CAMs cover more of each object (README, demo sectio
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import math
@@ -29,6 +28,8 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from puzzle_jax.data import records
 
 # --------------------------------------------------------------------------------------------------
 # Class generation parameters: the one place to tune the demo problem.
@@ -424,7 +425,8 @@ class PuzzleDemoConfig(tfds.core.BuilderConfig):
     max_side: int = 128
 
 
-_CONFIG_FIELDS = (
+# The options of a demo config: `create_demo_config`'s overrides, also those of `data.cli preview-demo`.
+CONFIG_FIELDS = (
     "seed", "num_classes", "num_pretrain", "num_train", "num_val", "min_side", "max_side"
 )
 
@@ -438,10 +440,10 @@ def _config_name(values: dict) -> str:
 
 
 def _validate_config_values(values: dict) -> None:
-    unknown = sorted(set(values) - set(_CONFIG_FIELDS))
+    unknown = sorted(set(values) - set(CONFIG_FIELDS))
     if unknown:
         raise ValueError(
-            f"Unknown puzzle_demo option(s) {unknown}; allowed: {list(_CONFIG_FIELDS)}."
+            f"Unknown puzzle_demo option(s) {unknown}; allowed: {list(CONFIG_FIELDS)}."
         )
     if not 1 <= values["num_classes"] <= len(CLASS_APPEARANCES):
         raise ValueError(
@@ -461,7 +463,7 @@ def _validate_config_values(values: dict) -> None:
 
 
 def _make_config(**overrides) -> PuzzleDemoConfig:
-    defaults = {field: getattr(PuzzleDemoConfig(name="unused"), field) for field in _CONFIG_FIELDS}
+    defaults = {field: getattr(PuzzleDemoConfig(name="unused"), field) for field in CONFIG_FIELDS}
     values = {**defaults, **overrides}
     _validate_config_values(values)
     return PuzzleDemoConfig(
@@ -493,9 +495,7 @@ def create_demo_config(**overrides) -> PuzzleDemoConfig:
     return _DEFAULT_CONFIG if config.name == _DEFAULT_CONFIG.name else config
 
 
-# `python -m puzzle_jax.data.demo` runs this file as __main__ and then imports it again as a module
-# (through datasets); only the module's class may claim the tfds name.
-class PuzzleDemo(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "__main__"):
+class PuzzleDemo(tfds.core.GeneratorBasedBuilder):
     """The procedurally generated demo dataset (tfds name "puzzle_demo")."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -521,16 +521,7 @@ class PuzzleDemo(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == 
             description=__doc__,
             # Records stay in generation order, so record i of a split is example "<split>_<i>".
             disable_shuffling=True,
-            features=tfds.features.FeaturesDict(
-                {
-                    # Images and masks are handed over as PNG bytes: encoding arrays would need
-                    # TensorFlow.
-                    "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
-                    "mask": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8),
-                    "id": tfds.features.Text(),
-                    "labels": tfds.features.Tensor(shape=(num_classes,), dtype=np.float32),
-                }
-            ),
+            features=records.record_features(num_classes),
         )
 
     def _split_generators(self, dl_manager) -> dict[str, Iterator]:
@@ -553,19 +544,12 @@ class PuzzleDemo(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == 
                 classes=CLASS_APPEARANCES,
             )
             example_id = f"{split}_{index:05d}"
-            yield example_id, {
-                "image": _encode_png(cv2.cvtColor(image, cv2.COLOR_RGB2BGR)),
-                "mask": _encode_png(mask),
-                "id": example_id,
-                "labels": labels,
-            }
-
-
-def _encode_png(array: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode an array of shape {array.shape} as PNG.")
-    return encoded.tobytes()
+            yield example_id, records.encode_record(
+                example_id,
+                image=records.encode_png(cv2.cvtColor(image, cv2.COLOR_RGB2BGR)),
+                mask=mask,
+                labels=labels,
+            )
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -578,99 +562,3 @@ def create_builder(*, data_dir: str, **config_overrides) -> PuzzleDemo:
     return PuzzleDemo(
         config=create_demo_config(**config_overrides), data_dir=data_dir, file_format="array_record"
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# Preview.
-# --------------------------------------------------------------------------------------------------
-
-
-def segmentation_palette() -> np.ndarray:
-    """The VOC colour map: (256, 3) uint8, class i -> colour; 255 (void) is cream as in VOC."""
-    palette = np.zeros((256, 3), np.uint8)
-    for label in range(256):
-        red = green = blue = 0
-        code = label
-        for bit in range(8):
-            red |= ((code >> 0) & 1) << (7 - bit)
-            green |= ((code >> 1) & 1) << (7 - bit)
-            blue |= ((code >> 2) & 1) << (7 - bit)
-            code >>= 3
-        palette[label] = (red, green, blue)
-    palette[255] = (224, 224, 192)
-    return palette
-
-
-def render_contact_sheet(
-    records: Sequence[dict], names: Sequence[str], *, columns: int = 4, cell: int = 128
-) -> np.ndarray:
-    """Renders records (image, mask, labels) as a grid of image | colour-coded mask pairs.
-
-    Args:
-      records: dicts with `image` uint8 (H, W, 3), `mask` uint8 (H, W) and `labels` (C,).
-      names: class names, for the caption under each pair.
-      columns: pairs per row.
-      cell: side of the square cell each image or mask is fitted into.
-
-    Returns:
-      uint8 RGB sheet.
-    """
-    palette = segmentation_palette()
-    caption = 14
-    rows = math.ceil(len(records) / columns)
-    pair_gap, column_gap, row_gap = 4, 12, 4
-    pair_width = 2 * cell + pair_gap + column_gap
-    row_height = cell + caption + row_gap
-    sheet = np.full((rows * row_height, columns * pair_width, 3), 255, np.uint8)
-    for position, record in enumerate(records):
-        top = (position // columns) * row_height
-        left = (position % columns) * pair_width
-        mask_offset = cell + pair_gap
-        for offset, picture in ((0, record["image"]), (mask_offset, palette[record["mask"]])):
-            height, width = picture.shape[:2]
-            scale = min(1.0, cell / max(height, width))
-            if scale < 1.0:
-                new_size = (round(width * scale), round(height * scale))
-                picture = cv2.resize(picture, new_size, interpolation=cv2.INTER_NEAREST)
-            bottom, right = top + picture.shape[0], left + offset + picture.shape[1]
-            sheet[top:bottom, left + offset : right] = picture
-        text = ",".join(name for name, flag in zip(names, record["labels"]) if flag > 0)
-        cv2.putText(
-            sheet, text, (left + 2, top + cell + caption - 3), cv2.FONT_HERSHEY_SIMPLEX,
-            fontScale=0.4, color=(0, 0, 0), thickness=1, lineType=cv2.LINE_AA,
-        )
-    return sheet
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: prepares the demo data if needed and writes a contact sheet PNG."""
-    # Imported here: datasets imports this module for its registry.
-    from puzzle_jax.data import datasets  # pylint: disable=import-outside-toplevel
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--preview", required=True, help="path of the PNG contact sheet to write")
-    parser.add_argument("--data_dir", required=True, help="tfds data_dir (generated on first use)")
-    parser.add_argument("--split", default="train", choices=sorted(SPLIT_STREAMS))
-    parser.add_argument("--count", type=int, default=16, help="number of examples shown")
-    for field in _CONFIG_FIELDS:
-        parser.add_argument(
-            f"--{field}", type=int, default=None, help=f"demo config override: {field}"
-        )
-    args = parser.parse_args(argv)
-    overrides = {
-        field: getattr(args, field) for field in _CONFIG_FIELDS if getattr(args, field) is not None
-    }
-    source, info = datasets.load_split(
-        "puzzle_demo", args.split, data_dir=args.data_dir, **overrides
-    )
-    records = [source[index] for index in range(min(args.count, len(source)))]
-    sheet = render_contact_sheet(records, info.class_names)
-    if not cv2.imwrite(args.preview, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"Could not write the contact sheet to {args.preview!r}.")
-    print(f"Wrote {len(records)} {args.split} examples of {info.name} to {args.preview}")
-
-
-if __name__ == "__main__":
-    main()

@@ -26,12 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from puzzle_jax.labels import IGNORE_LABEL
+
 # ImageNet statistics used by the authors' normalisation (RGB order).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-# Mask value of pixels that no loss or metric counts (padding, VOC object borders).
-IGNORE_LABEL = 255
 
 
 def normalize_image(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

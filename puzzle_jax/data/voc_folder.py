@@ -1,4 +1,4 @@
-"""A user's own dataset in VOC layout as the tfds builder "voc_folder", and a command to check one.
+"""A user's own dataset in VOC layout as the tfds builder "voc_folder".
 
 This module owns the rules of a VOC-layout folder: where images, masks, labels, class names and
 split lists are, and what happens when some are absent. Select it with
@@ -29,13 +29,12 @@ Rules:
 
 Check a folder before training (prepares it and prints what was found, skipped, and a preview):
 
-    python -m puzzle_jax.data.voc_folder --root DIR --data_dir ~/tensorflow_datasets \
+    python -m puzzle_jax.data.cli check-folder --root DIR --data_dir ~/tensorflow_datasets \
         --preview /tmp/sheet.png
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -47,7 +46,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from puzzle_jax.data import voc
+from puzzle_jax.data import manual_builder, readers, voc
+from puzzle_jax.labels import BadExampleError, read_label_png
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_SOURCES = ("auto", "csv", "xml", "mask")
@@ -134,7 +134,7 @@ def _csv_labels(
     labels = np.zeros((len(class_names),), np.float32)
     for name in names:
         if name not in index_of:
-            raise voc.BadExampleError(
+            raise BadExampleError(
                 path,
                 f"line {line_number}: unknown class name {name!r}; allowed: {list(class_names)}",
             )
@@ -148,7 +148,7 @@ def resolve_label_source(root: epath.Path, label_source: str) -> str:
     Raises:
       ValueError: for an unknown value, or when nothing to take labels from exists.
     """
-    voc.check_policy("label_source", label_source, LABEL_SOURCES, "voc_folder")
+    manual_builder.check_policy("label_source", label_source, LABEL_SOURCES, "voc_folder")
     found = {
         "csv": (root / "labels.csv").is_file(),
         "xml": (root / "Annotations").is_dir(),
@@ -185,7 +185,7 @@ def find_split_lists(root: epath.Path) -> dict[str, epath.Path]:
             f"voc_folder: no split list in {lists_dir}; write one file per split (e.g. train.txt, "
             "val.txt) with one image id per line."
         )
-    return {voc.check_split_name(path.stem, path): path for path in files}
+    return {manual_builder.check_split_name(path.stem, path): path for path in files}
 
 
 def index_images(image_dir: epath.Path) -> dict[str, list[epath.Path]]:
@@ -203,13 +203,13 @@ def index_images(image_dir: epath.Path) -> dict[str, list[epath.Path]]:
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
-class VocFolderConfig(voc.ManualDataConfig):
+class VocFolderConfig(manual_builder.ManualDataConfig):
     """voc_folder options (see `create_builder`); label_source is resolved (never "auto")."""
 
     label_source: str = "xml"
 
 
-class VocFolder(voc.ManualDataBuilder, skip_registration=__name__ == "__main__"):
+class VocFolder(manual_builder.ManualDataBuilder):
     """A user's dataset in VOC layout (tfds name "voc_folder")."""
 
     name = "voc_folder"
@@ -228,7 +228,7 @@ class VocFolder(voc.ManualDataBuilder, skip_registration=__name__ == "__main__")
         generators = {}
         for split in config.splits:
             list_path = split_lists[split]
-            ids = voc.read_id_list(list_path)
+            ids = readers.read_id_list(list_path)
             with_mask = sum(example_id in mask_ids for example_id in ids)
             if 0 < with_mask < len(ids):
                 logging.warning(
@@ -258,22 +258,22 @@ class VocFolder(voc.ManualDataBuilder, skip_registration=__name__ == "__main__")
         def load(example_id: str) -> dict[str, Any]:
             candidates = images.get(example_id, [])
             if not candidates:
-                raise voc.BadExampleError(
+                raise BadExampleError(
                     root / "JPEGImages" / f"{example_id}.jpg",
                     f"image file is missing (no {example_id}.<{'|'.join(IMAGE_EXTENSIONS)}> in "
                     "JPEGImages)",
                 )
             if len(candidates) > 1:
-                raise voc.BadExampleError(
+                raise BadExampleError(
                     candidates[0],
                     f"id {example_id!r} has several images: {sorted(p.name for p in candidates)}",
                 )
             image_path = candidates[0]
-            image, height, width = voc.read_image(image_path)
+            image, height, width = readers.read_image(image_path)
             mask_path = root / "SegmentationClass" / f"{example_id}.png"
-            mask = voc.read_class_mask(mask_path, num_classes) if example_id in mask_ids else None
+            mask = read_label_png(mask_path, num_classes) if example_id in mask_ids else None
             labels = self._labels(example_id, root, mask, csv_rows, labels_optional)
-            return voc.make_record(
+            return manual_builder.make_record(
                 example_id, image=image, height=height, width=width, image_path=image_path,
                 labels=labels, mask=mask, mask_path=mask_path,
             )
@@ -301,16 +301,16 @@ class VocFolder(voc.ManualDataBuilder, skip_registration=__name__ == "__main__")
         elif config.label_source == "xml":
             xml_path = root / "Annotations" / f"{example_id}.xml"
             if not optional or xml_path.exists():
-                return voc.parse_xml_labels(xml_path, class_names)
+                return readers.parse_xml_labels(xml_path, class_names)
             problem, missing_path = "annotation file is missing", xml_path
         else:
             if mask is not None:
-                return voc.labels_from_mask(mask, len(class_names))
+                return readers.labels_from_mask(mask, len(class_names))
             problem = "mask file is missing (label_source='mask' takes labels from it)"
             missing_path = root / "SegmentationClass" / f"{example_id}.png"
         if optional:
             return np.zeros((len(class_names),), np.float32)
-        raise voc.BadExampleError(missing_path, problem)
+        raise BadExampleError(missing_path, problem)
 
 
 def create_builder(
@@ -328,7 +328,7 @@ def create_builder(
       root: the folder (layout: module docstring).
       label_source: "auto", "csv", "xml" or "mask" (see the module docstring).
       splits: splits to prepare (names of list files, "train,val" or a sequence); default all.
-      on_bad_example: "error" or "skip" (see voc.ManualDataConfig).
+      on_bad_example: "error" or "skip" (see manual_builder.ManualDataConfig).
 
     Returns:
       The builder; its config name hashes the root, the options, the split lists, classes.txt and
@@ -340,23 +340,29 @@ def create_builder(
         option or class list.
     """
     dataset = "voc_folder"
-    voc.check_policy("on_bad_example", on_bad_example, voc.BAD_EXAMPLE_POLICIES, dataset)
-    root_path = voc.resolve_root(root, dataset, _FOLDER_LAYOUT_HINT)
+    manual_builder.check_policy(
+        "on_bad_example", on_bad_example, manual_builder.BAD_EXAMPLE_POLICIES, dataset
+    )
+    root_path = manual_builder.resolve_root(root, dataset, _FOLDER_LAYOUT_HINT)
     class_names = read_class_names(root_path)
     source = resolve_label_source(root_path, label_source)
     split_lists = find_split_lists(root_path)
-    selected = voc.parse_split_names(splits, tuple(split_lists), dataset) or tuple(split_lists)
-    digest = voc.fingerprint({
+    selected = manual_builder.parse_split_names(
+        splits, tuple(split_lists), dataset
+    ) or tuple(split_lists)
+    digest = manual_builder.fingerprint({
         "root": os.fspath(root_path),
         "splits": selected,
         "label_source": source,
         "on_bad_example": on_bad_example,
         "class_names": class_names,
-        "lists": {name: voc.file_digest(split_lists[name]) for name in selected},
-        "labels_csv": voc.file_digest(root_path / "labels.csv") if source == "csv" else None,
+        "lists": {name: manual_builder.file_digest(split_lists[name]) for name in selected},
+        "labels_csv": (
+            manual_builder.file_digest(root_path / "labels.csv") if source == "csv" else None
+        ),
     })
     config = VocFolderConfig(
-        name=voc.make_config_name(root_path, digest),
+        name=manual_builder.make_config_name(root_path, digest),
         description=(
             f"VOC-layout folder {root_path}, splits {list(selected)}, labels from {source}."
         ),
@@ -367,67 +373,3 @@ def create_builder(
         label_source=source,
     )
     return VocFolder(config=config, data_dir=data_dir, file_format="array_record")
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line: prepare a dataset and report what was found.
-# --------------------------------------------------------------------------------------------------
-
-
-def _parse_option(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Prepares a dataset (voc_folder by default) and prints its splits, skips and a preview."""
-    # Imported here: datasets imports this module for its registry.
-    import cv2  # pylint: disable=import-outside-toplevel
-
-    from puzzle_jax.data import datasets, demo  # pylint: disable=import-outside-toplevel
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--root", required=True, help="folder of the data (config.data.root)")
-    parser.add_argument("--data_dir", required=True, help="tfds data_dir (config.data.data_dir)")
-    parser.add_argument("--dataset", default="voc_folder", help="voc_folder, voc2012_aug, coco2014")
-    parser.add_argument(
-        "--option", action="append", type=_parse_option, default=[],
-        help="builder option KEY=VALUE (e.g. on_bad_example=skip); repeatable",
-    )
-    parser.add_argument("--preview", help="write a contact sheet of the first images to this PNG")
-    parser.add_argument("--split", help="split of the preview (default: the first)")
-    parser.add_argument("--count", type=int, default=16, help="images in the preview")
-    args = parser.parse_args(argv)
-    builder = datasets.create_builder(
-        args.dataset, data_dir=os.path.expanduser(args.data_dir), root=args.root,
-        **dict(args.option),
-    )
-    builder.download_and_prepare()
-    print(f"{args.dataset} ({builder.builder_config.name}) in {builder.data_dir}")
-    print(f"classes ({len(builder.class_names)}): {', '.join(builder.class_names)}")
-    reports = (builder.info.metadata or {}).get("splits", {})
-    for split, info in builder.info.splits.items():
-        report = reports.get(split, {})
-        print(
-            f"  {split}: {info.num_examples} examples (listed {report.get('listed', '?')}, "
-            f"skipped {report.get('skipped', '?')}, without mask "
-            f"{report.get('ids_without_mask', '?')})"
-        )
-        for item in report.get("skipped_examples", [])[:10]:
-            print(f"    skipped {item['id']}: {item['file']}: {item['problem']}")
-    if args.preview:
-        split = args.split or next(iter(builder.info.splits))
-        source = datasets.DecodedRecords(builder.as_data_source(split))
-        records = [source[index] for index in range(min(args.count, len(source)))]
-        sheet = demo.render_contact_sheet(records, builder.class_names)
-        if not cv2.imwrite(args.preview, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"Could not write the contact sheet to {args.preview!r}.")
-        print(f"Wrote {len(records)} {split} examples to {args.preview}")
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,6 @@
 
 from puzzle_jax.evaluation.miou import (
     DEFAULT_THRESHOLDS,
-    IGNORE_INDEX,
     ThresholdSweep,
     cams_to_labels,
     confusion_matrix,
@@ -13,7 +12,6 @@ from puzzle_jax.evaluation.miou import (
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
-    "IGNORE_INDEX",
     "ThresholdSweep",
     "cams_to_labels",
     "confusion_matrix",

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from puzzle_jax.labels import IGNORE_LABEL
+
 INVALID_PREDICTION_POLICIES = ("wrong", "ignore")
 # The authors' evaluate.py sweep 0.05, 0.10, ..., 0.75, rounded so 0.15 is 0.15 and not
 # 0.15000000000000002.
@@ -55,7 +56,7 @@ def confusion_matrix(
     prediction: np.ndarray,
     ground_truth: np.ndarray,
     num_classes: int,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_LABEL,
 ) -> np.ndarray:
     """Counts (GT class, predicted class) pairs over the pixels of one or more images.
 
@@ -241,7 +242,7 @@ class ThresholdSweep:
         self,
         num_classes: int,
         thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-        ignore_index: int = IGNORE_INDEX,
+        ignore_index: int = IGNORE_LABEL,
     ):
         """Creates an empty sweep.
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from puzzle_jax import cam_files, fileio
 from puzzle_jax.evaluation import miou
+from puzzle_jax.labels import IGNORE_LABEL, voc_palette
 from puzzle_jax.viz import overlays, palette
 
 IMAGES_DIR = "images"
@@ -63,7 +64,7 @@ class _RunView:
 def _class_name(label: int, class_names: Sequence[str]) -> str:
     if label == 0:
         return BACKGROUND_NAME
-    if label == palette.VOID_LABEL:
+    if label == IGNORE_LABEL:
         return "void"
     if 1 <= label <= len(class_names):
         return class_names[label - 1]
@@ -149,8 +150,8 @@ def _write_run_row(
 
 
 def _legend(class_names: Sequence[str]) -> str:
-    colours = palette.voc_palette()
-    labels = list(range(len(class_names) + 1)) + [palette.VOID_LABEL]
+    colours = voc_palette()
+    labels = list(range(len(class_names) + 1)) + [IGNORE_LABEL]
     items = []
     for label in labels:
         red, green, blue = (int(value) for value in colours[label])
