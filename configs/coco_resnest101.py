@@ -12,11 +12,11 @@ def get_config():
     # The coco2014 builder: semantic masks rendered from the instance annotations (crowd regions ignored).
     config.data.dataset = "coco2014"
     # COCO's 82,081 labelled train2014 images (images without annotations are skipped by the builder).
-    config.data.train_split = "train"
+    config.train_cam.split = "train"
     # CAMs are made and scored on the training images, as for VOC (they become the pseudo labels).
     config.infer.split = "train"
     # The backbone of the README command (and of the preprint's best VOC numbers after ResNeSt-269).
     config.model.arch = "resnest101"
     # 82k images at batch 32 are 2,565 steps per epoch: 5 epochs give ~12.8k steps, 2.6x the VOC schedule.
-    config.train.epochs = 5
+    config.train_cam.epochs = 5
     return config

@@ -16,7 +16,7 @@ for seed in 0 1; do
       stages=train_cam,infer_cam,eval_cam
     fi
     python3 -m puzzle_jax.main --config=configs/demo.py --workdir="$workdir" --config.seed=$seed \
-      --config.stages=$stages --config.cam.loss_option=$option --config.model.init_from="$pretrained"
+      --config.stages=$stages --config.cam.loss_option=$option --config.train_cam.init_from="$pretrained"
   done
 done
 python3 - "$root" <<'PY'
@@ -35,7 +35,9 @@ import os, sys
 import cv2
 import numpy as np
 from configs import demo
+from puzzle_jax import cam_files
 from puzzle_jax.data.datasets import load_split_from_config
+from puzzle_jax.pipeline import Workdir
 from puzzle_jax.viz.overlays import cam_overlay
 root = sys.argv[1]
 source, _ = load_split_from_config(demo.get_config().data, "train")
@@ -46,7 +48,8 @@ for index in range(8):
     height, width = image.shape[:2]
     triplet = [image]
     for run in ("cl_seed0", "pcl_seed0"):
-        cams = np.load(os.path.join(root, run, "infer_cam", "cams", f"{record['id']}.npz"))["hr_cam"]
+        cams = cam_files.read_cam_file(cam_files.path_of(Workdir(os.path.join(root, run)).cam_dir(), record["id"]))
+        cams = cams["hr_cam"]
         triplet.append(cam_overlay(image, cams.max(axis=0)[:height, :width]))
     cells.append(np.concatenate([cv2.resize(view, (128, 128), interpolation=cv2.INTER_AREA) for view in triplet], 1))
 sheet = np.concatenate([np.concatenate(cells[row : row + 2], 1) for row in range(0, 8, 2)], 0)

@@ -2,7 +2,7 @@
 
 Scores a folder of predictions against a folder of ground-truth label PNGs, matched by file name stem:
 
-* ``.npz`` CAM files (``keys`` and ``hr_cam``, or a random walk's ``rw``, as ``infer_cam`` writes them): a background
+* ``.npz`` CAM files (``cam_files``: ``keys`` and ``hr_cam``, or a random walk's ``rw``): a background
   channel at the threshold is added and the argmax taken; ``--sweep`` tries every threshold of ``--thresholds``
   (the authors' 0.05..0.75 by default) and reports the best.
 * ``.png`` label maps (pseudo labels, segmentation outputs): scored as they are. Pixels predicted as 255 (uncertain)
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from puzzle_jax import fileio
 from puzzle_jax.data import voc
-from puzzle_jax.evaluation import miou, report
+from puzzle_jax.evaluation import cam_scoring, miou, report
 from puzzle_jax.labels import read_label_png
 
 
@@ -37,17 +37,6 @@ def _stems(directory: str, extension: str) -> dict[str, str]:
         for name in sorted(os.listdir(directory))
         if name.endswith(extension)
     }
-
-
-def _read_cams(path: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path) as payload:
-            key = "hr_cam" if "hr_cam" in payload else "rw" if "rw" in payload else None
-            if key is None or "keys" not in payload:
-                raise ValueError(f"expected 'keys' and 'hr_cam' (or 'rw'), found {sorted(payload.keys())}")
-            return np.asarray(payload[key]), np.asarray(payload["keys"])
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a readable CAM file: {error}") from error
 
 
 def evaluate_folders(
@@ -78,10 +67,10 @@ def evaluate_folders(
     for directory in (prediction_dir, ground_truth_dir):
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no such folder.")
-    cam_files, png_files = _stems(prediction_dir, ".npz"), _stems(prediction_dir, ".png")
-    if cam_files and png_files:
+    cam_predictions, png_predictions = _stems(prediction_dir, ".npz"), _stems(prediction_dir, ".png")
+    if cam_predictions and png_predictions:
         raise ValueError(f"{prediction_dir} holds both .npz CAMs and .png labels; give a folder with one kind.")
-    predictions = cam_files or png_files
+    predictions = cam_predictions or png_predictions
     if not predictions:
         raise FileNotFoundError(f"{prediction_dir}: no .npz or .png predictions found.")
     ground_truths = _stems(ground_truth_dir, ".png")
@@ -91,31 +80,19 @@ def evaluate_folders(
             f"{len(missing)} prediction(s) have no ground truth in {ground_truth_dir} (first: {missing[0]}.png)."
         )
     num_classes = len(class_names)
-    if cam_files:
-        accumulator = miou.ThresholdSweep(
-            num_classes, thresholds if thresholds is not None else miou.DEFAULT_THRESHOLDS
+    stems = sorted(predictions)
+    if cam_predictions:
+        pairs = (
+            (predictions[stem], read_label_png(ground_truths[stem], num_classes - 1), ground_truths[stem])
+            for stem in stems
         )
-    else:
-        confusion = np.zeros((num_classes, num_classes + 1), np.int64)
-    for stem in tqdm(sorted(predictions), desc="evaluate", disable=not show_progress):
-        ground_truth = read_label_png(ground_truths[stem], num_classes - 1)
-        if cam_files:
-            cams, keys = _read_cams(predictions[stem])
-            if cams.shape[1:] != ground_truth.shape:
-                raise ValueError(
-                    f"{predictions[stem]}: CAM size {cams.shape[1:]} differs from its ground truth "
-                    f"{ground_truths[stem]} {ground_truth.shape}."
-                )
-            accumulator.update(cams, keys, ground_truth)
-        else:
-            prediction = read_label_png(predictions[stem], num_classes - 1)
-            if prediction.shape != ground_truth.shape:
-                raise ValueError(
-                    f"{predictions[stem]}: size {prediction.shape} differs from its ground truth {ground_truth.shape}."
-                )
-            confusion += miou.confusion_matrix(prediction, ground_truth, num_classes)
-    if cam_files:
-        result = accumulator.result()
+        result = cam_scoring.sweep_cam_files(
+            pairs,
+            num_classes=num_classes,
+            thresholds=thresholds if thresholds is not None else miou.DEFAULT_THRESHOLDS,
+            total=len(stems),
+            show_progress=show_progress,
+        )
         return {
             "miou": result["miou"],
             "best_threshold": result["best_threshold"],
@@ -125,6 +102,15 @@ def evaluate_folders(
             "num_images": result["num_images"],
             "prediction_kind": "cam",
         }
+    confusion = np.zeros((num_classes, num_classes + 1), np.int64)
+    for stem in tqdm(stems, desc="evaluate", disable=not show_progress):
+        ground_truth = read_label_png(ground_truths[stem], num_classes - 1)
+        prediction = read_label_png(predictions[stem], num_classes - 1)
+        if prediction.shape != ground_truth.shape:
+            raise ValueError(
+                f"{predictions[stem]}: size {prediction.shape} differs from its ground truth {ground_truth.shape}."
+            )
+        confusion += miou.confusion_matrix(prediction, ground_truth, num_classes)
     false_positive, false_negative = miou.false_positive_negative_rates(confusion)
     return {
         "miou": float(miou.mean_iou(confusion)),

@@ -7,12 +7,43 @@ Runs the stages named in ``config.stages`` in order over one workdir. ``--workdi
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the run's artefacts (default: runs/<config file name>).")
+
+
+# Config fields that moved when each training stage got its own section (old -> new), so that an old command line
+# gets a message naming the new field instead of ml_collections' "key not found".
+_TRAINING_FIELDS = (
+    "batch_size", "epochs", "learning_rate", "weight_decay", "poly_power", "nesterov", "momentum_mode", "momentum",
+    "log_every_steps", "checkpoint_every_steps", "max_to_keep",
+)
+RENAMED_FIELDS = {
+    **{f"train.{field}": f"train_cam.{field}" for field in _TRAINING_FIELDS},
+    "data.train_split": "train_cam.split",
+    "data.crop_size": "train_cam.crop_size (and pretrain.crop_size)",
+    "data.rescale_range": "train_cam.rescale_range (and pretrain.rescale_range)",
+    "model.init_from": "train_cam.init_from",
+    "model.init_head": "train_cam.init_head",
+}
+
+
+def renamed_field_error(argv: Sequence[str]) -> str | None:
+    """A message for the first ``--config.<old field>=...`` override of a field that has moved, else None."""
+    for argument in argv:
+        if argument.startswith("--config."):
+            field = argument[len("--config.") :].split("=", 1)[0]
+            if field in RENAMED_FIELDS:
+                return (
+                    f"--config.{field} has moved: use --config.{RENAMED_FIELDS[field]}. Each training stage has a "
+                    "section of its own (config.pretrain, config.train_cam; see configs/default.py)."
+                )
+    return None
 
 
 def default_workdir(config_path: str) -> str:
@@ -69,4 +100,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if message := renamed_field_error(sys.argv[1:]):
+        sys.exit(f"error: {message}")
     app.run(main)

@@ -3,7 +3,7 @@
 The model is an NNX module, but the step is a pure function. ``nnx.split`` happens once; the jitted step receives
 pure arrays (``nnx.as_pure``) for the parameters and the BatchNorm statistics, merges them into a module inside the
 trace, takes ``jax.value_and_grad`` of the objective, applies optax and returns the new pure state. Passing NNX
-Variables across the jit boundary instead makes BatchNorm raise ``TraceContextError`` (DESIGN.md).
+Variables across the jit boundary instead makes BatchNorm raise ``TraceContextError`` (README, "Architecture").
 
 Stages supply the objective: ``compute_loss(model, batch, step) -> (loss, metrics)``, where ``model`` is the merged
 module in training mode, ``batch`` a dict of global arrays and ``metrics`` a dict of scalars.

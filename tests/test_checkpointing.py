@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from puzzle_jax import checkpointing, sharding
+from puzzle_jax import checkpointing, models, sharding
 
 
 def _state(value):
@@ -58,3 +59,67 @@ def test_export_round_trip_and_errors(tmp_path):
         checkpointing.load_exported_model(export, wrong)
     with pytest.raises(FileNotFoundError, match="not an exported puzzle_jax model"):
         checkpointing.load_model_config(str(tmp_path / "missing"))
+
+
+def _classifier_config(num_classes=4):
+    return models.classifier_config(arch="resnet_tiny", num_classes=num_classes, bn_mode="global")
+
+
+def _export_classifier(directory, seed, num_classes=4, *, legacy=False):
+    model_config = _classifier_config(num_classes)
+    model = models.create_model(model_config, rngs=nnx.Rngs(seed))
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    # Non-trivial batch statistics, so that copying them is observable.
+    stats = jax.tree.map(lambda x: x + 0.5, nnx.as_pure(stats))
+    if legacy:  # as exported before model families were recorded
+        model_config = {key: value for key, value in model_config.items() if key != "family"}
+    checkpointing.export_model(directory, nnx.as_pure(params), stats, model_config)
+    return nnx.as_pure(params), stats
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["family-recorded", "no-family"])
+def test_load_exported_rebuilds_the_model_in_eval_mode(tmp_path, legacy):
+    export = str(tmp_path / "export")
+    params, stats = _export_classifier(export, seed=4, legacy=legacy)
+    model, model_config = checkpointing.load_exported(export, family="classifier")
+    assert models.model_family(model_config) == "classifier"
+    assert isinstance(model, models.Classifier)
+    reference = models.create_model(_classifier_config(), rngs=nnx.Rngs(0))
+    nnx.update(reference, params, stats)
+    reference.eval()
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 48, 48, 3)), jnp.float32)
+    # Evaluation mode: the (shifted) running statistics are used, so the outputs equal the reference's exactly.
+    np.testing.assert_array_equal(np.asarray(model(images)[1]), np.asarray(reference(images)[1]))
+    with pytest.raises(ValueError, match="holds a classifier model; a segmentation model is needed"):
+        checkpointing.load_exported(export, family="segmentation")
+
+
+def test_initialise_from_export_copies_the_named_parts_only(tmp_path):
+    export = str(tmp_path / "export")
+    params, stats = _export_classifier(export, seed=1)
+
+    def state(model):
+        _, own_params, own_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        return nnx.as_pure(own_params), nnx.as_pure(own_stats)
+
+    target = models.create_model(_classifier_config(), rngs=nnx.Rngs(2))
+    head_before = np.asarray(state(target)[0]["classifier"]["kernel"])
+    checkpointing.initialise_from_export(target, export, ("model",), field="train_cam.init_from")
+    new_params, new_stats = state(target)
+    for loaded, source in ((new_params, params), (new_stats, stats)):
+        for a, b in zip(jax.tree.leaves(source["model"]), jax.tree.leaves(loaded["model"]), strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(new_params["classifier"]["kernel"], head_before)
+
+    checkpointing.initialise_from_export(target, export, ("model", "classifier"), field="train_cam.init_from")
+    np.testing.assert_array_equal(state(target)[0]["classifier"]["kernel"], params["classifier"]["kernel"])
+
+    other_classes = models.create_model(_classifier_config(6), rngs=nnx.Rngs(2))
+    field = "train_cam.init_from"
+    with pytest.raises(ValueError, match="train_cam.init_from=.*under 'classifier' do not match.*4 classes"):
+        checkpointing.initialise_from_export(other_classes, export, ("model", "classifier"), field=field)
+    # The backbone alone still fits a model with another number of classes (ImageNet -> VOC).
+    checkpointing.initialise_from_export(other_classes, export, ("model",), field=field)
+    with pytest.raises(FileNotFoundError, match="pretrain.init_from=.*not an exported puzzle_jax model.*config.stages"):
+        checkpointing.initialise_from_export(other_classes, str(tmp_path / "nowhere"), ("model",),
+                                             field="pretrain.init_from")

@@ -4,11 +4,14 @@ import glob
 import importlib
 import os
 import re
+import types
 
 import pytest
 from flax import nnx
 
-from puzzle_jax import classifier_training
+from configs import default
+from puzzle_jax import models
+from puzzle_jax.tasks import classifier as classifier_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_NAMES = sorted(
@@ -34,27 +37,38 @@ def test_every_field_assignment_has_a_comment():
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_loads_and_builds_its_model(name):
     config = _load(name)
-    model_config = classifier_training.model_config_from(config, num_classes=20)
+    task = classifier_task.ClassifierTask(config.model, objective="puzzle", cam_section=config.cam)
+    model_config = task.model_config(types.SimpleNamespace(num_classes=20))
     # eval_shape: builds the module structure without allocating ResNeSt-269's weights.
-    model = nnx.eval_shape(lambda: classifier_training.build_classifier(model_config, seed=0))
+    model = nnx.eval_shape(lambda: models.create_model(model_config, rngs=nnx.Rngs(0)))
     assert model.classifier.kernel.shape[-1] == 20
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_training_sections_have_one_shape(name):
+    """pretrain and train_cam carry the same fields (the driver reads them all), each its own values."""
+    config = _load(name)
+    reference = set(default.training_section(
+        split="s", batch_size=1, epochs=1, learning_rate=0.1, crop_size=8, rescale_range=(8, 8)
+    ))
+    for stage in ("pretrain", "train_cam"):
+        assert set(config[stage]) == reference, stage
+    assert "train" not in config and "train_split" not in config.data and "init_from" not in config.model
 
 
 def test_paper_settings_follow_the_spec():
     for name in ("resnet50", "resnest50", "resnest101", "resnest269"):
         config = _load(name)
         assert config.model.arch == name
-        assert (config.train.batch_size, config.train.epochs, config.train.learning_rate) == (
-            32,
-            15,
-            0.1,
-        )
-        assert (config.train.weight_decay, config.train.poly_power, config.train.momentum_mode) == (
+        section = config.train_cam
+        assert (section.batch_size, section.epochs, section.learning_rate) == (32, 15, 0.1)
+        assert (section.weight_decay, section.poly_power, section.momentum_mode, section.nesterov) == (
             1e-4,
             0.9,
             "authors",
+            True,
         )
-        assert (config.data.crop_size, tuple(config.data.rescale_range)) == (512, (320, 640))
+        assert (section.crop_size, tuple(section.rescale_range)) == (512, (320, 640))
         assert (config.cam.alpha, config.cam.alpha_schedule, config.cam.grid) == (4.0, 0.5, 2)
         assert (config.cam.loss_option, config.cam.re_loss, config.cam.re_loss_option) == (
             "cl_pcl_re",
@@ -62,4 +76,4 @@ def test_paper_settings_follow_the_spec():
             "masking",
         )
         assert tuple(config.infer.scales) == (0.5, 1.0, 1.5, 2.0)
-        assert config.data.train_split == "train_aug" and config.infer.split == "train"
+        assert section.split == "train_aug" and config.infer.split == "train"

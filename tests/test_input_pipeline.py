@@ -50,7 +50,8 @@ def take(iterator, count):
 
 def loader_kwargs(**overrides):
     # Rescale long side >= 32 and crop 24: the crop always lies inside the (constant) image.
-    kwargs = dict(global_batch_size=4, crop_size=24, rescale_range=(32, 40), seed=7)
+    transform = input_pipeline.ClassifierAugmentation(crop_size=24, rescale_range=(32, 40))
+    kwargs = dict(transform=transform, global_batch_size=4, seed=7)
     kwargs.update(overrides)
     return kwargs
 
@@ -185,8 +186,9 @@ def test_train_loader_over_the_demo_dataset(tmp_path):
     source, info = datasets.load_split(
         "puzzle_demo", "train", data_dir=str(tmp_path), num_pretrain=2, num_train=12, num_val=2
     )
+    transform = input_pipeline.ClassifierAugmentation(crop_size=64, rescale_range=(48, 96))
     loader = input_pipeline.create_train_loader(
-        source, global_batch_size=4, crop_size=64, rescale_range=(48, 96), seed=0, num_epochs=1
+        source, transform=transform, global_batch_size=4, seed=0, num_epochs=1
     )
     batches = list(loader)
     assert len(batches) == input_pipeline.steps_per_epoch(info.num_examples, 4) == 3
@@ -204,6 +206,62 @@ def test_train_loader_over_the_demo_dataset(tmp_path):
         assert np.all(batch["labels"].sum(-1) >= 1)
     all_labels = sorted(tuple(row) for batch in batches for row in batch["labels"])
     assert all_labels == sorted(tuple(record["labels"]) for record in source)
+
+
+def test_segmentation_augmentation_crops_the_label_map_with_the_image():
+    """Constant images with a left/right split label map: after rescale, flip and crop, the labels still sit on the
+    pixels they labelled, and the canvas outside the image is 255."""
+    rng = np.random.default_rng(0)
+    transform = input_pipeline.SegmentationAugmentation(crop_size=48, rescale_range=(30, 70))
+    for index in range(20):
+        height, width = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+        image = np.zeros((height, width, 3), np.uint8)
+        mask = np.zeros((height, width), np.uint8)
+        image[:, : width // 2], mask[:, : width // 2] = 200, 1
+        image[:, width // 2 :], mask[:, width // 2 :] = 100, 2
+        record = {"image": image, "mask": mask, "labels": np.ones(2, np.float32), "id": str(index)}
+        example = transform.random_map(record, np.random.default_rng(index))
+        assert set(example) == {"image", "image_box", "mask", "labels"}
+        assert example["mask"].shape == (48, 48) and example["mask"].dtype == np.uint8
+        top, left, box_height, box_width = example["image_box"]
+        inside = np.zeros((48, 48), bool)
+        inside[top : top + box_height, left : left + box_width] = True
+        assert np.all(example["mask"][~inside] == 255)
+        # Nearest-neighbour labels and bicubic pixels agree away from the split line.
+        pixels, labels = example["image"][..., 0][inside], example["mask"][inside]
+        assert np.all(labels[pixels == 200] == 1) and np.all(labels[pixels == 100] == 2)
+    with pytest.raises(ValueError, match="no label map"):
+        transform.random_map({"image": image, "labels": np.ones(2), "id": "x"}, rng)
+
+
+def test_affinity_augmentation_reduces_the_labels_to_the_stride_grid():
+    transform = input_pipeline.AffinityAugmentation(crop_size=64, rescale_range=(64, 64))
+    segmentation = input_pipeline.SegmentationAugmentation(crop_size=64, rescale_range=(64, 64))
+    rng = np.random.default_rng(1)
+    record = {
+        "image": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+        "mask": rng.integers(0, 4, (64, 64), dtype=np.uint8),
+        "labels": np.ones(3, np.float32),
+        "id": "a",
+    }
+    reduced = transform.random_map(record, np.random.default_rng(5))
+    full = segmentation.random_map(record, np.random.default_rng(5))
+    np.testing.assert_array_equal(reduced["image"], full["image"])
+    # PIL's nearest neighbour takes the centre pixel of each 4x4 cell (offset 2), as the authors' 512 -> 128.
+    np.testing.assert_array_equal(reduced["mask"], full["mask"][2::4, 2::4])
+    with pytest.raises(ValueError, match="multiple of the label stride"):
+        input_pipeline.AffinityAugmentation(crop_size=30, rescale_range=(30, 30))
+
+
+def test_batch_spec_is_the_shape_of_the_loaders_batches():
+    source = make_fake_source(8)
+    for transform in (
+        input_pipeline.ClassifierAugmentation(crop_size=24, rescale_range=(32, 40)),
+        input_pipeline.AffinityAugmentation(crop_size=24, rescale_range=(32, 40)),
+    ):
+        batch = next(iter(input_pipeline.create_train_loader(source, transform=transform, global_batch_size=4, seed=0)))
+        spec = input_pipeline.batch_spec(source, transform, 4)
+        assert spec == {name: (value.shape, value.dtype) for name, value in batch.items()}
 
 
 def test_demo_source_and_multiprocess_loader_work_in_fresh_processes(tmp_path):

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from puzzle_jax import fileio, main, pipeline
+from puzzle_jax import fileio, main, pipeline, training
 
 
 def test_stage_names_are_checked():
@@ -21,9 +21,33 @@ def test_stage_names_are_checked():
 
 def test_workdir_layout(tmp_path):
     layout = pipeline.Workdir(str(tmp_path))
+    assert layout.config_file() == str(tmp_path / "config.txt")
     assert layout.summary_path("eval_cam") == str(tmp_path / "eval_cam" / "summary.json")
     assert layout.exported_model("train_cam") == str(tmp_path / "train_cam" / "model")
+    assert layout.training("pretrain") == training.TrainingPaths(
+        checkpoints=str(tmp_path / "pretrain" / "checkpoints"),
+        metrics=str(tmp_path / "pretrain" / "metrics.jsonl"),
+        tensorboard=str(tmp_path / "pretrain" / "tensorboard"),
+        export=str(tmp_path / "pretrain" / "model"),
+    )
     assert layout.cam_dir() == str(tmp_path / "infer_cam" / "cams")
+    assert layout.gallery_dir("eval_cam") == str(tmp_path / "eval_cam" / "gallery")
+    assert layout.affinity_label_dir() == str(tmp_path / "aff_labels" / "labels")
+    assert layout.random_walk_dir() == str(tmp_path / "infer_rw" / "rw")
+    assert layout.pseudo_label_dir() == str(tmp_path / "pseudo_labels" / "labels")
+    assert layout.segmentation_dir() == str(tmp_path / "infer_seg" / "predictions")
+    # A stage's name as init_from stands for that stage's export here; anything else is a path.
+    assert layout.resolve_init_from("pretrain") == str(tmp_path / "pretrain" / "model")
+    assert layout.resolve_init_from("weights/resnet50") == "weights/resnet50"
+    assert layout.resolve_init_from("") == ""
+
+
+def test_overrides_of_moved_fields_are_named_with_their_new_place():
+    assert main.renamed_field_error(["--config=configs/demo.py", "--config.train_cam.epochs=2"]) is None
+    message = main.renamed_field_error(["--config=configs/demo.py", "--config.data.crop_size=64"])
+    assert "--config.data.crop_size has moved: use --config.train_cam.crop_size (and pretrain.crop_size)" in message
+    assert "use --config.train_cam.split" in main.renamed_field_error(["--config.data.train_split=train"])
+    assert "use --config.train_cam.init_from" in main.renamed_field_error(["--config.model.init_from=x"])
 
 
 def test_default_workdir_is_named_after_the_config():

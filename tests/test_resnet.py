@@ -93,7 +93,7 @@ def test_training_forward_updates_batch_statistics(bn_mode, changes):
 
 
 def _loss_and_grads_fn(model):
-    """The training step's pattern (DESIGN.md): pure arrays across jit, merge inside value_and_grad."""
+    """The training step's pattern (README, "Architecture"): pure arrays across jit, merge inside value_and_grad."""
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.as_pure(params), nnx.as_pure(batch_stats)
 

@@ -247,8 +247,9 @@ def test_test_split_has_images_only_zero_labels_and_ignored_masks(fake_voc, voc_
 
 def test_records_go_through_the_training_and_eval_pipelines(voc_splits):
     source, info = voc_splits["train_aug"]
+    transform = input_pipeline.ClassifierAugmentation(crop_size=32, rescale_range=(24, 40))
     loader = input_pipeline.create_train_loader(
-        source, global_batch_size=3, crop_size=32, rescale_range=(24, 40), seed=0, num_epochs=1
+        source, transform=transform, global_batch_size=3, seed=0, num_epochs=1
     )
     batches = list(loader)
     assert len(batches) == 3

@@ -101,8 +101,9 @@ def test_splits_classes_labels_images_and_masks(folder, folder_splits):
 
 def test_records_go_through_the_training_and_eval_pipelines(folder_splits):
     source, _ = folder_splits["train"]
+    transform = input_pipeline.ClassifierAugmentation(crop_size=16, rescale_range=(16, 32))
     batches = list(input_pipeline.create_train_loader(
-        source, global_batch_size=2, crop_size=16, rescale_range=(16, 32), seed=1, num_epochs=1))
+        source, transform=transform, global_batch_size=2, seed=1, num_epochs=1))
     assert len(batches) == 1 and batches[0]["image"].shape == (2, 16, 16, 3)
     assert batches[0]["labels"].shape == (2, 3)
     evaluated = list(input_pipeline.iterate_eval(folder_splits["val"][0], process_index=1,
@@ -224,10 +225,10 @@ def test_train_infer_and_eval_cam_run_end_to_end_on_a_voc_folder(tmp_path):
         sys.executable, "-m", "puzzle_jax.main", "--config=configs/demo.py",
         f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}",
         "--config.data.dataset=voc_folder", f"--config.data.root={root}",
-        "--config.stages=train_cam,infer_cam,eval_cam", "--config.model.init_from=",
-        "--config.data.train_split=train", "--config.infer.split=val",
-        "--config.train.epochs=1", "--config.train.batch_size=8", "--config.data.crop_size=64",
-        "--config.data.rescale_range=(48, 80)", "--config.infer.flip=False",
+        "--config.stages=train_cam,infer_cam,eval_cam", "--config.train_cam.init_from=",
+        "--config.train_cam.split=train", "--config.infer.split=val",
+        "--config.train_cam.epochs=1", "--config.train_cam.batch_size=8", "--config.train_cam.crop_size=64",
+        "--config.train_cam.rescale_range=(48, 80)", "--config.infer.flip=False",
     ]
     environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     result = subprocess.run(command, cwd=repo, env=environment, capture_output=True, text=True,

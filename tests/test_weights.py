@@ -162,7 +162,7 @@ def test_convert_command_writes_a_model_that_init_from_loads(source, tmp_path, c
 
     config = checkpointing.load_model_config(str(output))
     assert config == {
-        "arch": "resnet_tiny", "num_classes": 20, "output_stride": 16, "bn_mode": "frozen",
+        "family": "classifier", "arch": "resnet_tiny", "num_classes": 20, "output_stride": 16, "bn_mode": "frozen",
         "bn_group_size": None, "dtype": "float32", "remat": False,
     }
     model = create_classifier("resnet_tiny", 20, rngs=nnx.Rngs(0))
@@ -173,11 +173,9 @@ def test_convert_command_writes_a_model_that_init_from_loads(source, tmp_path, c
     nnx.update(model, params, batch_stats)
     _assert_same_variables(source, model.model)
 
-    # What config.model.init_from does with it (the training code's loader).
-    from puzzle_jax import classifier_training
-
+    # What a training section's init_from does with it (the driver's initialisation).
     trained = create_classifier("resnet_tiny", 20, bn_mode="global", rngs=nnx.Rngs(5))
-    classifier_training.initialise_from(trained, str(output), include_head=False)
+    checkpointing.initialise_from_export(trained, str(output), ("model",), field="train_cam.init_from")
     _assert_same_variables(source, trained.model)
 
 
@@ -195,11 +193,12 @@ def test_convert_command_reports_bad_checkpoints(source, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_converted_official_resnest50_initialises_training_and_trains_a_step(tmp_path):
-    """Issue 3's end point: official ResNeSt-50 file -> convert CLI -> config.model.init_from -> one train step."""
+    """Issue 3's end point: official ResNeSt-50 file -> convert CLI -> train_cam.init_from -> one train step."""
     import ml_collections
     from resnest.torch import resnest50
 
-    from puzzle_jax import classifier_training, optim, sharding, training
+    from puzzle_jax import checkpointing, models, optim, sharding, training
+    from puzzle_jax.tasks import classifier as classifier_task
 
     torch.manual_seed(0)
     official = resnest50(pretrained=False, dilation=2)  # the authors' OS16 construction
@@ -208,12 +207,9 @@ def test_converted_official_resnest50_initialises_training_and_trains_a_step(tmp
     output = tmp_path / "weights_resnest50"
     assert main(["--arch", "resnest50", "--input", str(path), "--output", str(output)]) == 0
 
-    config = ml_collections.ConfigDict(
-        {"model": dict(arch="resnest50", output_stride=16, bn_mode="global", bn_group_size=8,
-                       dtype="float32", remat=False)}
-    )
-    model = classifier_training.build_classifier(classifier_training.model_config_from(config, 20), seed=1)
-    classifier_training.initialise_from(model, str(output), include_head=False)
+    model_config = models.classifier_config(arch="resnest50", num_classes=20, bn_mode="global")
+    model = models.create_model(model_config, rngs=nnx.Rngs(1))
+    checkpointing.initialise_from_export(model, str(output), ("model",), field="train_cam.init_from")
     conv = official.conv1[0].weight.detach().numpy().transpose(2, 3, 1, 0)  # OIHW -> HWIO
     np.testing.assert_array_equal(np.asarray(model.model.conv1[0].kernel[...]), conv)
 
@@ -223,7 +219,7 @@ def test_converted_official_resnest50_initialises_training_and_trains_a_step(tmp
     optimizer = optim.create_optimizer(params, learning_rate=0.01, weight_decay=1e-4, total_steps=10)
     cam = ml_collections.ConfigDict(dict(loss_option="cl_pcl_re", grid=2, level="feature", re_loss="l1",
                                          re_loss_option="masking", alpha=4.0, alpha_schedule=0.5))
-    objective = classifier_training.create_puzzle_objective(cam, 10, 16)
+    objective = classifier_task.create_puzzle_objective(cam, 10, 16)
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     step = training.make_train_step(graphdef, optimizer, objective, mesh)
     rng = np.random.default_rng(0)

@@ -1,0 +1,59 @@
+"""Tests of scoring CAM files over a split: exact scores on CAMs that equal the ground truth, named failures."""
+
+import numpy as np
+import pytest
+
+from puzzle_jax import cam_files
+from puzzle_jax.evaluation import cam_scoring
+
+
+class _Split(list):
+    """Records with an ``ids()`` method, as ``datasets.DecodedRecords``."""
+
+    def ids(self):
+        return [record["id"] for record in self]
+
+
+def _split_with_perfect_cams(cam_dir, count=3):
+    """Masks with two classes and 255 borders; CAMs that are 0.9 on their class's pixels and 0 elsewhere."""
+    rng = np.random.default_rng(0)
+    split = _Split()
+    for index in range(count):
+        mask = np.zeros((12, 16), np.uint8)
+        mask[2:6, 3:9] = 1
+        mask[7:11, 8:15] = 3
+        mask[0] = 255
+        keys = np.array([0, 1, 3])
+        cams = np.stack([(mask == 1), (mask == 3)]).astype(np.float32) * 0.9
+        cams += rng.random(cams.shape).astype(np.float32) * 0.01
+        cam_files.write_cam_file(cam_files.path_of(cam_dir, f"im{index}"), keys=keys, hr_cam=cams)
+        split.append({"id": f"im{index}", "mask": mask})
+    return split
+
+
+def test_cams_equal_to_the_ground_truth_score_100_between_their_levels(tmp_path):
+    split = _split_with_perfect_cams(str(tmp_path))
+    result = cam_scoring.sweep_split(
+        split, str(tmp_path), num_classes=4, thresholds=[0.05, 0.5, 0.95], produced_by="infer_cam",
+        show_progress=False,
+    )
+    # Class 2 is absent from GT and predictions: mIoU over background, 1 and 3.
+    assert result["per_threshold_miou"] == pytest.approx([100.0, 100.0, 100.0 * (1 / 3) * (np.sum(
+        split[0]["mask"] == 0) / np.sum(split[0]["mask"] != 255))])
+    assert result["best_threshold"] == 0.05 and result["num_images"] == 3
+
+
+def test_missing_and_mismatched_cam_files_are_named(tmp_path):
+    split = _split_with_perfect_cams(str(tmp_path), count=4)
+    (tmp_path / "im1.npz").unlink()
+    (tmp_path / "im3.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"2 of 4 CAM files are missing \(first: .*im1\.npz\); run infer_cam"):
+        cam_scoring.sweep_split(
+            split, str(tmp_path), num_classes=4, thresholds=[0.5], produced_by="infer_cam", show_progress=False
+        )
+    split = _split_with_perfect_cams(str(tmp_path), count=2)
+    split[1]["mask"] = split[1]["mask"][:10]
+    with pytest.raises(ValueError, match=r"im1\.npz: CAM size \(12, 16\) differs .*'im1'.* \(10, 16\)"):
+        cam_scoring.sweep_split(
+            split, str(tmp_path), num_classes=4, thresholds=[0.5], produced_by="infer_cam", show_progress=False
+        )
