@@ -1,4 +1,4 @@
-"""Tests of the benchmark runner ``puzzle_jax.bench``: a tiny run, FLOP counts, budget, errors."""
+"""Tests of the benchmark runner ``benchmarks.bench``: a tiny run, FLOP counts, budget, errors."""
 
 import json
 import os
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import bench, flops
 from configs import default
-from puzzle_jax import bench, flops
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bench.py must run where none of these is installed (the GPU machine): its JAX and PyTorch rows may
@@ -58,7 +58,7 @@ def test_smoke_run_reports_real_numbers_and_ratios(tmp_path):
         [
             sys.executable,
             "-m",
-            "puzzle_jax.bench",
+            "benchmarks.bench",
             "--suite",
             "smoke",
             "--kinds",
@@ -126,7 +126,7 @@ def single_torch_thread():
 def test_flops_of_our_step_match_torch_flop_counter_of_the_authors_step(single_torch_thread):
     """Our ResNet-50 step and the PyTorch transcription do the same work (FLOPs within 20%).
 
-    XLA and ``puzzle_jax.flops`` (the count bench.py reports) count only the multiply-adds that
+    XLA and ``benchmarks.flops`` (the count bench.py reports) count only the multiply-adds that
     touch real input (not padding), and XLA adds elementwise work; PyTorch's counter counts every
     kernel tap of convolutions and matmuls. At 64x64 the padding share is large, so our counts
     are somewhat lower; a missing tiled pass, a missing backward or a different depth would be 2x
@@ -307,11 +307,8 @@ def test_end_to_end_script_reports_the_train_cam_rate(tmp_path):
 
 
 def test_end_to_end_rate_is_the_median_after_the_skipped_steps(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    try:
-        import end_to_end
-    finally:
-        sys.path.pop(0)
+    from benchmarks import end_to_end
+
     metrics = tmp_path / "metrics.jsonl"
     rates = [1.0, 2.0, 50.0, 10.0, 30.0, 20.0]
     metrics.write_text("".join(json.dumps({"step": step + 1, "images_per_second": rate}) + "\n"

@@ -3,16 +3,17 @@
 Owns the benchmark table of issue 6 and nothing else: it builds every model and step through the
 library (``models``, ``classifier_training``, ``optim``, ``training``, ``sharding``,
 ``cam_inference``, ``data.input_pipeline``) and times them next to a PyTorch transcription of the
-authors' code (the official ``resnest`` package for the backbones). Run it as::
+authors' code (the official ``resnest`` package for the backbones). Run it from the repository
+root as::
 
-    python -m puzzle_jax.bench --suite gpu --json bench.json      # the full table (~8 min, H100)
-    python -m puzzle_jax.bench --suite cpu --json bench_cpu.json  # a few small rows for a CPU
-    python -m puzzle_jax.bench --suite gpu --dry-run              # list the planned rows only
+    python -m benchmarks.bench --suite gpu --json bench.json      # the full table (~8 min, H100)
+    python -m benchmarks.bench --suite cpu --json bench_cpu.json  # a few small rows for a CPU
+    python -m benchmarks.bench --suite gpu --dry-run              # list the planned rows only
 
 Rows:
   * ``train``: one Puzzle-CAM step (full forward + 2x2 tiled forward + backward + SGD update) in
     images/s, step time, compile time, peak device memory, model FLOPs per image counted from the
-    step's jaxpr (convolutions and matmuls, ``puzzle_jax.flops``), achieved FLOP/s and MFU against
+    step's jaxpr (convolutions and matmuls, ``benchmarks.flops``), achieved FLOP/s and MFU against
     the device's peak, and the JAX/PyTorch ratio. XLA's ``cost_analysis()`` counts are kept in the
     JSON for reference only: XLA:GPU's leaves out the convolutions it hands to cuDNN as custom calls.
   * ``inference``: multi-scale (0.5, 1, 1.5, 2) + flip CAMs of VOC-sized images streamed through the
@@ -56,6 +57,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# Worker processes import ``benchmarks`` from here, wherever the parent was started.
+_REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Marks the lines a worker process prints for the parent; everything else a worker prints is passed
 # through.
 _MESSAGE_MARKER = "@@PUZZLE_BENCH@@ "
@@ -78,7 +81,7 @@ PUZZLE_SETTINGS = dict(
     alpha=4.0,
     alpha_schedule=0.5,
 )
-# The ``flops_source`` of the JAX train rows (``puzzle_jax.flops``).
+# The ``flops_source`` of the JAX train rows (``benchmarks.flops``).
 JAXPR_FLOPS_SOURCE = "jaxpr count (convolutions + matmuls)"
 INFERENCE_SCALES = (0.5, 1.0, 1.5, 2.0)
 INFERENCE_PAD_MULTIPLE = 64  # configs/default.py's infer.pad_multiple
@@ -684,7 +687,8 @@ class _JaxRunner:
         import jax
         import numpy as np
 
-        from puzzle_jax import flops, training
+        from benchmarks import flops
+        from puzzle_jax import training
 
         train_step, state, batch, devices = build_jax_train_step(
             spec.arch,
@@ -1348,8 +1352,12 @@ class _HostRunner:
 
 
 def _child_environment(settings: WorkerSettings) -> dict[str, str]:
-    """The parent's environment plus the CPU thread limit (read when the child imports JAX)."""
+    """The parent's environment, the repository root first on the import path, and the CPU thread limit (read
+    when the child imports JAX)."""
     environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        path for path in (_REPOSITORY_ROOT, environment.get("PYTHONPATH", "")) if path
+    )
     if settings.cpu_threads:
         environment["OMP_NUM_THREADS"] = str(settings.cpu_threads)
         if settings.cpu_threads == 1:
@@ -1376,7 +1384,7 @@ def _run_phase_in_child(
         }
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "puzzle_jax.bench", "--worker"],
+        [sys.executable, "-m", "benchmarks.bench", "--worker"],
         env=_child_environment(settings),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -1607,7 +1615,7 @@ def _write_json(path: str, document: dict) -> None:
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m puzzle_jax.bench",
+        prog="python -m benchmarks.bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -1797,7 +1805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": [
             sys.executable,
             "-m",
-            "puzzle_jax.bench",
+            "benchmarks.bench",
             *(argv if argv is not None else sys.argv[1:]),
         ],
         "suite": options.suite,
