@@ -2,9 +2,10 @@
 
 Owns the benchmark table of issue 6 and nothing else: it builds every model and step through the
 library (``models``, ``classifier_training``, ``optim``, ``training``, ``sharding``,
-``cam_inference``, ``data.input_pipeline``) and times them next to a PyTorch transcription of the
-authors' code (the official ``resnest`` package for the backbones). Run it from the repository
-root as::
+``cam_inference``, ``data.input_pipeline``) and times them next to the authors' computation in
+PyTorch: their model, optimizer and training step from ``benchmarks.authors_torch`` (the official
+``resnest`` package for the backbones), their multi-scale inference transcribed here. Run it from
+the repository root as::
 
     python -m benchmarks.bench --suite gpu --json bench.json      # the full table (~8 min, H100)
     python -m benchmarks.bench --suite cpu --json bench_cpu.json  # a few small rows for a CPU
@@ -831,7 +832,7 @@ def _inference_scales(spec: RowSpec) -> tuple[float, ...]:
 
 
 # --------------------------------------------------------------------------------------------------
-# PyTorch rows: the authors' computation (official resnest backbones, their step, their inference)
+# PyTorch rows: the authors' computation (``authors_torch``'s model and step; their inference)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -859,176 +860,6 @@ def _torch_environment() -> dict[str, Any]:
     return environment
 
 
-def create_torch_backbone(arch: str):
-    """The authors' backbone, from the official ``resnest`` package, output stride 16.
-
-    ResNeSt: ``resnest{50,101,200,269}(dilation=2)`` as the authors build it (layer4 stride 1,
-      dilation 2).
-    ResNet: the package's ``ResNet`` with ``radix=0`` (a plain Bottleneck ResNet, stride on the 3x3
-    conv, as in torchvision) and ``dilation=2``, whose layer4 3x3 convolutions are then set back to
-    dilation 1: the authors' ResNet-50 (torchvision, strides (2, 2, 2, 1)) has no dilation in
-    layer4, and neither has ours. ``resnet_tiny`` (smoke tests only) is ``ResNet`` with one block
-    per layer; it keeps the full widths, so it is *not* the same network as our ``resnet_tiny`` and
-    its ratio means nothing.
-
-    Raises:
-      ValueError: for an architecture without a PyTorch counterpart.
-    """
-    from resnest.torch import resnest as resnest_models
-    from resnest.torch.resnet import Bottleneck, ResNet
-    from torch import nn
-
-    resnet_blocks = {
-        "resnet50": [3, 4, 6, 3],
-        "resnet101": [3, 4, 23, 3],
-        "resnet_tiny": [1, 1, 1, 1],
-    }
-    if arch in resnet_blocks:
-        backbone = ResNet(Bottleneck, resnet_blocks[arch], radix=0, dilation=2)
-        for module in backbone.layer4.modules():
-            if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
-                module.dilation, module.padding = (1, 1), (1, 1)
-    elif arch in ("resnest50", "resnest101", "resnest200", "resnest269"):
-        backbone = getattr(resnest_models, arch)(pretrained=False, dilation=2)
-    else:
-        raise ValueError(
-            f"arch={arch!r} has no PyTorch reference; allowed values are resnet50, resnet101, "
-            "resnet_tiny, "
-            "resnest50, resnest101, resnest200, resnest269."
-        )
-    backbone.fc = nn.Identity()  # the ImageNet head is never used
-    return backbone
-
-
-def create_torch_classifier(arch: str, num_classes: int):
-    """The authors' ``Classifier(with_cam=True)``: backbone, bias-free 1x1 conv, spatial mean."""
-    import torch
-    from torch import nn
-
-    class TorchClassifier(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = create_torch_backbone(arch)
-            self.classifier = nn.Conv2d(2048, num_classes, 1, bias=False)
-            nn.init.kaiming_normal_(self.classifier.weight)
-
-        def forward(self, images: torch.Tensor):
-            backbone = self.model
-            x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
-            x = backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(x))))
-            features = self.classifier(x)
-            return features.mean(dim=(2, 3)), features
-
-    return TorchClassifier()
-
-
-def torch_tile(images, grid: int):
-    """The authors' ``tile_features``: the grid pieces concatenated along the batch, piece-major."""
-    import torch
-
-    height, width = images.shape[2] // grid, images.shape[3] // grid
-    pieces = [
-        images[:, :, row * height : (row + 1) * height, column * width : (column + 1) * width]
-        for row in range(grid)
-        for column in range(grid)
-    ]
-    return torch.cat(pieces, dim=0)
-
-
-def torch_merge(tiles, grid: int, batch_size: int):
-    """The authors' ``merge_features``: inverse of ``torch_tile``."""
-    import torch
-
-    pieces = torch.split(tiles, batch_size)
-    rows = [torch.cat(pieces[row * grid : (row + 1) * grid], dim=3) for row in range(grid)]
-    return torch.cat(rows, dim=2)
-
-
-def create_torch_optimizer(model, *, learning_rate: float, weight_decay: float):
-    """The authors' PolyOptimizer: 4 groups, SGD, momentum = weight decay (their bug), Nesterov.
-
-    Returns:
-      ``(optimizer, set_step)``; ``set_step(step)`` applies the poly(0.9) learning rate before a
-      step.
-    """
-    import torch
-
-    groups = {
-        name: []
-        for name in ("pretrained_weight", "pretrained_bias", "scratch_weight", "scratch_bias")
-    }
-    for name, parameter in model.named_parameters():
-        origin = "pretrained" if "model" in name else "scratch"
-        kind = "weight" if "weight" in name else "bias"
-        groups[f"{origin}_{kind}"].append(parameter)
-    multipliers = {
-        "pretrained_weight": 1,
-        "pretrained_bias": 2,
-        "scratch_weight": 10,
-        "scratch_bias": 20,
-    }
-    parameter_groups = [
-        {
-            "params": groups[name],
-            "lr": learning_rate * multipliers[name],
-            "weight_decay": weight_decay if name.endswith("weight") else 0.0,
-        }
-        for name in groups
-        if groups[name]
-    ]
-    optimizer = torch.optim.SGD(
-        parameter_groups, lr=learning_rate, momentum=weight_decay, nesterov=True
-    )
-    initial = [group["lr"] for group in optimizer.param_groups]
-
-    def set_step(step: int) -> None:
-        factor = (1.0 - step / TRAIN_TOTAL_STEPS) ** 0.9
-        for group, base in zip(optimizer.param_groups, initial, strict=True):
-            group["lr"] = base * factor
-
-    return optimizer, set_step
-
-
-def create_torch_train_step(
-    model, optimizer, set_step, *, batch_size: int, device_type: str, dtype: str
-):
-    """The authors' Puzzle-CAM iteration (``train_classification_with_puzzle.py``), README setting.
-
-    Two forward passes (full images, then the 2x2 tiles), MultiLabelSoftMargin on the logits and on
-    the merged maps' mean, masked L1 reconstruction weighted by the alpha ramp, backward, poly-SGD
-    step.
-    """
-    import torch
-    import torch.nn.functional as functional
-
-    grid = PUZZLE_SETTINGS["grid"]
-    alpha_max, schedule = PUZZLE_SETTINGS["alpha"], PUZZLE_SETTINGS["alpha_schedule"]
-    use_autocast = dtype == "bfloat16"
-    counter = {"step": 0}
-
-    def train_step(images, labels):
-        step = counter["step"]
-        set_step(step)
-        alpha = min(alpha_max * step / (TRAIN_TOTAL_STEPS * schedule), alpha_max)
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_autocast):
-            logits, features = model(images)
-            _, tiled_features = model(torch_tile(images, grid))
-        features = features.float()
-        merged = torch_merge(tiled_features.float(), grid, batch_size)
-        class_loss = functional.multilabel_soft_margin_loss(logits.float(), labels)
-        puzzle_class_loss = functional.multilabel_soft_margin_loss(merged.mean(dim=(2, 3)), labels)
-        mask = labels[:, :, None, None]
-        reconstruction = (torch.abs(features - merged) * mask).mean()
-        loss = class_loss + puzzle_class_loss + alpha * reconstruction
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        counter["step"] = step + 1
-        return loss
-
-    return train_step
-
-
 def _torch_memory_format(layout: str):
     import torch
 
@@ -1048,11 +879,12 @@ def build_torch_train_step(
     device,
     seed: int = 0,
 ):
-    """The authors' step in PyTorch on ``device``, and a synthetic batch of normalised-looking float32
-    images (what the authors' loader gives their step; our step gets the loader's uint8 crops).
+    """The authors' step in PyTorch on ``device`` (``benchmarks.authors_torch``), and a synthetic batch of
+    normalised-looking float32 images (what the authors' loader gives their step; our step gets the loader's uint8
+    crops).
 
     Args:
-      arch: a name ``create_torch_backbone`` accepts.
+      arch: one of ``authors_torch.ARCHITECTURES``.
       batch: images per step.
       height, width: crop size.
       dtype: ``float32``, or ``bfloat16`` for ``torch.autocast`` (parameters stay float32).
@@ -1062,21 +894,35 @@ def build_torch_train_step(
 
     Returns:
       ``(train_step, images, labels)``; ``train_step(images, labels)`` runs one iteration and
-      returns the loss.
+      returns its losses (``"loss"``: the total).
     """
+    import types
+
     import torch
+
+    from benchmarks import authors_torch
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed values are {list(DTYPES)}.")
     torch.manual_seed(seed)
     memory_format = _torch_memory_format(layout)
-    model = create_torch_classifier(arch, NUM_CLASSES).to(device, memory_format=memory_format)
+    model = authors_torch.create_classifier(arch, NUM_CLASSES, OUTPUT_STRIDE)
+    model = model.to(device, memory_format=memory_format)
     model.train()
-    optimizer, set_step = create_torch_optimizer(
-        model, learning_rate=TRAIN_LEARNING_RATE, weight_decay=TRAIN_WEIGHT_DECAY
+    optimizer = authors_torch.create_optimizer(
+        model,
+        learning_rate=TRAIN_LEARNING_RATE,
+        weight_decay=TRAIN_WEIGHT_DECAY,
+        max_step=TRAIN_TOTAL_STEPS,
     )
-    train_step = create_torch_train_step(
-        model, optimizer, set_step, batch_size=batch, device_type=device.type, dtype=dtype
+    train_step = authors_torch.create_puzzle_train_step(
+        model,
+        optimizer,
+        types.SimpleNamespace(**PUZZLE_SETTINGS),
+        max_step=TRAIN_TOTAL_STEPS,
+        batch_size=batch,
+        device_type=device.type,
+        dtype=dtype,
     )
     images, labels = _synthetic_train_batch(batch, height, width, seed)
     images = (
@@ -1176,7 +1022,7 @@ class _TorchRunner:
         losses = []
 
         def one_step():
-            losses.append(train_step(images, labels))
+            losses.append(train_step(images, labels)["loss"])
 
         step_time, timing = _time_steps(
             one_step, lambda _: self._synchronize(), spec.steps, self.settings.per_step_timing
@@ -1209,16 +1055,14 @@ class _TorchRunner:
         import torch
         import torch.nn.functional as functional
 
-        from puzzle_jax.data import (
-            transforms,
-        )  # numpy + PIL only: the same host preprocessing as ours
+        from benchmarks import authors_torch
+        from puzzle_jax.data import transforms  # numpy + PIL only: the same host preprocessing as ours
 
         torch.manual_seed(self.settings.seed)
         self._reset_peak()
         memory_format = _torch_memory_format(spec.layout)
-        model = create_torch_classifier(spec.arch, NUM_CLASSES).to(
-            self.device, memory_format=memory_format
-        )
+        model = authors_torch.create_classifier(spec.arch, NUM_CLASSES, OUTPUT_STRIDE)
+        model = model.to(self.device, memory_format=memory_format)
         model.eval()
         images, labels = _synthetic_voc_images(
             spec.warmup + spec.steps, spec.height, spec.width, self.settings.seed
