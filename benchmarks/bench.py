@@ -58,6 +58,10 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ml_collections
+
+from configs import default as default_config
+
 # Worker processes import ``benchmarks`` from here, wherever the parent was started.
 _REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Marks the lines a worker process prints for the parent; everything else a worker prints is passed
@@ -71,17 +75,6 @@ TRAIN_WEIGHT_DECAY = 1e-4
 # Length of the poly schedule and of the alpha ramp; only its ratio to the step matters for the
 # numbers.
 TRAIN_TOTAL_STEPS = 4950
-# The README's Puzzle-CAM setting (spec §3), as plain attributes: bench.py must not need
-# ml_collections.
-PUZZLE_SETTINGS = dict(
-    loss_option="cl_pcl_re",
-    grid=2,
-    level="feature",
-    re_loss="l1",
-    re_loss_option="masking",
-    alpha=4.0,
-    alpha_schedule=0.5,
-)
 # The ``flops_source`` of the JAX train rows (``benchmarks.flops``).
 JAXPR_FLOPS_SOURCE = "jaxpr count (convolutions + matmuls)"
 INFERENCE_SCALES = (0.5, 1.0, 1.5, 2.0)
@@ -127,6 +120,12 @@ PEAK_TFLOPS_BY_DEVICE = (
     ("tpu v5", {"bfloat16": 459.0, "tf32": 459.0, "fp32": 459.0}),
     ("tpu v4", {"bfloat16": 275.0, "tf32": 275.0, "fp32": 275.0}),
 )
+
+
+def puzzle_settings() -> ml_collections.ConfigDict:
+    """The Puzzle-CAM setting every train row times, JAX and PyTorch: ``configs/default.py``'s ``cam``
+    section (the README's setting, spec §3)."""
+    return default_config.get_config().cam
 
 
 # --------------------------------------------------------------------------------------------------
@@ -617,8 +616,6 @@ def build_jax_train_step(
       ``training.make_train_step``, the replicated initial state, a synthetic global batch on the
       devices, and the mesh size.
     """
-    import types
-
     import jax.numpy as jnp
     from flax import nnx
 
@@ -646,7 +643,7 @@ def build_jax_train_step(
         total_steps=TRAIN_TOTAL_STEPS,
     )
     objective = classifier_training.create_puzzle_objective(
-        types.SimpleNamespace(**PUZZLE_SETTINGS), TRAIN_TOTAL_STEPS, OUTPUT_STRIDE
+        puzzle_settings(), TRAIN_TOTAL_STEPS, OUTPUT_STRIDE
     )
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     train_step = training.make_train_step(graphdef, optimizer, objective, mesh)
@@ -896,8 +893,6 @@ def build_torch_train_step(
       ``(train_step, images, labels)``; ``train_step(images, labels)`` runs one iteration and
       returns its losses (``"loss"``: the total).
     """
-    import types
-
     import torch
 
     from benchmarks import authors_torch
@@ -918,7 +913,7 @@ def build_torch_train_step(
     train_step = authors_torch.create_puzzle_train_step(
         model,
         optimizer,
-        types.SimpleNamespace(**PUZZLE_SETTINGS),
+        puzzle_settings(),
         max_step=TRAIN_TOTAL_STEPS,
         batch_size=batch,
         device_type=device.type,
@@ -1578,8 +1573,6 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def preflight() -> int:
     """Checks that this machine runs our JAX step (tiny) and can import the PyTorch reference."""
-    import types
-
     import jax
     import numpy as np
     from flax import nnx
@@ -1592,9 +1585,7 @@ def preflight() -> int:
     model.train()
     _, params, _ = training.split_model(model)
     optimizer = optim.create_optimizer(params, learning_rate=0.1, weight_decay=1e-4, total_steps=10)
-    objective = classifier_training.create_puzzle_objective(
-        types.SimpleNamespace(**PUZZLE_SETTINGS), 10, 16
-    )
+    objective = classifier_training.create_puzzle_objective(puzzle_settings(), 10, 16)
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     step = training.make_train_step(graphdef, optimizer, objective, mesh)
     state, metrics = step(state, sharding.host_batch_to_global(_synthetic_loader_batch(2, 64, 64, 0), mesh))
@@ -1660,7 +1651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {
             "num_classes": NUM_CLASSES,
             "output_stride": OUTPUT_STRIDE,
-            "puzzle": PUZZLE_SETTINGS,
+            "puzzle": puzzle_settings().to_dict(),
             "learning_rate": TRAIN_LEARNING_RATE,
             "weight_decay": TRAIN_WEIGHT_DECAY,
             "inference_scales": INFERENCE_SCALES,

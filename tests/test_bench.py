@@ -14,7 +14,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import authors_torch, bench, flops
-from configs import default
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bench.py must run where none of these is installed (the GPU machine): its JAX and PyTorch rows may
@@ -156,13 +155,6 @@ def test_flops_of_our_step_match_torch_flop_counter_of_the_authors_step(single_t
     torch_flops = counter.get_total_flops() / batch
     assert 0.8 < xla_flops / torch_flops < 1.05, (xla_flops, torch_flops)
     assert 0.8 < counted_flops / torch_flops < 1.05, (counted_flops, torch_flops)
-
-
-def test_bench_times_the_default_configs_puzzle_setting():
-    """bench.py keeps its own copy (it must not need ml_collections); it must not drift from the config's."""
-    cam = default.get_config().cam
-    assert bench.PUZZLE_SETTINGS == {name: cam[name] for name in bench.PUZZLE_SETTINGS}
-    assert set(bench.PUZZLE_SETTINGS) == set(cam.keys())
 
 
 def test_torch_tile_is_piece_major_and_merge_inverts_it():
