@@ -1,6 +1,6 @@
 """What the persistent compilation cache (``config.compilation_cache_dir``) saves: cold vs warm compile.
 
-Builds our Puzzle-CAM training step (``puzzle_jax.bench.build_jax_train_step``) in two fresh processes that share
+Builds our Puzzle-CAM training step (``benchmarks.bench.build_jax_train_step``) in two fresh processes that share
 one empty cache folder, and prints, for each, the time from ``lower`` to a compiled executable. The first process
 compiles and stores the program; the second finds it in the cache and only deserialises it. Runs on whatever
 backend JAX picks (CPU here, the GPU on the device machine):
@@ -27,7 +27,8 @@ def _compile_once(arch: str, size: int, batch: int, dtype: str, cache_dir: str) 
     sys.path.insert(0, _REPOSITORY_ROOT)
     import jax
 
-    from puzzle_jax import bench, main
+    from benchmarks import bench
+    from puzzle_jax import main
 
     main.enable_compilation_cache(cache_dir)
     train_step, state, batch_arrays, _ = bench.build_jax_train_step(

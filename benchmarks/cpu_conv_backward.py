@@ -4,7 +4,7 @@ Times, single-threaded, the forward convolution, the gradient with respect to th
 gradient with respect to the kernel of a few ResNet-50 layers (at the shapes of a 224x224 input,
 batch 2), in JAX (XLA:CPU, NHWC/HWIO) and in PyTorch (oneDNN, NCHW), and prints the JAX/PyTorch time
 ratio of each (> 1: JAX is slower). Then the whole ResNet-50 classifier (ours and the PyTorch
-reference of ``puzzle_jax.bench``): forward only, and forward + backward, so the backward pass's
+reference of ``benchmarks.authors_torch``): forward only, and forward + backward, so the backward pass's
 share of the gap shows.
 
     cd <repository root> && nice -n 10 python benchmarks/cpu_conv_backward.py
@@ -23,7 +23,7 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The repository root, so that ``puzzle_jax`` imports when this file is run as a script.
+# The repository root, so that ``puzzle_jax`` and ``benchmarks`` import when this file is run as a script.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
@@ -136,7 +136,8 @@ def _compare_whole_network(batch: int = 2, size: int = 224) -> None:
     """ResNet-50 classifier, BatchNorm in training mode: forward, and forward + backward."""
     from flax import nnx
 
-    from puzzle_jax import bench, losses, models, training
+    from benchmarks import authors_torch
+    from puzzle_jax import losses, models, training
 
     rng = np.random.default_rng(0)
     images = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
@@ -154,7 +155,7 @@ def _compare_whole_network(batch: int = 2, size: int = 224) -> None:
     jax_forward = _best_time(lambda: forward(params, x).block_until_ready(), 3)
     jax_both = _best_time(lambda: jax.block_until_ready(gradient(params, x)), 3)
 
-    reference = bench.create_torch_classifier("resnet50", 20).train()
+    reference = authors_torch.create_classifier("resnet50", 20).train()
     torch_images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     torch_labels = torch.from_numpy(labels)
 

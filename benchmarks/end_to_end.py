@@ -1,7 +1,7 @@
 """End-to-end training throughput: the real ``train_cam`` stage (grain loader, host-to-device copies, the step,
 metrics and checkpoints), in images/s, for several input worker counts.
 
-Where ``python -m puzzle_jax.bench`` times the step alone on data resident on the device, this runs
+Where ``python -m benchmarks.bench`` times the step alone on data resident on the device, this runs
 ``python -m puzzle_jax.main`` on the built-in demo set (generated on first use) at the paper's crop and rescale
 range, so the input pipeline is on the path; comparing worker counts shows whether the host feeds the device. Each
 run starts from random weights in its own temporary workdir; the rate is the median of the ``images_per_second``

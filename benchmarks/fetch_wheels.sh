@@ -3,7 +3,8 @@
 #
 # The GPU machine has jax (+ CUDA plugin), flax, optax, orbax-checkpoint, torch, numpy, pillow and opencv, but not:
 #   resnest          the authors' backbones for the PyTorch reference (pure Python)
-#   ml_collections   imported by puzzle_jax.classifier_training (pure Python)
+#   ml_collections   configs/ (benchmarks/bench.py takes its Puzzle-CAM setting from configs/default.py) and
+#                    puzzle_jax.classifier_training (pure Python; absl-py and PyYAML are on the machine)
 #   grain, array-record, portpicker   the host input-pipeline rows (skipped without them)
 #   tensorflow-datasets and the needs the image lacks (tensorflow-metadata, googleapis-common-protos, dm-tree,
 #   immutabledict, promise, toml, termcolor, simple-parsing, docstring-parser), tensorboardX

@@ -1,6 +1,6 @@
 """XLA's static memory estimate of our training step, with and without activation recomputation (remat).
 
-Compiles (does not run) the Puzzle-CAM step of ``puzzle_jax.bench.build_jax_train_step`` for each configuration and
+Compiles (does not run) the Puzzle-CAM step of ``benchmarks.bench.build_jax_train_step`` for each configuration and
 prints XLA's ``memory_analysis()``: arguments + outputs + temporaries - donated (aliased) buffers, i.e. what one
 device holds at the step's peak. That tells which batch fits which accelerator without one, and whether
 ``model.remat`` is needed. The estimate belongs to the backend that compiles, so run it on the target: on the H100,
@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def estimate(arch: str, batch: int, size: int, dtype: str, remat: bool) -> dict:
     import jax
 
-    from puzzle_jax import bench, training
+    from benchmarks import bench
+    from puzzle_jax import training
 
     step, state, batch_arrays, _ = bench.build_jax_train_step(
         arch, batch_per_device=batch, height=size, width=size, dtype=dtype, remat=remat

@@ -13,11 +13,11 @@
 # On the GPU machine (the device tool), carrying the wheels:
 #   run(command="bash benchmarks/run_gpu.sh $OUT/bench.json 2>&1 | tee $OUT/bench.log", carry=[".whl"],
 #       timeout_s=560)
-# Any further arguments go to `python -m puzzle_jax.bench` (e.g. --archs=resnest101 --dtypes=bfloat16).
+# Any further arguments go to `python -m benchmarks.bench` (e.g. --archs=resnest101 --dtypes=bfloat16).
 #
 # What it does: installs the carried wheels into /tmp (never into the machine's site-packages), checks with a
 # tiny JAX step that our code runs on the machine's jax/flax (falling back to the carried, tested flax/optax/orbax
-# versions if not), records the GPU, then runs `python -m puzzle_jax.bench --suite gpu` with a time budget
+# versions if not), records the GPU, then runs `python -m benchmarks.bench --suite gpu` with a time budget
 # counted from this script's start: no row starts after 450 s, and a phase still running at 505 s is killed, so
 # the table (printed last) and the JSON are out before 9 minutes.
 set -u -o pipefail
@@ -30,7 +30,7 @@ python=${PYTHON:-python3}
 wheels=${WHEELS_DIR:-.whl}
 
 export PYTHONUNBUFFERED=1
-# JAX and PyTorch run in separate, consecutive processes (see bench.py), so JAX may take most of the GPU.
+# JAX and PyTorch run in separate, consecutive processes (see benchmarks/bench.py), so JAX may take most of the GPU.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
 
@@ -62,12 +62,12 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch", "num
 EOF
 
 # A hung CUDA initialisation must not eat the budget: the preflight gets at most 150 s.
-if ! timeout 150 "$python" -m puzzle_jax.bench --preflight >&2; then
+if ! timeout 150 "$python" -m benchmarks.bench --preflight >&2; then
   if ls "$wheels"/fallback/*.whl >/dev/null 2>&1; then
     echo "run_gpu.sh: preflight failed with the machine's packages; retrying with $wheels/fallback" >&2
     install_wheels "$wheels/fallback" /tmp/puzzle_bench_fallback
     export PYTHONPATH=$repository:/tmp/puzzle_bench_fallback:/tmp/puzzle_bench_site${PYTHONPATH#*/tmp/puzzle_bench_site}
-    timeout 150 "$python" -m puzzle_jax.bench --preflight >&2 \
+    timeout 150 "$python" -m benchmarks.bench --preflight >&2 \
       || echo "run_gpu.sh: WARNING preflight still fails: the JAX rows will report errors" >&2
   else
     echo "run_gpu.sh: WARNING preflight failed and no fallback wheels were carried" >&2
@@ -76,6 +76,6 @@ fi
 
 require_accelerator=()
 [ "${BENCH_REQUIRE_ACCELERATOR:-1}" = 1 ] && require_accelerator=(--require-accelerator)
-exec "$python" -m puzzle_jax.bench --suite gpu --json "$json_path" --started-at "$started_at" \
+exec "$python" -m benchmarks.bench --suite gpu --json "$json_path" --started-at "$started_at" \
   --time-budget-s "${BENCH_TIME_BUDGET_S:-450}" --hard-limit-s "${BENCH_HARD_LIMIT_S:-505}" \
   ${require_accelerator[@]+"${require_accelerator[@]}"} "$@"

@@ -1,18 +1,19 @@
-"""Tests of the benchmark runner ``puzzle_jax.bench``: a tiny run, FLOP counts, budget, errors."""
+"""Tests of the benchmark runner ``benchmarks.bench`` (a tiny run, FLOP counts, budget, errors) and of the
+transcription of the authors' PyTorch code it times, ``benchmarks.authors_torch``."""
 
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from configs import default
-from puzzle_jax import bench, flops
+from benchmarks import authors_torch, bench, flops
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bench.py must run where none of these is installed (the GPU machine): its JAX and PyTorch rows may
@@ -58,7 +59,7 @@ def test_smoke_run_reports_real_numbers_and_ratios(tmp_path):
         [
             sys.executable,
             "-m",
-            "puzzle_jax.bench",
+            "benchmarks.bench",
             "--suite",
             "smoke",
             "--kinds",
@@ -126,7 +127,7 @@ def single_torch_thread():
 def test_flops_of_our_step_match_torch_flop_counter_of_the_authors_step(single_torch_thread):
     """Our ResNet-50 step and the PyTorch transcription do the same work (FLOPs within 20%).
 
-    XLA and ``puzzle_jax.flops`` (the count bench.py reports) count only the multiply-adds that
+    XLA and ``benchmarks.flops`` (the count bench.py reports) count only the multiply-adds that
     touch real input (not padding), and XLA adds elementwise work; PyTorch's counter counts every
     kernel tap of convolutions and matmuls. At 64x64 the padding share is large, so our counts
     are somewhat lower; a missing tiled pass, a missing backward or a different depth would be 2x
@@ -156,23 +157,16 @@ def test_flops_of_our_step_match_torch_flop_counter_of_the_authors_step(single_t
     assert 0.8 < counted_flops / torch_flops < 1.05, (counted_flops, torch_flops)
 
 
-def test_bench_times_the_default_configs_puzzle_setting():
-    """bench.py keeps its own copy (it must not need ml_collections); it must not drift from the config's."""
-    cam = default.get_config().cam
-    assert bench.PUZZLE_SETTINGS == {name: cam[name] for name in bench.PUZZLE_SETTINGS}
-    assert set(bench.PUZZLE_SETTINGS) == set(cam.keys())
-
-
 def test_torch_tile_is_piece_major_and_merge_inverts_it():
     """The authors' order: [all top-left, all top-right, all bottom-left, all bottom-right]."""
     images = torch.arange(3 * 2 * 4 * 6, dtype=torch.float32).reshape(3, 2, 4, 6)
-    tiles = bench.torch_tile(images, 2)
+    tiles = authors_torch.tile_features(images, 2)
     expected = torch.cat(
         [images[:, :, :2, :3], images[:, :, :2, 3:], images[:, :, 2:, :3], images[:, :, 2:, 3:]],
         dim=0,
     )
     assert torch.equal(tiles, expected)
-    assert torch.equal(bench.torch_merge(tiles, 2, 3), images)
+    assert torch.equal(authors_torch.merge_features(tiles, 2, 3), images)
 
 
 def test_torch_optimizer_reproduces_authors_groups_and_momentum():
@@ -181,7 +175,9 @@ def test_torch_optimizer_reproduces_authors_groups_and_momentum():
     # The backbone: weight (pretrained_weight) and bias (pretrained_bias).
     model.model = torch.nn.BatchNorm2d(4)
     model.classifier = torch.nn.Conv2d(4, 2, 1, bias=True)  # scratch weight and bias
-    optimizer, set_step = bench.create_torch_optimizer(model, learning_rate=0.1, weight_decay=1e-4)
+    optimizer = authors_torch.create_optimizer(
+        model, learning_rate=0.1, weight_decay=1e-4, max_step=bench.TRAIN_TOTAL_STEPS
+    )
     settings = sorted(
         (group["lr"], group["weight_decay"], group["momentum"], group["nesterov"])
         for group in optimizer.param_groups
@@ -194,11 +190,76 @@ def test_torch_optimizer_reproduces_authors_groups_and_momentum():
             (2.0, 0.0, 1e-4, True),
         ]
     )
-    set_step(bench.TRAIN_TOTAL_STEPS // 2)
+    # The learning rates of a step are set by that step (no gradients here: SGD skips every parameter).
+    optimizer.global_step = bench.TRAIN_TOTAL_STEPS // 2
+    optimizer.step()
     factor = 0.5**0.9
     assert sorted(group["lr"] for group in optimizer.param_groups) == pytest.approx(
         [0.1 * factor, 0.2 * factor, 1.0 * factor, 2.0 * factor]
     )
+    assert optimizer.global_step == bench.TRAIN_TOTAL_STEPS // 2 + 1
+    standard = authors_torch.create_optimizer(
+        model, learning_rate=0.1, weight_decay=1e-4, max_step=10, momentum="standard"
+    )
+    assert {(group["momentum"], group["nesterov"]) for group in standard.param_groups} == {(0.9, True)}
+    with pytest.raises(ValueError, match="momentum"):
+        authors_torch.create_optimizer(model, learning_rate=0.1, weight_decay=1e-4, max_step=10, momentum="adam")
+
+
+def test_authors_classifier_groups_backbone_parameters_once_under_model():
+    """The stage1..5 aliases repeat every backbone tensor in the state dict (their checkpoint format), but
+    named_parameters() lists each once under ``model.``, so the optimizer's groups are theirs: every backbone
+    weight (BatchNorm scales included) x1, every BatchNorm bias x2, the bias-free head x10."""
+    torch.manual_seed(0)
+    model = authors_torch.create_classifier("resnet_tiny", 20)
+    assert any(key.startswith("stage5.0.") for key in model.state_dict())
+    names = [name for name, _ in model.named_parameters()]
+    assert all(name.startswith("model.") for name in names[:-1]) and names[-1] == "classifier.weight"
+    weights, biases, scratch_weights, scratch_biases = authors_torch.parameter_groups(model)
+    backbone = dict(model.model.named_parameters())
+    assert len(weights) == sum(name.endswith("weight") for name in backbone)
+    assert len(biases) == sum(name.endswith("bias") for name in backbone)
+    assert scratch_weights == [model.classifier.weight] and scratch_biases == []
+
+
+@pytest.mark.parametrize(
+    "loss_option, level, re_loss, re_loss_option",
+    [
+        ("cl_pcl_re", "feature", "l1", "masking"),  # the README setting
+        ("cl_pcl_re", "cam", "l2", "selection"),
+        ("cl_re", "feature", "l1", "none"),
+        ("cl", "feature", "l1", "masking"),
+    ],
+)
+def test_authors_train_step_sums_its_terms_with_the_alpha_ramp(
+    single_torch_thread, loss_option, level, re_loss, re_loss_option
+):
+    """loss = class_loss + [puzzle_class_loss] + [alpha_t * reconstruction_loss], alpha ramping linearly over
+    alpha_schedule of the steps from 0 at step 0; the optimizer counts the steps."""
+    cam = types.SimpleNamespace(
+        loss_option=loss_option, grid=2, level=level, re_loss=re_loss, re_loss_option=re_loss_option,
+        alpha=4.0, alpha_schedule=0.5,
+    )
+    torch.manual_seed(0)
+    model = authors_torch.create_classifier("resnet_tiny", 5)
+    optimizer = authors_torch.create_optimizer(model, learning_rate=0.01, weight_decay=1e-4, max_step=8)
+    train_step = authors_torch.create_puzzle_train_step(model, optimizer, cam, max_step=8, batch_size=2)
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 1, 0, 0]])
+    for step, alpha in enumerate((0.0, 1.0, 2.0)):  # 4 x step / (8 x 0.5)
+        metrics = train_step(images, labels)
+        assert metrics["alpha"] == alpha and optimizer.global_step == step + 1
+        expected = metrics["class_loss"] + metrics.get("puzzle_class_loss", 0.0)
+        expected = expected + alpha * metrics.get("reconstruction_loss", 0.0)
+        assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-6)
+        assert ("puzzle_class_loss" in metrics) == ("pcl" in loss_option)
+        assert ("reconstruction_loss" in metrics) == ("re" in loss_option)
+        assert all(np.isfinite(float(value)) for value in metrics.values())
+    with pytest.raises(ValueError, match="loss_option"):
+        authors_torch.create_puzzle_train_step(
+            model, optimizer, types.SimpleNamespace(**dict(vars(cam), loss_option="cl_conf")), max_step=8,
+            batch_size=2,
+        )
 
 
 def test_rows_past_the_time_budget_are_skipped_and_listed(tmp_path):
@@ -307,11 +368,8 @@ def test_end_to_end_script_reports_the_train_cam_rate(tmp_path):
 
 
 def test_end_to_end_rate_is_the_median_after_the_skipped_steps(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    try:
-        import end_to_end
-    finally:
-        sys.path.pop(0)
+    from benchmarks import end_to_end
+
     metrics = tmp_path / "metrics.jsonl"
     rates = [1.0, 2.0, 50.0, 10.0, 30.0, 20.0]
     metrics.write_text("".join(json.dumps({"step": step + 1, "images_per_second": rate}) + "\n"

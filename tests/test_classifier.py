@@ -59,8 +59,9 @@ def test_authors_checkpoint_gives_the_authors_class_maps(tmp_path):
     """An authors'-format checkpoint (backbone under ``model.``, stage aliases, head, DataParallel prefix),
     read from a .pth file, gives the class maps of the torch transcription of Classifier.forward(with_cam=True)."""
     import torch
-    from torch_reference import AuthorsClassifier, relative_error, torch_resnest
+    from torch_reference import relative_error, torch_resnest
 
+    from benchmarks.authors_torch import Classifier as AuthorsClassifier
     from puzzle_jax.weights import load_torch_weights
 
     reference = AuthorsClassifier(torch_resnest("resnest50", 16), num_classes=20).eval()

@@ -1,4 +1,4 @@
-"""Tests of ``puzzle_jax.flops``: closed-form FLOPs of convolutions, matmuls and nested jaxprs, and XLA:CPU's count."""
+"""Tests of ``benchmarks.flops``: closed-form FLOPs of convolutions, matmuls and nested jaxprs, and XLA:CPU's count."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from puzzle_jax import flops
+from benchmarks import flops
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

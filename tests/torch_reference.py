@@ -1,103 +1,46 @@
-"""PyTorch reference networks for the parity tests (models, weights), built from the ``resnest`` package.
+"""Helpers of the parity tests: the torch reference networks with randomised BatchNorm, and the comparison of
+our NNX models with them (weight conversion, stage outputs, error measures).
 
-``resnest`` 0.0.5 is the official ResNeSt code; its ``ResNet`` with ``radix=0`` (and no deep stem, avg_down or
-avd) is a plain torchvision-layout Bottleneck ResNet. The authors' ResNet backbone (layer4 stride 1 without
-dilation) is obtained by patching conv strides, which changes no parameter.
+The networks themselves are the authors', transcribed once in ``benchmarks/authors_torch.py`` (built from the
+official ``resnest`` 0.0.5 package), which the benchmarks time too.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from resnest.torch import resnest50, resnest101, resnest200, resnest269
-from resnest.torch.resnet import Bottleneck, ResNet
+from resnest.torch.resnet import ResNet
+
+from benchmarks import authors_torch
 
 torch.set_num_threads(2)
 
 FLOAT64_TOLERANCE = 1e-9
 
-RESNEST_CONSTRUCTORS = {
-    "resnest50": resnest50,
-    "resnest101": resnest101,
-    "resnest200": resnest200,
-    "resnest269": resnest269,
-}
-
-
-def _set_conv2(block, stride: int, dilation: int) -> None:
-    block.conv2.stride = (stride, stride)
-    block.conv2.dilation = (dilation, dilation)
-    block.conv2.padding = (dilation, dilation)
-
 
 def torch_resnet(blocks=(3, 4, 6, 3), output_stride: int = 16, seed: int = 0) -> ResNet:
-    """A torchvision-layout ResNet in eval mode, with the geometry ``puzzle_jax.models.resnet`` documents.
-
-    OS32 is the network as built; OS16 sets layer4's first stride to 1 (the authors' backbone); OS8 also
-    follows torchvision's ``replace_stride_with_dilation=[False, True, True]``.
-    """
+    """``authors_torch.resnet`` (the geometry ``puzzle_jax.models.resnet`` documents) seeded, with randomised
+    BatchNorm, in eval mode."""
     torch.manual_seed(seed)
-    model = ResNet(Bottleneck, list(blocks), radix=0, deep_stem=False, avg_down=False, avd=False)
-    if output_stride <= 16:
-        _set_conv2(model.layer4[0], 1, 1)
-        model.layer4[0].downsample[0].stride = (1, 1)
-    if output_stride == 8:
-        _set_conv2(model.layer3[0], 1, 1)
-        model.layer3[0].downsample[0].stride = (1, 1)
-        for block in model.layer3[1:]:
-            _set_conv2(block, 1, 2)
-        _set_conv2(model.layer4[0], 1, 2)
-        for block in model.layer4[1:]:
-            _set_conv2(block, 1, 4)
+    model = authors_torch.resnet(tuple(blocks), output_stride)
     randomize_batch_norm(model, seed)
     return model.eval()
 
 
 def torch_resnest(arch: str, output_stride: int = 16, seed: int = 0) -> ResNet:
-    """An official ResNeSt in eval mode, built as the authors build it for the given output stride."""
+    """``authors_torch.resnest``: the official ResNeSt as the authors build it for the output stride, seeded, with
+    randomised BatchNorm, in eval mode."""
     torch.manual_seed(seed)
-    geometry = {32: dict(dilated=False, dilation=1), 16: dict(dilated=False, dilation=2),
-                8: dict(dilated=True, dilation=4)}[output_stride]
-    model = RESNEST_CONSTRUCTORS[arch](pretrained=False, **geometry)
+    model = authors_torch.resnest(arch, output_stride)
     randomize_batch_norm(model, seed)
     return model.eval()
-
-
-class AuthorsClassifier(torch.nn.Module):
-    """A transcription of the authors' ``Classifier`` (spec section 2) with ``forward(with_cam=True)``.
-
-    The backbone is ``model`` (its ImageNet ``avgpool``/``fc`` removed), ``stage1``..``stage5`` are
-    ``nn.Sequential`` views of its parts (so the state dict holds every backbone tensor twice), and the head is
-    a bias-free 1x1 conv ``classifier`` with Kaiming-normal init. Its state dict is the format of the authors'
-    released checkpoints.
-    """
-
-    def __init__(self, backbone: ResNet, num_classes: int = 20, seed: int = 0):
-        super().__init__()
-        self.model = backbone
-        del self.model.avgpool
-        del self.model.fc
-        self.stage1 = torch.nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
-        self.stage2 = torch.nn.Sequential(backbone.layer1)
-        self.stage3 = torch.nn.Sequential(backbone.layer2)
-        self.stage4 = torch.nn.Sequential(backbone.layer3)
-        self.stage5 = torch.nn.Sequential(backbone.layer4)
-        self.classifier = torch.nn.Conv2d(2048, num_classes, 1, bias=False)
-        torch.manual_seed(seed)
-        torch.nn.init.kaiming_normal_(self.classifier.weight)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.stage5(self.stage4(self.stage3(self.stage2(self.stage1(images)))))
-        features = self.classifier(x)
-        logits = features.flatten(2).mean(-1)
-        return logits, features
 
 
 def torch_parameter_count(arch: str) -> int:
     """Parameters of the official network without its ImageNet ``fc``, counted on the meta device (no memory,
     no initialisation time)."""
     with torch.device("meta"):
-        model = RESNEST_CONSTRUCTORS[arch](pretrained=False)
+        model = authors_torch.create_backbone(arch)
     return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("fc."))
 
 
@@ -289,34 +232,6 @@ def assert_backbone_parity(
         errors["train_float64_max"] = max(relative_error(outputs[name], truth[name]) for name in truth)
         for name in truth:
             assert relative_error(outputs[name], truth[name]) < FLOAT64_TOLERANCE, ("train float64", name)
-        ours = {key: nnx_variable(model64, key) for key in running_before}
-    ours_batch = _batch_statistics(ours, running_before)
-    errors["batch_stats_float64_max"] = max(
-        relative_error(ours_batch[key], torch_batch[key]) for key in running_before
-    )
-    for key in running_before:
-        error = relative_error(ours_batch[key], torch_batch[key])
-        assert error < FLOAT64_TOLERANCE, ("batch statistics", key, error)
-    return errors
-    images64 = images[:, :float64_size, :float64_size].astype(np.float64)
-    reference64 = copy.deepcopy(reference).double()
-    running_before = {
-        key: value.numpy().copy() for key, value in reference64.state_dict().items() if "running_" in key
-    }
-    expected = torch_stages(reference64.train(), images64)
-    torch_batch = _batch_statistics(reference64.state_dict(), running_before)
-    with jax.enable_x64(True):
-        model64 = create_model(jnp.float64)
-        # float64 running statistics too (they are float32 by default), so the recovered batch statistics
-        # are exact.
-        stats = nnx.state(model64, nnx.BatchStat)
-        nnx.update(model64, jax.tree.map(lambda value: jnp.asarray(value, jnp.float64), stats))
-        model64.train()
-        outputs = _forward(model64, images64)
-        assert outputs["stage5"].dtype == jnp.float64
-        errors["train_float64_max"] = max(relative_error(outputs[name], expected[name]) for name in expected)
-        for name in expected:
-            assert relative_error(outputs[name], expected[name]) < FLOAT64_TOLERANCE, ("train float64", name)
         ours = {key: nnx_variable(model64, key) for key in running_before}
     ours_batch = _batch_statistics(ours, running_before)
     errors["batch_stats_float64_max"] = max(

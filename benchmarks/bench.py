@@ -2,17 +2,19 @@
 
 Owns the benchmark table of issue 6 and nothing else: it builds every model and step through the
 library (``models``, ``classifier_training``, ``optim``, ``training``, ``sharding``,
-``cam_inference``, ``data.input_pipeline``) and times them next to a PyTorch transcription of the
-authors' code (the official ``resnest`` package for the backbones). Run it as::
+``cam_inference``, ``data.input_pipeline``) and times them next to the authors' computation in
+PyTorch: their model, optimizer and training step from ``benchmarks.authors_torch`` (the official
+``resnest`` package for the backbones), their multi-scale inference transcribed here. Run it from
+the repository root as::
 
-    python -m puzzle_jax.bench --suite gpu --json bench.json      # the full table (~8 min, H100)
-    python -m puzzle_jax.bench --suite cpu --json bench_cpu.json  # a few small rows for a CPU
-    python -m puzzle_jax.bench --suite gpu --dry-run              # list the planned rows only
+    python -m benchmarks.bench --suite gpu --json bench.json      # the full table (~8 min, H100)
+    python -m benchmarks.bench --suite cpu --json bench_cpu.json  # a few small rows for a CPU
+    python -m benchmarks.bench --suite gpu --dry-run              # list the planned rows only
 
 Rows:
   * ``train``: one Puzzle-CAM step (full forward + 2x2 tiled forward + backward + SGD update) in
     images/s, step time, compile time, peak device memory, model FLOPs per image counted from the
-    step's jaxpr (convolutions and matmuls, ``puzzle_jax.flops``), achieved FLOP/s and MFU against
+    step's jaxpr (convolutions and matmuls, ``benchmarks.flops``), achieved FLOP/s and MFU against
     the device's peak, and the JAX/PyTorch ratio. XLA's ``cost_analysis()`` counts are kept in the
     JSON for reference only: XLA:GPU's leaves out the convolutions it hands to cuDNN as custom calls.
   * ``inference``: multi-scale (0.5, 1, 1.5, 2) + flip CAMs of VOC-sized images streamed through the
@@ -56,6 +58,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ml_collections
+
+from configs import default as default_config
+
+# Worker processes import ``benchmarks`` from here, wherever the parent was started.
+_REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Marks the lines a worker process prints for the parent; everything else a worker prints is passed
 # through.
 _MESSAGE_MARKER = "@@PUZZLE_BENCH@@ "
@@ -67,18 +75,7 @@ TRAIN_WEIGHT_DECAY = 1e-4
 # Length of the poly schedule and of the alpha ramp; only its ratio to the step matters for the
 # numbers.
 TRAIN_TOTAL_STEPS = 4950
-# The README's Puzzle-CAM setting (spec §3), as plain attributes: bench.py must not need
-# ml_collections.
-PUZZLE_SETTINGS = dict(
-    loss_option="cl_pcl_re",
-    grid=2,
-    level="feature",
-    re_loss="l1",
-    re_loss_option="masking",
-    alpha=4.0,
-    alpha_schedule=0.5,
-)
-# The ``flops_source`` of the JAX train rows (``puzzle_jax.flops``).
+# The ``flops_source`` of the JAX train rows (``benchmarks.flops``).
 JAXPR_FLOPS_SOURCE = "jaxpr count (convolutions + matmuls)"
 INFERENCE_SCALES = (0.5, 1.0, 1.5, 2.0)
 INFERENCE_PAD_MULTIPLE = 64  # configs/default.py's infer.pad_multiple
@@ -123,6 +120,12 @@ PEAK_TFLOPS_BY_DEVICE = (
     ("tpu v5", {"bfloat16": 459.0, "tf32": 459.0, "fp32": 459.0}),
     ("tpu v4", {"bfloat16": 275.0, "tf32": 275.0, "fp32": 275.0}),
 )
+
+
+def puzzle_settings() -> ml_collections.ConfigDict:
+    """The Puzzle-CAM setting every train row times, JAX and PyTorch: ``configs/default.py``'s ``cam``
+    section (the README's setting, spec §3)."""
+    return default_config.get_config().cam
 
 
 # --------------------------------------------------------------------------------------------------
@@ -613,8 +616,6 @@ def build_jax_train_step(
       ``training.make_train_step``, the replicated initial state, a synthetic global batch on the
       devices, and the mesh size.
     """
-    import types
-
     import jax.numpy as jnp
     from flax import nnx
 
@@ -642,7 +643,7 @@ def build_jax_train_step(
         total_steps=TRAIN_TOTAL_STEPS,
     )
     objective = classifier_training.create_puzzle_objective(
-        types.SimpleNamespace(**PUZZLE_SETTINGS), TRAIN_TOTAL_STEPS, OUTPUT_STRIDE
+        puzzle_settings(), TRAIN_TOTAL_STEPS, OUTPUT_STRIDE
     )
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     train_step = training.make_train_step(graphdef, optimizer, objective, mesh)
@@ -684,7 +685,8 @@ class _JaxRunner:
         import jax
         import numpy as np
 
-        from puzzle_jax import flops, training
+        from benchmarks import flops
+        from puzzle_jax import training
 
         train_step, state, batch, devices = build_jax_train_step(
             spec.arch,
@@ -827,7 +829,7 @@ def _inference_scales(spec: RowSpec) -> tuple[float, ...]:
 
 
 # --------------------------------------------------------------------------------------------------
-# PyTorch rows: the authors' computation (official resnest backbones, their step, their inference)
+# PyTorch rows: the authors' computation (``authors_torch``'s model and step; their inference)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -855,176 +857,6 @@ def _torch_environment() -> dict[str, Any]:
     return environment
 
 
-def create_torch_backbone(arch: str):
-    """The authors' backbone, from the official ``resnest`` package, output stride 16.
-
-    ResNeSt: ``resnest{50,101,200,269}(dilation=2)`` as the authors build it (layer4 stride 1,
-      dilation 2).
-    ResNet: the package's ``ResNet`` with ``radix=0`` (a plain Bottleneck ResNet, stride on the 3x3
-    conv, as in torchvision) and ``dilation=2``, whose layer4 3x3 convolutions are then set back to
-    dilation 1: the authors' ResNet-50 (torchvision, strides (2, 2, 2, 1)) has no dilation in
-    layer4, and neither has ours. ``resnet_tiny`` (smoke tests only) is ``ResNet`` with one block
-    per layer; it keeps the full widths, so it is *not* the same network as our ``resnet_tiny`` and
-    its ratio means nothing.
-
-    Raises:
-      ValueError: for an architecture without a PyTorch counterpart.
-    """
-    from resnest.torch import resnest as resnest_models
-    from resnest.torch.resnet import Bottleneck, ResNet
-    from torch import nn
-
-    resnet_blocks = {
-        "resnet50": [3, 4, 6, 3],
-        "resnet101": [3, 4, 23, 3],
-        "resnet_tiny": [1, 1, 1, 1],
-    }
-    if arch in resnet_blocks:
-        backbone = ResNet(Bottleneck, resnet_blocks[arch], radix=0, dilation=2)
-        for module in backbone.layer4.modules():
-            if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
-                module.dilation, module.padding = (1, 1), (1, 1)
-    elif arch in ("resnest50", "resnest101", "resnest200", "resnest269"):
-        backbone = getattr(resnest_models, arch)(pretrained=False, dilation=2)
-    else:
-        raise ValueError(
-            f"arch={arch!r} has no PyTorch reference; allowed values are resnet50, resnet101, "
-            "resnet_tiny, "
-            "resnest50, resnest101, resnest200, resnest269."
-        )
-    backbone.fc = nn.Identity()  # the ImageNet head is never used
-    return backbone
-
-
-def create_torch_classifier(arch: str, num_classes: int):
-    """The authors' ``Classifier(with_cam=True)``: backbone, bias-free 1x1 conv, spatial mean."""
-    import torch
-    from torch import nn
-
-    class TorchClassifier(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = create_torch_backbone(arch)
-            self.classifier = nn.Conv2d(2048, num_classes, 1, bias=False)
-            nn.init.kaiming_normal_(self.classifier.weight)
-
-        def forward(self, images: torch.Tensor):
-            backbone = self.model
-            x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
-            x = backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(x))))
-            features = self.classifier(x)
-            return features.mean(dim=(2, 3)), features
-
-    return TorchClassifier()
-
-
-def torch_tile(images, grid: int):
-    """The authors' ``tile_features``: the grid pieces concatenated along the batch, piece-major."""
-    import torch
-
-    height, width = images.shape[2] // grid, images.shape[3] // grid
-    pieces = [
-        images[:, :, row * height : (row + 1) * height, column * width : (column + 1) * width]
-        for row in range(grid)
-        for column in range(grid)
-    ]
-    return torch.cat(pieces, dim=0)
-
-
-def torch_merge(tiles, grid: int, batch_size: int):
-    """The authors' ``merge_features``: inverse of ``torch_tile``."""
-    import torch
-
-    pieces = torch.split(tiles, batch_size)
-    rows = [torch.cat(pieces[row * grid : (row + 1) * grid], dim=3) for row in range(grid)]
-    return torch.cat(rows, dim=2)
-
-
-def create_torch_optimizer(model, *, learning_rate: float, weight_decay: float):
-    """The authors' PolyOptimizer: 4 groups, SGD, momentum = weight decay (their bug), Nesterov.
-
-    Returns:
-      ``(optimizer, set_step)``; ``set_step(step)`` applies the poly(0.9) learning rate before a
-      step.
-    """
-    import torch
-
-    groups = {
-        name: []
-        for name in ("pretrained_weight", "pretrained_bias", "scratch_weight", "scratch_bias")
-    }
-    for name, parameter in model.named_parameters():
-        origin = "pretrained" if "model" in name else "scratch"
-        kind = "weight" if "weight" in name else "bias"
-        groups[f"{origin}_{kind}"].append(parameter)
-    multipliers = {
-        "pretrained_weight": 1,
-        "pretrained_bias": 2,
-        "scratch_weight": 10,
-        "scratch_bias": 20,
-    }
-    parameter_groups = [
-        {
-            "params": groups[name],
-            "lr": learning_rate * multipliers[name],
-            "weight_decay": weight_decay if name.endswith("weight") else 0.0,
-        }
-        for name in groups
-        if groups[name]
-    ]
-    optimizer = torch.optim.SGD(
-        parameter_groups, lr=learning_rate, momentum=weight_decay, nesterov=True
-    )
-    initial = [group["lr"] for group in optimizer.param_groups]
-
-    def set_step(step: int) -> None:
-        factor = (1.0 - step / TRAIN_TOTAL_STEPS) ** 0.9
-        for group, base in zip(optimizer.param_groups, initial, strict=True):
-            group["lr"] = base * factor
-
-    return optimizer, set_step
-
-
-def create_torch_train_step(
-    model, optimizer, set_step, *, batch_size: int, device_type: str, dtype: str
-):
-    """The authors' Puzzle-CAM iteration (``train_classification_with_puzzle.py``), README setting.
-
-    Two forward passes (full images, then the 2x2 tiles), MultiLabelSoftMargin on the logits and on
-    the merged maps' mean, masked L1 reconstruction weighted by the alpha ramp, backward, poly-SGD
-    step.
-    """
-    import torch
-    import torch.nn.functional as functional
-
-    grid = PUZZLE_SETTINGS["grid"]
-    alpha_max, schedule = PUZZLE_SETTINGS["alpha"], PUZZLE_SETTINGS["alpha_schedule"]
-    use_autocast = dtype == "bfloat16"
-    counter = {"step": 0}
-
-    def train_step(images, labels):
-        step = counter["step"]
-        set_step(step)
-        alpha = min(alpha_max * step / (TRAIN_TOTAL_STEPS * schedule), alpha_max)
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_autocast):
-            logits, features = model(images)
-            _, tiled_features = model(torch_tile(images, grid))
-        features = features.float()
-        merged = torch_merge(tiled_features.float(), grid, batch_size)
-        class_loss = functional.multilabel_soft_margin_loss(logits.float(), labels)
-        puzzle_class_loss = functional.multilabel_soft_margin_loss(merged.mean(dim=(2, 3)), labels)
-        mask = labels[:, :, None, None]
-        reconstruction = (torch.abs(features - merged) * mask).mean()
-        loss = class_loss + puzzle_class_loss + alpha * reconstruction
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        counter["step"] = step + 1
-        return loss
-
-    return train_step
-
-
 def _torch_memory_format(layout: str):
     import torch
 
@@ -1044,11 +876,12 @@ def build_torch_train_step(
     device,
     seed: int = 0,
 ):
-    """The authors' step in PyTorch on ``device``, and a synthetic batch of normalised-looking float32
-    images (what the authors' loader gives their step; our step gets the loader's uint8 crops).
+    """The authors' step in PyTorch on ``device`` (``benchmarks.authors_torch``), and a synthetic batch of
+    normalised-looking float32 images (what the authors' loader gives their step; our step gets the loader's uint8
+    crops).
 
     Args:
-      arch: a name ``create_torch_backbone`` accepts.
+      arch: one of ``authors_torch.ARCHITECTURES``.
       batch: images per step.
       height, width: crop size.
       dtype: ``float32``, or ``bfloat16`` for ``torch.autocast`` (parameters stay float32).
@@ -1058,21 +891,33 @@ def build_torch_train_step(
 
     Returns:
       ``(train_step, images, labels)``; ``train_step(images, labels)`` runs one iteration and
-      returns the loss.
+      returns its losses (``"loss"``: the total).
     """
     import torch
+
+    from benchmarks import authors_torch
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed values are {list(DTYPES)}.")
     torch.manual_seed(seed)
     memory_format = _torch_memory_format(layout)
-    model = create_torch_classifier(arch, NUM_CLASSES).to(device, memory_format=memory_format)
+    model = authors_torch.create_classifier(arch, NUM_CLASSES, OUTPUT_STRIDE)
+    model = model.to(device, memory_format=memory_format)
     model.train()
-    optimizer, set_step = create_torch_optimizer(
-        model, learning_rate=TRAIN_LEARNING_RATE, weight_decay=TRAIN_WEIGHT_DECAY
+    optimizer = authors_torch.create_optimizer(
+        model,
+        learning_rate=TRAIN_LEARNING_RATE,
+        weight_decay=TRAIN_WEIGHT_DECAY,
+        max_step=TRAIN_TOTAL_STEPS,
     )
-    train_step = create_torch_train_step(
-        model, optimizer, set_step, batch_size=batch, device_type=device.type, dtype=dtype
+    train_step = authors_torch.create_puzzle_train_step(
+        model,
+        optimizer,
+        puzzle_settings(),
+        max_step=TRAIN_TOTAL_STEPS,
+        batch_size=batch,
+        device_type=device.type,
+        dtype=dtype,
     )
     images, labels = _synthetic_train_batch(batch, height, width, seed)
     images = (
@@ -1172,7 +1017,7 @@ class _TorchRunner:
         losses = []
 
         def one_step():
-            losses.append(train_step(images, labels))
+            losses.append(train_step(images, labels)["loss"])
 
         step_time, timing = _time_steps(
             one_step, lambda _: self._synchronize(), spec.steps, self.settings.per_step_timing
@@ -1205,16 +1050,14 @@ class _TorchRunner:
         import torch
         import torch.nn.functional as functional
 
-        from puzzle_jax.data import (
-            transforms,
-        )  # numpy + PIL only: the same host preprocessing as ours
+        from benchmarks import authors_torch
+        from puzzle_jax.data import transforms  # numpy + PIL only: the same host preprocessing as ours
 
         torch.manual_seed(self.settings.seed)
         self._reset_peak()
         memory_format = _torch_memory_format(spec.layout)
-        model = create_torch_classifier(spec.arch, NUM_CLASSES).to(
-            self.device, memory_format=memory_format
-        )
+        model = authors_torch.create_classifier(spec.arch, NUM_CLASSES, OUTPUT_STRIDE)
+        model = model.to(self.device, memory_format=memory_format)
         model.eval()
         images, labels = _synthetic_voc_images(
             spec.warmup + spec.steps, spec.height, spec.width, self.settings.seed
@@ -1348,8 +1191,12 @@ class _HostRunner:
 
 
 def _child_environment(settings: WorkerSettings) -> dict[str, str]:
-    """The parent's environment plus the CPU thread limit (read when the child imports JAX)."""
+    """The parent's environment, the repository root first on the import path, and the CPU thread limit (read
+    when the child imports JAX)."""
     environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        path for path in (_REPOSITORY_ROOT, environment.get("PYTHONPATH", "")) if path
+    )
     if settings.cpu_threads:
         environment["OMP_NUM_THREADS"] = str(settings.cpu_threads)
         if settings.cpu_threads == 1:
@@ -1376,7 +1223,7 @@ def _run_phase_in_child(
         }
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "puzzle_jax.bench", "--worker"],
+        [sys.executable, "-m", "benchmarks.bench", "--worker"],
         env=_child_environment(settings),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -1607,7 +1454,7 @@ def _write_json(path: str, document: dict) -> None:
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m puzzle_jax.bench",
+        prog="python -m benchmarks.bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -1726,8 +1573,6 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def preflight() -> int:
     """Checks that this machine runs our JAX step (tiny) and can import the PyTorch reference."""
-    import types
-
     import jax
     import numpy as np
     from flax import nnx
@@ -1740,9 +1585,7 @@ def preflight() -> int:
     model.train()
     _, params, _ = training.split_model(model)
     optimizer = optim.create_optimizer(params, learning_rate=0.1, weight_decay=1e-4, total_steps=10)
-    objective = classifier_training.create_puzzle_objective(
-        types.SimpleNamespace(**PUZZLE_SETTINGS), 10, 16
-    )
+    objective = classifier_training.create_puzzle_objective(puzzle_settings(), 10, 16)
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     step = training.make_train_step(graphdef, optimizer, objective, mesh)
     state, metrics = step(state, sharding.host_batch_to_global(_synthetic_loader_batch(2, 64, 64, 0), mesh))
@@ -1797,7 +1640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": [
             sys.executable,
             "-m",
-            "puzzle_jax.bench",
+            "benchmarks.bench",
             *(argv if argv is not None else sys.argv[1:]),
         ],
         "suite": options.suite,
@@ -1808,7 +1651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {
             "num_classes": NUM_CLASSES,
             "output_stride": OUTPUT_STRIDE,
-            "puzzle": PUZZLE_SETTINGS,
+            "puzzle": puzzle_settings().to_dict(),
             "learning_rate": TRAIN_LEARNING_RATE,
             "weight_decay": TRAIN_WEIGHT_DECAY,
             "inference_scales": INFERENCE_SCALES,
