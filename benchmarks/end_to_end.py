@@ -47,20 +47,20 @@ from configs import demo
 def get_config():
     config = demo.get_config()
     config.stages = ("train_cam",)
-    config.model.init_from = ""
+    config.train_cam.init_from = ""
     config.model.arch = {arch!r}
     config.model.dtype = {dtype!r}
-    config.data.crop_size = {crop}
-    config.data.rescale_range = ({rescale_min}, {rescale_max})
+    config.train_cam.crop_size = {crop}
+    config.train_cam.rescale_range = ({rescale_min}, {rescale_max})
     config.data.worker_count = {workers}
     config.data.data_dir = {data_dir!r}
     config.data.builder_kwargs = ml_collections.ConfigDict(
         dict(num_pretrain={pretrain_images}, num_train={train_images}, num_val={pretrain_images})
     )
-    config.train.batch_size = {batch}
-    config.train.epochs = {epochs}
-    config.train.log_every_steps = {log_every}
-    config.train.checkpoint_every_steps = {checkpoint_every}
+    config.train_cam.batch_size = {batch}
+    config.train_cam.epochs = {epochs}
+    config.train_cam.log_every_steps = {log_every}
+    config.train_cam.checkpoint_every_steps = {checkpoint_every}
     return config
 """
 

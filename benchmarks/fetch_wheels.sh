@@ -4,8 +4,9 @@
 # The GPU machine has jax (+ CUDA plugin), flax, optax, orbax-checkpoint, torch, numpy, pillow and opencv, but not:
 #   resnest          the authors' backbones for the PyTorch reference (pure Python)
 #   ml_collections   configs/ (benchmarks/bench.py takes its Puzzle-CAM setting from configs/default.py) and
-#                    puzzle_jax.classifier_training (pure Python; absl-py and PyYAML are on the machine)
-#   grain, array-record, portpicker   the host input-pipeline rows (skipped without them)
+#                    puzzle_jax.driver (pure Python; absl-py and PyYAML are on the machine)
+#   grain, array-record, portpicker   the host input-pipeline rows and puzzle_jax.tasks, whose objectives the JAX
+#                    train rows use
 #   tensorflow-datasets and the needs the image lacks (tensorflow-metadata, googleapis-common-protos, dm-tree,
 #   immutabledict, promise, toml, termcolor, simple-parsing, docstring-parser), tensorboardX
 #                    the real stages (`python -m puzzle_jax.main`, benchmarks/end_to_end.py); promise is a source

@@ -87,9 +87,8 @@ def main() -> None:
     source, _ = datasets.load_split(
         "voc_folder", "train", data_dir=os.path.join(args.data, "tfds"), root=root, **options
     )
-    loader = input_pipeline.create_train_loader(
-        source, global_batch_size=args.batch, crop_size=args.crop, rescale_range=(320, 640), seed=0
-    )
+    transform = input_pipeline.ClassifierAugmentation(crop_size=args.crop, rescale_range=(320, 640))
+    loader = input_pipeline.create_train_loader(source, transform=transform, global_batch_size=args.batch, seed=0)
     iterator = iter(loader)
     first = next(iterator)
     for _ in range(args.warmup - 1):
