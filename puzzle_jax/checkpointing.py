@@ -50,13 +50,28 @@ class TrainingCheckpointer:
         asynchronous: bool = True,
     ):
         self.directory = os.path.abspath(directory)
+        save_decision = ocp.checkpoint_managers.AnySavePolicy(
+            [
+                ocp.checkpoint_managers.FixedIntervalPolicy(max(1, save_every_steps)),
+                # A cluster's preemption notice (multi-host runs) saves at the next step on every process.
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+                # The first step of a run without checkpoints is saved, so that a crash soon after the start
+                # resumes without compiling and loading data again from the beginning.
+                ocp.checkpoint_managers.InitialSavePolicy(),
+            ]
+        )
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, save_every_steps),
-            max_to_keep=max_to_keep,
+            save_decision_policy=save_decision,
+            preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
             enable_async_checkpointing=asynchronous,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _DATA))
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add(_STATE, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+        registry.add(_STATE, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+        registry.add(_DATA, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+        registry.add(_DATA, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None when there is none."""

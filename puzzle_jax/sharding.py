@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -44,7 +44,9 @@ def _mesh_over(devices: list, num_devices: int | None) -> jax.sharding.Mesh:
             f"mesh.num_devices={num_devices} is not possible: {available} device(s) are visible "
             "(use 0 for all of them)."
         )
-    return jax.sharding.Mesh(np.asarray(devices[:count]), (DATA_AXIS,))
+    # Auto axes: the step's shardings are given on its inputs and outputs, and XLA propagates them through the
+    # model (jax.make_mesh's default, Explicit, would put the batch sharding into every intermediate's type).
+    return jax.make_mesh((count,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:count])
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

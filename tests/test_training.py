@@ -303,3 +303,14 @@ def test_abstract_train_state_lowers_the_same_step_as_the_real_state():
     step = training.make_train_step(graphdef, optimizer, objective, mesh)
     batch = sharding.host_batch_to_global(_random_batch(), mesh)
     assert step.lower(abstract, batch).as_text() == step.lower(state, batch).as_text()
+
+
+def test_nnx_tree_mode_trains_like_graph_mode():
+    """Flax announces NNX tree mode (``nnx.set_graph_mode(False)``) as the future default: the split, the jitted
+    step and the merge inside it must give the same states in both modes."""
+    graph_state, graph_metrics, _ = _one_step(1)
+    with nnx.set_graph_mode(False):
+        tree_state, tree_metrics, _ = _one_step(1)
+    for a, b in zip(jax.tree.leaves((graph_state, graph_metrics)), jax.tree.leaves((tree_state, tree_metrics)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
