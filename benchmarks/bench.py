@@ -1,7 +1,7 @@
 """Benchmark runner: our JAX Puzzle-CAM against the authors' PyTorch computation, same device.
 
 Owns the benchmark table of issue 6 and nothing else: it builds every model and step through the
-library (``models``, ``tasks.classifier``, ``optim``, ``training``, ``sharding``,
+library (``models``, ``objectives``, ``optim``, ``training``, ``sharding``,
 ``cam_inference``, ``data.input_pipeline``) and times them next to the authors' computation in
 PyTorch: their model, optimizer and training step from ``benchmarks.authors_torch`` (the official
 ``resnest`` package for the backbones), their multi-scale inference transcribed here. Run it from
@@ -619,8 +619,7 @@ def build_jax_train_step(
     import jax.numpy as jnp
     from flax import nnx
 
-    from puzzle_jax import models, optim, sharding, training
-    from puzzle_jax.tasks import classifier as classifier_task
+    from puzzle_jax import models, objectives, optim, sharding, training
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed values are {list(DTYPES)}.")
@@ -643,7 +642,7 @@ def build_jax_train_step(
         weight_decay=TRAIN_WEIGHT_DECAY,
         total_steps=TRAIN_TOTAL_STEPS,
     )
-    objective = classifier_task.create_puzzle_objective(
+    objective = objectives.create_puzzle_objective(
         puzzle_settings(), TRAIN_TOTAL_STEPS, OUTPUT_STRIDE
     )
     graphdef, state = training.create_train_state(model, optimizer, mesh)
@@ -1579,8 +1578,7 @@ def preflight() -> int:
     import numpy as np
     from flax import nnx
 
-    from puzzle_jax import models, optim, sharding, training
-    from puzzle_jax.tasks import classifier as classifier_task
+    from puzzle_jax import models, objectives, optim, sharding, training
 
     print(json.dumps(_jax_environment()), flush=True)
     mesh = sharding.create_mesh(1)
@@ -1588,7 +1586,7 @@ def preflight() -> int:
     model.train()
     _, params, _ = training.split_model(model)
     optimizer = optim.create_optimizer(params, learning_rate=0.1, weight_decay=1e-4, total_steps=10)
-    objective = classifier_task.create_puzzle_objective(puzzle_settings(), 10, 16)
+    objective = objectives.create_puzzle_objective(puzzle_settings(), 10, 16)
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     step = training.make_train_step(graphdef, optimizer, objective, mesh)
     state, metrics = step(state, sharding.host_batch_to_global(_synthetic_loader_batch(2, 64, 64, 0), mesh))

@@ -128,7 +128,7 @@ def make_train_step(
         (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_batch_stats, opt_state=opt_state)
         return new_state, metrics
 

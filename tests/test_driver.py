@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import default
-from puzzle_jax import checkpointing, driver, models, optim, pipeline, sharding, training
+from puzzle_jax import checkpointing, driver, models, objectives, optim, pipeline, sharding, training
 from puzzle_jax.tasks import classifier as classifier_task
 
 NUM_CLASSES = 4
@@ -77,7 +77,7 @@ def test_auto_remat_compares_the_steps_memory_estimate_with_the_device(monkeypat
     model.train()
     _, params, _ = training.split_model(model)
     optimizer = optim.create_optimizer(params, learning_rate=0.1, weight_decay=1e-4, total_steps=10)
-    objective = classifier_task.create_puzzle_objective(default.get_config().cam, 10, output_stride=16)
+    objective = objectives.create_puzzle_objective(default.get_config().cam, 10, output_stride=16)
     batch = {
         "image": ((8, 64, 64, 3), np.uint8),
         "image_box": ((8, 4), np.int32),

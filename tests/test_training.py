@@ -10,10 +10,8 @@ import pytest
 from flax import nnx
 
 from configs import default
-from puzzle_jax import models, optim, pipeline, sharding, training
+from puzzle_jax import models, objectives, optim, pipeline, sharding, training
 from puzzle_jax.data import input_pipeline
-from puzzle_jax.tasks import base as task_base
-from puzzle_jax.tasks import classifier as classifier_task
 
 NUM_CLASSES = 3
 
@@ -44,7 +42,7 @@ def _puzzle_step(mesh):
     model = _tiny_classifier()
     _, params, _ = training.split_model(model)
     optimizer = optim.create_optimizer(params, learning_rate=0.1, weight_decay=1e-4, total_steps=10)
-    objective = classifier_task.create_puzzle_objective(_puzzle_config(), 10, 16)
+    objective = objectives.create_puzzle_objective(_puzzle_config(), 10, 16)
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     return state, training.make_train_step(graphdef, optimizer, objective, mesh)
 
@@ -173,7 +171,7 @@ def _fit(workdir, *, total_steps, stop_after_steps=None, loader_hook=None, compu
     model.train()
     _, params, _ = training.split_model(model)
     optimizer = optim.create_optimizer(params, learning_rate=0.05, weight_decay=1e-4, total_steps=total_steps)
-    objective = compute_loss or classifier_task.create_puzzle_objective(
+    objective = compute_loss or objectives.create_puzzle_objective(
         _puzzle_config(), total_steps, _SmallCamModel.OUTPUT_STRIDE
     )
     loader = input_pipeline.create_train_loader(_FakeSource(), transform=_augmentation(), global_batch_size=4, seed=5)
@@ -262,7 +260,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
 
 def test_nan_loss_names_the_step(tmp_path):
     def nan_after_first_step(model, batch, step):
-        logits, _ = model(task_base.batch_images(batch))
+        logits, _ = model(objectives.batch_images(batch))
         loss = jnp.mean(logits) * 0.0 + jnp.where(step >= 1, jnp.nan, 1.0)
         return loss, {}
 
@@ -299,7 +297,7 @@ def test_abstract_train_state_lowers_the_same_step_as_the_real_state():
     assert jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), state) == jax.tree.map(
         lambda a: (a.shape, a.dtype, a.sharding), abstract
     )
-    objective = classifier_task.create_puzzle_objective(_puzzle_config(), 10, 16)
+    objective = objectives.create_puzzle_objective(_puzzle_config(), 10, 16)
     step = training.make_train_step(graphdef, optimizer, objective, mesh)
     batch = sharding.host_batch_to_global(_random_batch(), mesh)
     assert step.lower(abstract, batch).as_text() == step.lower(state, batch).as_text()

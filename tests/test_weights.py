@@ -197,8 +197,7 @@ def test_converted_official_resnest50_initialises_training_and_trains_a_step(tmp
     import ml_collections
     from resnest.torch import resnest50
 
-    from puzzle_jax import checkpointing, models, optim, sharding, training
-    from puzzle_jax.tasks import classifier as classifier_task
+    from puzzle_jax import checkpointing, models, objectives, optim, sharding, training
 
     torch.manual_seed(0)
     official = resnest50(pretrained=False, dilation=2)  # the authors' OS16 construction
@@ -219,7 +218,7 @@ def test_converted_official_resnest50_initialises_training_and_trains_a_step(tmp
     optimizer = optim.create_optimizer(params, learning_rate=0.01, weight_decay=1e-4, total_steps=10)
     cam = ml_collections.ConfigDict(dict(loss_option="cl_pcl_re", grid=2, level="feature", re_loss="l1",
                                          re_loss_option="masking", alpha=4.0, alpha_schedule=0.5))
-    objective = classifier_task.create_puzzle_objective(cam, 10, 16)
+    objective = objectives.create_puzzle_objective(cam, 10, 16)
     graphdef, state = training.create_train_state(model, optimizer, mesh)
     step = training.make_train_step(graphdef, optimizer, objective, mesh)
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""The ``Task`` interface of the training driver, and what every task shares.
+"""The ``Task`` interface of the training driver.
 
 A task is a small object per model family. The driver (``driver.train_and_export``) asks it, in this order, for the
 records of the training split (``load_split``), the model config to build and export (``model_config``), the parts
@@ -14,12 +14,9 @@ import abc
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from puzzle_jax import optim, training
-from puzzle_jax.data import transforms
 
 
 class Task(abc.ABC):
@@ -64,22 +61,3 @@ class Task(abc.ABC):
             momentum_mode=section.momentum_mode,
             momentum=section.momentum,
         )
-
-
-def batch_images(batch: dict[str, jax.Array]) -> jax.Array:
-    """The normalised float32 images of a training batch, inside the jitted step.
-
-    The train loader sends uint8 crops with the box of the image on each (``input_pipeline``), normalised here on
-    the device (``transforms.normalize_crops``); floating-point images are taken as already normalised.
-    """
-    images = batch["image"]
-    if images.dtype == jnp.uint8:
-        if "image_box" not in batch:
-            raise ValueError(
-                "A batch of uint8 images needs 'image_box' (top, left, height, width of each image on its crop), "
-                "as the train loader produces; give normalised float images otherwise."
-            )
-        return transforms.normalize_crops(images, batch["image_box"])
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"batch['image'] has dtype {images.dtype}; expected uint8 crops or normalised floats.")
-    return images

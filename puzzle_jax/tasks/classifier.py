@@ -1,5 +1,5 @@
 """The CAM classifier's training task: classification alone (``pretrain``) or the Puzzle-CAM objective
-(``train_cam``, spec §3).
+(``train_cam``, spec §3), both from ``objectives``.
 
 Both build a classifier (``models.classifier_config``) from ``config.model``, read images and image-level labels
 only (the masks are not decoded), and train on the loader's uint8 crops (``input_pipeline.ClassifierAugmentation``).
@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
-
-from puzzle_jax import losses, models, puzzle, training
+from puzzle_jax import models, objectives, training
 from puzzle_jax.data import datasets, input_pipeline
 from puzzle_jax.tasks import base
 
 OBJECTIVES = ("classification", "puzzle")
-CAM_LEVELS = ("feature", "cam")
 
 
 class ClassifierTask(base.Task):
@@ -66,64 +63,12 @@ class ClassifierTask(base.Task):
     def create_objective(self, section, total_steps: int) -> training.LossFunction:
         del section
         if self.objective == "classification":
-            return create_classification_objective()
-        return create_puzzle_objective(self.cam_section, total_steps, int(self.model_section.output_stride))
+            return objectives.create_classification_objective()
+        return objectives.create_puzzle_objective(
+            self.cam_section, total_steps, int(self.model_section.output_stride)
+        )
 
     def create_transform(self, section):
         return input_pipeline.ClassifierAugmentation(
             crop_size=section.crop_size, rescale_range=tuple(section.rescale_range)
         )
-
-
-def create_classification_objective() -> training.LossFunction:
-    """Plain multi-label classification on the full images (the ``pretrain`` stage)."""
-
-    def compute_loss(model, batch, step):
-        del step
-        logits, _ = model(base.batch_images(batch))
-        class_loss = losses.multilabel_soft_margin_loss(logits.astype(jnp.float32), batch["labels"])
-        return class_loss, {"class_loss": class_loss}
-
-    return compute_loss
-
-
-def create_puzzle_objective(cam: Any, total_steps: int, output_stride: int) -> training.LossFunction:
-    """The Puzzle-CAM objective of spec §3 for ``config.cam``.
-
-    ``loss = class_loss + [p_class_loss] + [alpha_t * re_loss]``. The tiled pass runs only when a puzzle term is on,
-    so ``cl`` is the plain-CAM baseline. Images whose side is not a multiple of grid x output stride are padded with
-    zeros (the mean colour after normalisation) instead of being rejected.
-    """
-    use_puzzle_class, use_reconstruction = losses.parse_loss_option(cam.loss_option)
-    if cam.level not in CAM_LEVELS:
-        raise ValueError(f"cam.level={cam.level!r}; allowed values are {list(CAM_LEVELS)}.")
-    grid = int(cam.grid)
-
-    def compute_loss(model, batch, step):
-        labels = batch["labels"]
-        images, _ = puzzle.pad_to_multiple(base.batch_images(batch), grid * output_stride)
-        logits, class_maps = model(images)
-        class_maps = class_maps.astype(jnp.float32)
-        class_loss = losses.multilabel_soft_margin_loss(logits.astype(jnp.float32), labels)
-        metrics = {"class_loss": class_loss}
-        loss = class_loss
-        if use_puzzle_class or use_reconstruction:
-            _, tile_maps = model(puzzle.tile(images, grid))
-            merged_maps = puzzle.merge(tile_maps.astype(jnp.float32), grid)
-            if use_puzzle_class:
-                puzzle_class_loss = losses.multilabel_soft_margin_loss(merged_maps.mean(axis=(1, 2)), labels)
-                loss = loss + puzzle_class_loss
-                metrics["puzzle_class_loss"] = puzzle_class_loss
-            if use_reconstruction:
-                full, merged = class_maps, merged_maps
-                if cam.level == "cam":
-                    full, merged = losses.make_cam(full), losses.make_cam(merged)
-                reconstruction = losses.reconstruction_loss(
-                    full, merged, labels, norm=cam.re_loss, option=cam.re_loss_option
-                )
-                alpha = losses.alpha_at_step(step, total_steps, cam.alpha, cam.alpha_schedule)
-                loss = loss + alpha * reconstruction
-                metrics.update(reconstruction_loss=reconstruction, alpha=alpha)
-        return loss, metrics
-
-    return compute_loss

@@ -1,0 +1,95 @@
+"""Training objectives: what each model family minimises, as ``compute_loss(model, batch, step) -> (loss, metrics)``
+for ``training.make_train_step``.
+
+Pure functions of a model and a batch of global arrays (inside the jitted step): no data loading, so the benchmarks
+and tests build the exact step the stages train with. The tasks (``puzzle_jax.tasks``) choose and configure them.
+
+* ``batch_images``: the normalised images of a loader batch (uint8 crops + boxes, normalised on the device).
+* ``create_classification_objective``: multi-label classification (the ``pretrain`` stage).
+* ``create_puzzle_objective``: Puzzle-CAM (spec §3; the ``train_cam`` stage).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from puzzle_jax import losses, puzzle, training
+from puzzle_jax.data import transforms
+
+CAM_LEVELS = ("feature", "cam")
+
+
+def batch_images(batch: dict[str, jax.Array]) -> jax.Array:
+    """The normalised float32 images of a training batch, inside the jitted step.
+
+    The train loader sends uint8 crops with the box of the image on each (``input_pipeline``), normalised here on
+    the device (``transforms.normalize_crops``); floating-point images are taken as already normalised.
+    """
+    images = batch["image"]
+    if images.dtype == jnp.uint8:
+        if "image_box" not in batch:
+            raise ValueError(
+                "A batch of uint8 images needs 'image_box' (top, left, height, width of each image on its crop), "
+                "as the train loader produces; give normalised float images otherwise."
+            )
+        return transforms.normalize_crops(images, batch["image_box"])
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"batch['image'] has dtype {images.dtype}; expected uint8 crops or normalised floats.")
+    return images
+
+
+def create_classification_objective() -> training.LossFunction:
+    """Plain multi-label classification on the full images (the ``pretrain`` stage)."""
+
+    def compute_loss(model, batch, step):
+        del step
+        logits, _ = model(batch_images(batch))
+        class_loss = losses.multilabel_soft_margin_loss(logits.astype(jnp.float32), batch["labels"])
+        return class_loss, {"class_loss": class_loss}
+
+    return compute_loss
+
+
+def create_puzzle_objective(cam: Any, total_steps: int, output_stride: int) -> training.LossFunction:
+    """The Puzzle-CAM objective of spec §3 for ``config.cam``.
+
+    ``loss = class_loss + [p_class_loss] + [alpha_t * re_loss]``. The tiled pass runs only when a puzzle term is on,
+    so ``cl`` is the plain-CAM baseline. Images whose side is not a multiple of grid x output stride are padded with
+    zeros (the mean colour after normalisation) instead of being rejected.
+    """
+    use_puzzle_class, use_reconstruction = losses.parse_loss_option(cam.loss_option)
+    if cam.level not in CAM_LEVELS:
+        raise ValueError(f"cam.level={cam.level!r}; allowed values are {list(CAM_LEVELS)}.")
+    grid = int(cam.grid)
+
+    def compute_loss(model, batch, step):
+        labels = batch["labels"]
+        images, _ = puzzle.pad_to_multiple(batch_images(batch), grid * output_stride)
+        logits, class_maps = model(images)
+        class_maps = class_maps.astype(jnp.float32)
+        class_loss = losses.multilabel_soft_margin_loss(logits.astype(jnp.float32), labels)
+        metrics = {"class_loss": class_loss}
+        loss = class_loss
+        if use_puzzle_class or use_reconstruction:
+            _, tile_maps = model(puzzle.tile(images, grid))
+            merged_maps = puzzle.merge(tile_maps.astype(jnp.float32), grid)
+            if use_puzzle_class:
+                puzzle_class_loss = losses.multilabel_soft_margin_loss(merged_maps.mean(axis=(1, 2)), labels)
+                loss = loss + puzzle_class_loss
+                metrics["puzzle_class_loss"] = puzzle_class_loss
+            if use_reconstruction:
+                full, merged = class_maps, merged_maps
+                if cam.level == "cam":
+                    full, merged = losses.make_cam(full), losses.make_cam(merged)
+                reconstruction = losses.reconstruction_loss(
+                    full, merged, labels, norm=cam.re_loss, option=cam.re_loss_option
+                )
+                alpha = losses.alpha_at_step(step, total_steps, cam.alpha, cam.alpha_schedule)
+                loss = loss + alpha * reconstruction
+                metrics.update(reconstruction_loss=reconstruction, alpha=alpha)
+        return loss, metrics
+
+    return compute_loss
