@@ -22,7 +22,7 @@ import numpy as np
 # The repository root, so that ``puzzle_jax`` imports when this file is run as a script.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from puzzle_jax import cam_inference, puzzle  # noqa: E402
+from puzzle_jax import batched_inference, cam_inference, puzzle  # noqa: E402
 
 NUM_CLASSES = 20
 OUTPUT_STRIDE = 16
@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--images-per-call", type=int, default=8)
-    parser.add_argument("--host-threads", type=int, default=0, help="0: cam_inference.default_host_threads()")
+    parser.add_argument("--host-threads", type=int, default=0, help="0: batched_inference.default_host_threads()")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -62,7 +62,7 @@ def main() -> None:
         )
     )
     elapsed = time.perf_counter() - started
-    threads = args.host_threads or cam_inference.default_host_threads()
+    threads = args.host_threads or batched_inference.default_host_threads()
     per_image_ms = 1000 * elapsed / produced
     print(
         f"iterate_cams, host work only, {threads} host thread(s): {produced} images in {elapsed:.2f} s = "
@@ -83,12 +83,12 @@ def main() -> None:
     prepare = timed(lambda: [cam_inference._scaled_input(image, scale) for scale in SCALES])
 
     def accumulate():
-        accumulator = cam_inference._ImageAccumulator(image, labels, pending=len(SCALES))
+        accumulator = cam_inference.CamAccumulator(image, labels, flip=True, output_stride=OUTPUT_STRIDE)
         for scale in SCALES:
             height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
             padded = puzzle.padded_size(height, width, PAD_MULTIPLE)
             maps = _zero_forward(np.zeros((2, *padded, 3), np.uint8), np.zeros((2, 4), np.int32))
-            accumulator.add(maps, (height, width), True, OUTPUT_STRIDE)
+            accumulator.add(maps, (height, width))
         return accumulator.result()
 
     accumulate_ms = timed(accumulate)
