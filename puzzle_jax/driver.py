@@ -55,7 +55,7 @@ def train_and_export(
         logging.info("%s already exported: skipping training.", paths.export)
         return {"exported_model": paths.export, "skipped": True}
     section = config[stage]
-    source, info = task.load_split(config.data, section.split)
+    source, info = task.load_split(config.data, section.split, f"{stage}.split")
     mesh = sharding.create_mesh(config.mesh.num_devices)
     sharding.check_batch_size(section.batch_size, mesh, f"{stage}.batch_size")
     if len(source) < section.batch_size:

@@ -58,6 +58,10 @@ def test_bad_sizes_name_the_sections_field(tmp_path):
     config = _tiny_demo_config(tmp_path, batch_size=16)
     with pytest.raises(ValueError, match=r"8 images: fewer than one batch of 16; lower train_cam\.batch_size"):
         driver.train_and_export(_puzzle_task(config), config, "train_cam", paths, init_from="", seed=0)
+    config = _tiny_demo_config(tmp_path, split="pretrian")
+    with pytest.raises(ValueError, match=r"'pretrian' \(train_cam\.split\) of dataset 'puzzle_demo'; its splits are "
+                       r"\['pretrain', 'train', 'val'\]\. Set train_cam\.split to one of them"):
+        driver.train_and_export(_puzzle_task(config), config, "train_cam", paths, init_from="", seed=0)
     config = _tiny_demo_config(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"train_cam\.init_from=.*not an exported puzzle_jax model"):
         driver.train_and_export(

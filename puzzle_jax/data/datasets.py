@@ -184,7 +184,7 @@ def create_builder(name: str, *, data_dir: str, **builder_kwargs) -> tfds.core.D
 
 
 def load_split(
-    name: str, split: str, *, data_dir: str, decode_masks: bool = True, **builder_kwargs
+    name: str, split: str, *, data_dir: str, decode_masks: bool = True, field: str | None = None, **builder_kwargs
 ) -> tuple[DecodedRecords, SplitInfo]:
     """Prepares dataset `name` in `data_dir` if needed and opens one split for random access.
 
@@ -193,6 +193,7 @@ def load_split(
       split: split name (e.g. "train").
       data_dir: tfds data directory; the dataset is generated or prepared there on first use.
       decode_masks: False leaves the masks undecoded and out of the records (classifier training).
+      field: the config field that named the split (e.g. "pretrain.split"), for the error message.
       **builder_kwargs: dataset options, e.g. for puzzle_demo: seed, num_classes, num_pretrain,
         num_train, num_val, min_side, max_side.
 
@@ -210,8 +211,10 @@ def load_split(
     builder.download_and_prepare()
     split_sizes = {key: value.num_examples for key, value in builder.info.splits.items()}
     if split not in split_sizes:
+        named_by = f" ({field})" if field else ""
+        advice = f" Set {field} to one of them." if field else ""
         raise ValueError(
-            f"Unknown split {split!r} of dataset {name!r}; allowed: {sorted(split_sizes)}."
+            f"Unknown split {split!r}{named_by} of dataset {name!r}; its splits are {sorted(split_sizes)}.{advice}"
         )
     source = _open_split(builder, name, split, data_dir, dict(builder_kwargs), decode_masks)
     class_names = tuple(builder.class_names)
@@ -247,7 +250,7 @@ def _reopen_split(
 
 
 def load_split_from_config(
-    data_config: Any, split: str, *, decode_masks: bool = True
+    data_config: Any, split: str, *, decode_masks: bool = True, field: str | None = None
 ) -> tuple[DecodedRecords, SplitInfo]:
     """`load_split` for the `config.data` section of a run (dataset, data_dir, root, builder_kwargs).
 
@@ -265,6 +268,7 @@ def load_split_from_config(
             split,
             data_dir=os.path.expanduser(data_config.data_dir),
             decode_masks=decode_masks,
+            field=field,
             **builder_kwargs,
         )
 

@@ -39,17 +39,38 @@ def format_sweep_table(class_names: Sequence[str], result: dict, *, title: str =
         "threshold sweep: "
         + "  ".join(f"{t:.2f}:{m:.1f}" for t, m in zip(result["thresholds"], result["per_threshold_miou"]))
     )
+    edge = sweep_edge(result)
+    if edge is not None:
+        lines.append(
+            f"warning: the best threshold is the {edge} one swept, so the best may lie beyond the sweep: extend it "
+            "(config eval.threshold_range, or the evaluator's --thresholds)."
+        )
     return "\n".join(lines)
+
+
+def sweep_edge(result: dict) -> str | None:
+    """``"lowest"`` or ``"highest"`` when a sweep's best threshold is at an end of its range (the range is then too
+    narrow to be sure of the best), else None."""
+    thresholds = result["thresholds"]
+    if len(thresholds) < 2:
+        return None
+    if result["best_threshold"] == thresholds[0]:
+        return "lowest"
+    if result["best_threshold"] == thresholds[-1]:
+        return "highest"
+    return None
 
 
 def sweep_summary(class_names: Sequence[str], result: dict) -> dict:
     """The JSON summary of a ``ThresholdSweep.result()``: ``miou``, ``best_threshold``, ``per_class_iou`` and
-    ``per_threshold_miou`` keyed by class name and threshold (absent classes as None), ``num_images``."""
+    ``per_threshold_miou`` keyed by class name and threshold (absent classes as None), whether the best threshold
+    is at an end of the sweep (``sweep_edge``), ``num_images``."""
     return {
         "miou": result["miou"],
         "best_threshold": result["best_threshold"],
         "per_class_iou": dict(zip(class_names, ious_for_json(result["per_class_iou"]))),
         "per_threshold_miou": dict(zip(map(str, result["thresholds"]), result["per_threshold_miou"])),
+        "best_threshold_at_sweep_edge": sweep_edge(result),
         "num_images": result["num_images"],
     }
 

@@ -30,8 +30,9 @@ class Task(abc.ABC):
     remat_auto: bool = False
 
     @abc.abstractmethod
-    def load_split(self, data_config: Any, split: str) -> tuple[Sequence[dict], Any]:
-        """The training records (random access, picklable for grain workers) and the split's ``SplitInfo``."""
+    def load_split(self, data_config: Any, split: str, field: str) -> tuple[Sequence[dict], Any]:
+        """The training records (random access, picklable for grain workers) and the split's ``SplitInfo``;
+        ``field`` names the config field of the split in errors."""
 
     @abc.abstractmethod
     def model_config(self, split_info: Any) -> dict[str, Any]:

@@ -40,9 +40,9 @@ class ClassifierTask(base.Task):
         self.cam_section = cam_section
         self.remat_auto = remat == "auto"
 
-    def load_split(self, data_config, split):
+    def load_split(self, data_config, split, field):
         # Image-level labels only: the masks are not decoded.
-        return datasets.load_split_from_config(data_config, split, decode_masks=False)
+        return datasets.load_split_from_config(data_config, split, decode_masks=False, field=field)
 
     def model_config(self, split_info) -> dict[str, Any]:
         section = self.model_section

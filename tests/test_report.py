@@ -1,0 +1,38 @@
+"""Tests of the evaluation tables and summaries: the sweep table, its JSON summary, and the sweep-edge warning."""
+
+import math
+
+from puzzle_jax.evaluation import report
+
+
+def _result(best_threshold, thresholds=(0.05, 0.1, 0.15)):
+    per_threshold = [50.0 + 10 * (t == best_threshold) for t in thresholds]
+    return {
+        "miou": max(per_threshold),
+        "best_threshold": best_threshold,
+        "per_class_iou": [80.0, float("nan"), 40.0],
+        "thresholds": list(thresholds),
+        "per_threshold_miou": per_threshold,
+        "num_images": 3,
+    }
+
+
+def test_a_best_threshold_at_an_end_of_the_sweep_is_flagged():
+    names = ["background", "cat", "dog"]
+    assert report.sweep_edge(_result(0.1)) is None
+    assert report.sweep_edge(_result(0.05)) == "lowest"
+    assert report.sweep_edge(_result(0.15)) == "highest"
+    assert report.sweep_edge(_result(0.3, thresholds=(0.3,))) is None  # one fixed threshold: nothing to extend
+    assert "warning" not in report.format_sweep_table(names, _result(0.1))
+    table = report.format_sweep_table(names, _result(0.05))
+    assert table.splitlines()[-1].startswith("warning: the best threshold is the lowest one swept")
+    assert "eval.threshold_range" in table
+
+
+def test_the_sweep_summary_is_json_ready():
+    summary = report.sweep_summary(["background", "cat", "dog"], _result(0.15))
+    assert summary["per_class_iou"] == {"background": 80.0, "cat": None, "dog": 40.0}
+    assert summary["per_threshold_miou"] == {"0.05": 50.0, "0.1": 50.0, "0.15": 60.0}
+    assert summary["best_threshold_at_sweep_edge"] == "highest"
+    assert (summary["miou"], summary["best_threshold"], summary["num_images"]) == (60.0, 0.15, 3)
+    assert not any(isinstance(value, float) and math.isnan(value) for value in summary["per_class_iou"].values())
