@@ -18,11 +18,15 @@ def training_section(
     crop_size: int,
     rescale_range: tuple[int, int],
     init_from: str = "",
+    validation_split: str = "",
 ) -> ml_collections.ConfigDict:
     """The settings of one training stage (the driver reads them all; the arguments are the usual differences)."""
     section = ml_collections.ConfigDict()
     # Split of config.data.dataset to train on.
     section.split = split
+    # Split whose image-level labels score the trained model (the classifier: mAP, class loss against the label
+    # prior; a warning when training learned next to nothing); "" = none. Pixel labels are never used.
+    section.validation_split = validation_split
     # Exported model (folder) whose backbone initialises training: converted ImageNet weights
     # (python -m puzzle_jax.weights.convert) or an earlier stage's export; "pretrain" is this workdir's
     # pretrain/model (train_cam only). Empty = random initialisation.
@@ -138,7 +142,13 @@ def get_config() -> ml_collections.ConfigDict:
     # lr 0.1, crop 512 after a random long-side rescale to 320-640. Start it from ImageNet weights:
     # --config.train_cam.init_from=weights/<arch> (README, "Pretrained weights").
     config.train_cam = training_section(
-        split="train_aug", batch_size=32, epochs=15, learning_rate=0.1, crop_size=512, rescale_range=(320, 640)
+        split="train_aug",
+        batch_size=32,
+        epochs=15,
+        learning_rate=0.1,
+        crop_size=512,
+        rescale_range=(320, 640),
+        validation_split="val",
     )
 
     config.infer = ml_collections.ConfigDict()

@@ -56,6 +56,9 @@ def train_and_export(
         return {"exported_model": paths.export, "skipped": True}
     section = config[stage]
     source, info = task.load_split(config.data, section.split, f"{stage}.split")
+    validation = None
+    if section.validation_split:
+        validation, _ = task.load_split(config.data, section.validation_split, f"{stage}.validation_split")
     mesh = sharding.create_mesh(config.mesh.num_devices)
     sharding.check_batch_size(section.batch_size, mesh, f"{stage}.batch_size")
     if len(source) < section.batch_size:
@@ -91,7 +94,7 @@ def train_and_export(
         process_count=jax.process_count(),
         worker_count=config.data.worker_count,
     )
-    _, state, summary = training.fit(
+    graphdef, state, summary = training.fit(
         model=model,
         optimizer=optimizer,
         compute_loss=compute_loss,
@@ -110,7 +113,12 @@ def train_and_export(
         max_to_keep=section.max_to_keep,
     )
     checkpointing.export_model(paths.export, state.params, state.batch_stats, model_config)
+    trained = training.merge_model(graphdef, *jax.device_get((state.params, state.batch_stats)))
+    trained.eval()
+    assessment = task.assess(trained, summary, source, validation)
+    _report(stage, section, assessment)
     summary.update(
+        **assessment,
         exported_model=paths.export,
         images=len(source),
         epochs=section.epochs,
@@ -119,6 +127,22 @@ def train_and_export(
         **({"remat_auto": remat_facts} if remat_facts else {}),
     )
     return summary
+
+
+def _report(stage: str, section: Any, assessment: dict[str, Any]) -> None:
+    """Prints what ``task.assess`` found (process 0); warnings also go to the log."""
+    if jax.process_index() != 0:
+        return
+    if "validation_map" in assessment:
+        print(
+            f"[{stage}] validation ({section.validation_split}, {assessment['validation_images']} images): mAP "
+            f"{assessment['validation_map']:.1f}%, class loss {assessment['validation_class_loss']:.3f} (label prior "
+            f"{assessment['validation_label_prior_loss']:.3f})",
+            flush=True,
+        )
+    for warning in assessment.get("warnings", []):
+        logging.warning("%s: %s", stage, warning)
+        print(f"[{stage}] warning: {warning}", flush=True)
 
 
 def choose_remat(

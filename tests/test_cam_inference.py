@@ -219,3 +219,28 @@ def test_an_image_without_labels_gets_empty_maps():
     np.testing.assert_array_equal(result["keys"], [0])
     assert result["cam"].shape == (0, 10, 14)
     assert result["hr_cam"].shape == (0, 37, 53)
+
+
+def test_classify_gives_the_classifiers_own_logits_on_unpadded_images():
+    """Images whose sides are multiples of the bucket are not padded: the logits are the model's own, whatever the
+    batching; labels come back in record order."""
+    import jax
+    from flax import nnx
+
+    from puzzle_jax import models
+
+    model = models.create_classifier("resnet_tiny", 3, bn_mode="global", rngs=nnx.Rngs(0))
+    nnx.update(model, jax.tree.map(lambda value: value * 0.5 + 0.1, nnx.state(model, nnx.BatchStat)))
+    model.eval()
+    rng = np.random.default_rng(4)
+    records = [
+        {"image": rng.integers(0, 256, size, dtype=np.uint8), "labels": np.eye(3, dtype=np.float32)[index % 3]}
+        for index, size in enumerate([(64, 64, 3), (64, 128, 3), (64, 64, 3), (128, 64, 3), (64, 64, 3)])
+    ]
+    logits, labels = cam_inference.classify(model, records, output_stride=16, images_per_call=2)
+    assert logits.shape == labels.shape == (5, 3)
+    for record, row, label_row in zip(records, logits, labels, strict=True):
+        normalised = transforms.normalize_image(record["image"])[None]
+        expected = np.asarray(model(normalised)[0])[0]
+        np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(label_row, record["labels"])

@@ -38,6 +38,12 @@ def test_train_and_export_writes_a_loadable_model_and_skips_when_it_exists(tmp_p
     assert (summary["final_step"], summary["total_steps"], summary["images"], summary["batch_size"]) == (2, 2, 8, 8)
     assert summary["exported_model"] == paths.export and summary["remat"] is False
     assert {"loss", "class_loss", "puzzle_class_loss", "reconstruction_loss"} <= set(summary["last_metrics"])
+    # Two steps teach a random classifier nothing: the class loss is still above the label prior, and the stage says
+    # so; the validation split is scored all the same.
+    assert summary["last_tenth_metrics"]["class_loss"] > summary["train_label_prior_loss"] > 0.3
+    assert summary["validation_images"] == 2 and 0.0 <= summary["validation_map"] <= 100.0
+    assert summary["validation_class_loss"] > summary["validation_label_prior_loss"]
+    assert len(summary["warnings"]) == 2 and "has not learned" in summary["warnings"][0]
     model, model_config = checkpointing.load_exported(paths.export, family="classifier")
     assert model_config["family"] == "classifier" and model_config["num_classes"] == 5
     assert isinstance(model, models.Classifier)

@@ -102,13 +102,23 @@ class DecodedRecords(Sequence):
     def ids(self) -> list[str]:
         """Every record's id, in record order, read without decoding any image (when the split was opened through
         the registry; else by decoding each record)."""
+        return [decode_id(record["id"]) for record in self._undecoded_records()]
+
+    def labels(self) -> np.ndarray:
+        """Every record's image-level labels, ``(N, C)`` float32 in record order, read without decoding any image."""
+        labels = [np.asarray(record["labels"], np.float32) for record in self._undecoded_records()]
+        return np.stack(labels) if labels else np.zeros((0, 0), np.float32)
+
+    def _undecoded_records(self) -> Iterator[Mapping[str, Any]]:
         if self._opened_with is None:
-            return [record["id"] for record in self]
+            yield from self
+            return
         name, split, data_dir, builder_kwargs, _ = self._opened_with
         builder = create_builder(name, data_dir=data_dir, **builder_kwargs)
         skip = tfds.decode.SkipDecoding()
         raw = builder.as_data_source(split, decoders={"image": skip, "mask": skip})
-        return [decode_id(raw[index]["id"]) for index in range(len(raw))]
+        for index in range(len(raw)):
+            yield raw[index]
 
 
 class LabelFolderRecords(Sequence):

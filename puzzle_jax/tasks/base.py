@@ -1,10 +1,11 @@
 """The ``Task`` interface of the training driver.
 
 A task is a small object per model family. The driver (``driver.train_and_export``) asks it, in this order, for the
-records of the training split (``load_split``), the model config to build and export (``model_config``), the parts
-of an exported model that ``init_from`` copies (``init_parts``), the optimizer (``create_optimizer``; the default is
-the authors' poly SGD with the stage section's settings), the objective (``create_objective``) and the per-example
-input transform of the train loader (``create_transform``). A new model family needs a task and a model builder
+records of the training and validation splits (``load_split``), the model config to build and export
+(``model_config``), the parts of an exported model that ``init_from`` copies (``init_parts``), the optimizer
+(``create_optimizer``; the default is the authors' poly SGD with the stage section's settings), the objective
+(``create_objective``), the per-example input transform of the train loader (``create_transform``) and, after
+training, whether it learned (``assess``). A new model family needs a task and a model builder
 (``models.create_model``), and no change to the driver.
 """
 
@@ -49,6 +50,14 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def create_transform(self, section: Any) -> Any:
         """The train loader's per-example random transform (a ``grain.RandomMapTransform``)."""
+
+    def assess(
+        self, model: Any, summary: dict[str, Any], train_records: Any, validation_records: Any | None
+    ) -> dict[str, Any]:
+        """What the stage's summary says about whether training learned, computed after training with the trained
+        model in evaluation mode: metrics on ``validation_records`` (None when the section names no validation
+        split) and ``"warnings"``, sentences the driver prints. The default says nothing."""
+        return {}
 
     def create_optimizer(self, params: Any, section: Any, total_steps: int) -> optax.GradientTransformation:
         """The authors' four-group poly SGD (``optim``) with the section's settings."""

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from puzzle_jax import models, objectives, training
+from puzzle_jax import cam_inference, models, objectives, training
 from puzzle_jax.data import datasets, input_pipeline
+from puzzle_jax.evaluation import classification
 from puzzle_jax.tasks import base
 
 OBJECTIVES = ("classification", "puzzle")
+# A class loss above this share of the label prior's (predicting each class's frequency, images unseen) means the
+# classifier has learned next to nothing from the images.
+NOT_LEARNED_LOSS_FRACTION = 0.8
 
 
 class ClassifierTask(base.Task):
@@ -67,6 +71,39 @@ class ClassifierTask(base.Task):
         return objectives.create_puzzle_objective(
             self.cam_section, total_steps, int(self.model_section.output_stride)
         )
+
+    def assess(self, model, summary, train_records, validation_records):
+        """The label prior of the training split against the class loss of the last tenth of training and, on the
+        validation split, mAP, class loss and label prior; a warning where a loss stays near its prior."""
+        assessment: dict[str, Any] = {"warnings": []}
+        prior = classification.label_prior_loss(train_records.labels())
+        final = summary.get("last_tenth_metrics", {}).get("class_loss")
+        assessment["train_label_prior_loss"] = prior
+        if final is not None and final > NOT_LEARNED_LOSS_FRACTION * prior:
+            assessment["warnings"].append(
+                f"the training class loss ended at {final:.3f}, near the {prior:.3f} of predicting each class's "
+                "frequency without looking at the images: the classifier has not learned. Check the learning rate, "
+                "the momentum (momentum_mode), the number of epochs and the data."
+            )
+        if validation_records is not None:
+            logits, labels = cam_inference.classify(
+                model, validation_records, output_stride=int(self.model_section.output_stride)
+            )
+            mean_ap, _ = classification.mean_average_precision(logits, labels)
+            loss = classification.multilabel_soft_margin_loss(logits, labels)
+            validation_prior = classification.label_prior_loss(labels)
+            assessment.update(
+                validation_map=mean_ap,
+                validation_class_loss=loss,
+                validation_label_prior_loss=validation_prior,
+                validation_images=len(labels),
+            )
+            if loss > NOT_LEARNED_LOSS_FRACTION * validation_prior:
+                assessment["warnings"].append(
+                    f"the validation class loss is {loss:.3f} (mAP {mean_ap:.1f}%), near the {validation_prior:.3f} "
+                    "of the label prior: the classifier does not recognise the classes in unseen images."
+                )
+        return assessment
 
     def create_transform(self, section):
         return input_pipeline.ClassifierAugmentation(
