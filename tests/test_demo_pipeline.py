@@ -123,5 +123,8 @@ def test_the_readme_demo_learns_cams_far_better_than_an_untrained_model(tmp_path
     untrained_miou = json.loads((tmp_path / "untrained" / "eval_cam" / "summary.json").read_text())["miou"]
 
     assert trained["num_images"] == 600
+    # The pretrain stage (the stand-in for ImageNet weights) learned: no warning, and its validation mAP is high.
+    pretrain = json.loads((tmp_path / "demo" / "pretrain" / "summary.json").read_text())
+    assert pretrain["warnings"] == [] and pretrain["validation_map"] > 90.0, pretrain
     # The README reports 56.6-59.8% (the CPU decides the last digits); an untrained classifier's CAMs score 17.0%.
     assert trained["miou"] > 50.0 and trained["miou"] > untrained_miou + 25.0, (trained["miou"], untrained_miou)
