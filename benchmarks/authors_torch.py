@@ -66,7 +66,9 @@ def _set_conv2(block: nn.Module, stride: int, dilation: int) -> None:
     block.conv2.padding = (dilation, dilation)
 
 
-def resnet(blocks: tuple[int, ...] = RESNET_BLOCKS["resnet50"], output_stride: int = 16) -> ResNet:
+def resnet(
+    blocks: tuple[int, ...] = RESNET_BLOCKS["resnet50"], output_stride: int = 16, base_width: int = 64
+) -> ResNet:
     """A Bottleneck ResNet in the torchvision layout (stride on the 3x3 conv), in training mode as built.
 
     The package's ``ResNet`` with ``radix=0`` and no deep stem, avg_down or avd is that network. OS32 is the
@@ -79,6 +81,9 @@ def resnet(blocks: tuple[int, ...] = RESNET_BLOCKS["resnet50"], output_stride: i
     Args:
       blocks: Bottleneck blocks of layer1..layer4.
       output_stride: 8, 16 or 32.
+      base_width: stem channels and layer1 planes; 64 is the ImageNet network. A narrower one (16 with one block
+        per layer is our ``resnet_tiny``) is for fast CPU parity tests only: the package's layers are rebuilt
+        at that width with its own ``_make_layer`` and initialised as the package initialises them.
 
     Returns:
       The network, its ImageNet ``avgpool``/``fc`` still attached.
@@ -86,6 +91,8 @@ def resnet(blocks: tuple[int, ...] = RESNET_BLOCKS["resnet50"], output_stride: i
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride={output_stride}; allowed values are {list(OUTPUT_STRIDES)}.")
     model = ResNet(Bottleneck, list(blocks), radix=0, deep_stem=False, avg_down=False, avd=False)
+    if base_width != 64:
+        _narrow(model, blocks, base_width)
     if output_stride <= 16:
         _set_conv2(model.layer4[0], 1, 1)
         model.layer4[0].downsample[0].stride = (1, 1)
@@ -98,6 +105,27 @@ def resnet(blocks: tuple[int, ...] = RESNET_BLOCKS["resnet50"], output_stride: i
         for block in model.layer4[1:]:
             _set_conv2(block, 1, 4)
     return model
+
+
+def _narrow(model: ResNet, blocks: tuple[int, ...], base_width: int) -> None:
+    """Rebuilds ``model``'s stem, layers and ``fc`` at ``base_width`` (see ``resnet``) with the strides of output
+    stride 32, which ``resnet`` then patches like the full-width network's."""
+    model.conv1 = nn.Conv2d(3, base_width, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(base_width)
+    model.inplanes = base_width
+    model.layer1 = model._make_layer(Bottleneck, base_width, blocks[0], norm_layer=nn.BatchNorm2d, is_first=False)
+    for index in range(1, 4):
+        layer = model._make_layer(Bottleneck, base_width * 2**index, blocks[index], stride=2, norm_layer=nn.BatchNorm2d)
+        setattr(model, f"layer{index + 1}", layer)
+    model.fc = nn.Linear(base_width * 8 * Bottleneck.expansion, model.fc.out_features)
+    # The package's initialisation (ResNet.__init__): fan-out normal convolutions, BatchNorm 1 and 0.
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+            module.weight.data.normal_(0, (2.0 / fan_out) ** 0.5)
+        elif isinstance(module, nn.BatchNorm2d):
+            module.weight.data.fill_(1)
+            module.bias.data.zero_()
 
 
 def resnest(arch: str, output_stride: int = 16) -> ResNet:
@@ -153,6 +181,8 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone: ResNet, num_classes: int = 20):
         super().__init__()
+        # 2048 for every network of theirs; narrower for a narrow test ResNet (``resnet(base_width=...)``).
+        features = backbone.fc.in_features
         self.model = backbone
         del self.model.avgpool
         del self.model.fc
@@ -161,7 +191,7 @@ class Classifier(nn.Module):
         self.stage3 = nn.Sequential(backbone.layer2)
         self.stage4 = nn.Sequential(backbone.layer3)
         self.stage5 = nn.Sequential(backbone.layer4)
-        self.classifier = nn.Conv2d(2048, num_classes, 1, bias=False)
+        self.classifier = nn.Conv2d(features, num_classes, 1, bias=False)
         self.num_classes = num_classes
         nn.init.kaiming_normal_(self.classifier.weight)
 
@@ -356,6 +386,7 @@ def create_puzzle_train_step(
     batch_size: int,
     device_type: str = "cpu",
     dtype: str = "float32",
+    always_tile: bool = True,
 ) -> Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]:
     """One iteration of their ``train_classification_with_puzzle.py``, for the Puzzle-CAM settings ``cam``.
 
@@ -376,7 +407,11 @@ def create_puzzle_train_step(
       device_type: the images' device type, for ``torch.autocast``.
       dtype: ``float32``, or ``bfloat16`` for both forward passes under ``torch.autocast`` (parameters and the
         losses stay float32). Their code has no mixed precision: bfloat16 is the benchmark's fair mixed-precision
-        counterpart of ours.
+        counterpart of ours. A float64 model (``model.double()``, the parity tests) given float64 images runs in
+        float64 throughout with ``float32``: only autocast's outputs are cast back.
+      always_tile: run the tiled pass even when no term uses it (``cl``), as their script does. False skips it
+        there, as our plain-CAM objective does: that changes only BatchNorm's running statistics (train-mode
+        BatchNorm normalises with the batch statistics, so the losses and gradients are the same).
 
     Returns:
       ``train_step(images, labels)``: runs one iteration on NCHW float images (normalised as their loader
@@ -400,16 +435,22 @@ def create_puzzle_train_step(
     re_loss_fn = RECONSTRUCTION_MAPS[cam.re_loss]
     class_loss_fn = nn.MultiLabelSoftMarginLoss(reduction="none")
     use_autocast = dtype == "bfloat16"
+    tiled_pass = always_tile or "pcl" in terms or "re" in terms
 
     def train_step(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         alpha = alpha_at_step(optimizer.global_step, max_step, float(cam.alpha), float(cam.alpha_schedule))
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_autocast):
             logits, features = model(images, with_cam=True)
-            _, tiled_features = model(tile_features(images, grid), with_cam=True)
-        logits, features = logits.float(), features.float()
-        re_features = merge_features(tiled_features.float(), grid, batch_size)
+            if tiled_pass:
+                _, tiled_features = model(tile_features(images, grid), with_cam=True)
+        if use_autocast:
+            logits, features = logits.float(), features.float()
+            if tiled_pass:
+                tiled_features = tiled_features.float()
+        re_features = merge_features(tiled_features, grid, batch_size) if tiled_pass else None
         if cam.level == "cam":
-            features, re_features = make_cam(features), make_cam(re_features)
+            features = make_cam(features)
+            re_features = make_cam(re_features) if tiled_pass else None
         class_loss = class_loss_fn(logits, labels).mean()
         metrics: dict[str, Any] = {"class_loss": class_loss, "alpha": alpha}
         loss = class_loss

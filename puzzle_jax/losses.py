@@ -161,7 +161,7 @@ def alpha_at_step(
       ramp_fraction: fraction of the run spent ramping (the authors' ``--alpha_schedule``, 0.5).
 
     Returns:
-      Scalar float32 weight.
+      Scalar weight: float32, or float64 under ``jax.enable_x64`` (the float64 parity tests).
 
     Raises:
       ValueError: if ``ramp_fraction`` is negative or ``total_steps`` is not positive.
@@ -170,9 +170,10 @@ def alpha_at_step(
         raise ValueError(f"ramp_fraction must be >= 0, got {ramp_fraction!r}.")
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps!r}.")
-    alpha_value = jnp.float32(alpha)
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+    alpha_value = jnp.asarray(alpha, dtype)
     if ramp_fraction == 0:
         return alpha_value
     ramp_steps = float(total_steps) * float(ramp_fraction)
-    ramped = alpha_value * jnp.asarray(step, jnp.float32) / jnp.float32(ramp_steps)
+    ramped = alpha_value * jnp.asarray(step, dtype) / jnp.asarray(ramp_steps, dtype)
     return jnp.minimum(ramped, alpha_value)

@@ -41,13 +41,19 @@ def batch_images(batch: dict[str, jax.Array]) -> jax.Array:
     return images
 
 
+def _loss_precision(array: jax.Array) -> jax.Array:
+    """The losses' precision: float32 for bfloat16 (or float32) model outputs; a float64 model's (the float64 parity
+    tests of the training step, under ``jax.enable_x64``) stay float64."""
+    return array.astype(jnp.promote_types(array.dtype, jnp.float32))
+
+
 def create_classification_objective() -> training.LossFunction:
     """Plain multi-label classification on the full images (the ``pretrain`` stage)."""
 
     def compute_loss(model, batch, step):
         del step
         logits, _ = model(batch_images(batch))
-        class_loss = losses.multilabel_soft_margin_loss(logits.astype(jnp.float32), batch["labels"])
+        class_loss = losses.multilabel_soft_margin_loss(_loss_precision(logits), batch["labels"])
         return class_loss, {"class_loss": class_loss}
 
     return compute_loss
@@ -69,13 +75,13 @@ def create_puzzle_objective(cam: Any, total_steps: int, output_stride: int) -> t
         labels = batch["labels"]
         images, _ = puzzle.pad_to_multiple(batch_images(batch), grid * output_stride)
         logits, class_maps = model(images)
-        class_maps = class_maps.astype(jnp.float32)
-        class_loss = losses.multilabel_soft_margin_loss(logits.astype(jnp.float32), labels)
+        class_maps = _loss_precision(class_maps)
+        class_loss = losses.multilabel_soft_margin_loss(_loss_precision(logits), labels)
         metrics = {"class_loss": class_loss}
         loss = class_loss
         if use_puzzle_class or use_reconstruction:
             _, tile_maps = model(puzzle.tile(images, grid))
-            merged_maps = puzzle.merge(tile_maps.astype(jnp.float32), grid)
+            merged_maps = puzzle.merge(_loss_precision(tile_maps), grid)
             if use_puzzle_class:
                 puzzle_class_loss = losses.multilabel_soft_margin_loss(merged_maps.mean(axis=(1, 2)), labels)
                 loss = loss + puzzle_class_loss

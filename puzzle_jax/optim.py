@@ -146,7 +146,8 @@ def learning_rate_at(
       group: one of ``PARAMETER_GROUPS``.
 
     Returns:
-      Scalar float32 learning rate.
+      Scalar learning rate: float32, or float64 under ``jax.enable_x64`` (the float64 parity tests of the training
+      step, which compare it with the authors' Python-float schedule).
     """
     if group not in _GROUP_LEARNING_RATE_MULTIPLIER:
         raise ValueError(
@@ -154,10 +155,11 @@ def learning_rate_at(
         )
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps!r}.")
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     # (total - step) / total rather than 1 - step / total: exact near the end of the run in float32.
-    steps_left = jnp.float32(total_steps) - jnp.asarray(step, jnp.float32)
-    remaining = jnp.clip(steps_left / jnp.float32(total_steps), 0.0, 1.0)
-    base = jnp.float32(learning_rate * _GROUP_LEARNING_RATE_MULTIPLIER[group])
+    steps_left = jnp.asarray(total_steps, dtype) - jnp.asarray(step, dtype)
+    remaining = jnp.clip(steps_left / jnp.asarray(total_steps, dtype), 0.0, 1.0)
+    base = jnp.asarray(learning_rate * _GROUP_LEARNING_RATE_MULTIPLIER[group], dtype)
     return base * remaining**poly_power
 
 

@@ -36,6 +36,72 @@ def torch_resnest(arch: str, output_stride: int = 16, seed: int = 0) -> ResNet:
     return model.eval()
 
 
+def torch_classifier(arch: str, num_classes: int, seed: int = 0) -> authors_torch.Classifier:
+    """The authors' ``Classifier`` around a seeded backbone with randomised BatchNorm, in training mode.
+
+    ``resnet_tiny`` is our ``resnet_tiny`` (one block per layer, base width 16: ``authors_torch.resnet`` with
+    ``base_width=16``), not ``authors_torch``'s full-width one, so that converted weights fit it; the other
+    architectures are ``authors_torch.create_backbone``'s at output stride 16.
+    """
+    torch.manual_seed(seed)
+    if arch == "resnet_tiny":
+        backbone = authors_torch.resnet(authors_torch.RESNET_BLOCKS["resnet_tiny"], 16, base_width=16)
+    else:
+        backbone = authors_torch.create_backbone(arch, 16)
+    randomize_batch_norm(backbone, seed)
+    return authors_torch.Classifier(backbone, num_classes).train()
+
+
+def torch_variables(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """A torch model's parameters and BN running statistics as float64 numpy, by state-dict key, without the
+    authors' ``stage*`` aliases (the same tensors again) and ``num_batches_tracked``."""
+    return {
+        key: value.detach().numpy().astype(np.float64)
+        for key, value in model.state_dict().items()
+        if not key.startswith("stage") and not key.endswith("num_batches_tracked")
+    }
+
+
+_NNX_TO_TORCH_LEAF = {
+    "kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"
+}
+
+
+def torch_key(path) -> str:
+    """The torch state-dict key of an NNX variable from its pytree path (``jax.tree_util`` key entries):
+    ``model/layer1/0/bn1/var`` -> ``model.layer1.0.bn1.running_var``. Written from the naming convention,
+    independently of the converter."""
+    keys = [str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))) for entry in path]
+    keys = [key for key in keys if key not in ("value", "raw_value")]
+    return ".".join(keys[:-1] + [_NNX_TO_TORCH_LEAF[keys[-1]]])
+
+
+def nnx_variables_in_torch_layout(*trees) -> dict[str, np.ndarray]:
+    """Pure NNX variable trees (e.g. a TrainState's ``params`` and ``batch_stats``) as ``torch_variables`` lays
+    them out: keys by ``torch_key``, kernels transposed to OIHW, float64 numpy."""
+    import jax
+
+    variables = {}
+    for tree in trees:
+        for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            array = np.asarray(value, np.float64)
+            variables[torch_key(path)] = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array
+    return variables
+
+
+def nnx_tree_from_torch_layout(tree, variables: dict[str, np.ndarray]):
+    """The inverse of ``nnx_variables_in_torch_layout`` for one tree: ``tree`` (pure NNX variables) with every
+    leaf replaced by the value of its torch key in ``variables`` (OIHW kernels transposed back to HWIO), as numpy
+    arrays of the leaf's dtype."""
+    import jax
+
+    def value(path, leaf):
+        array = variables[torch_key(path)]
+        return np.asarray(array.transpose(2, 3, 1, 0) if array.ndim == 4 else array, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(value, tree)
+
+
 def torch_parameter_count(arch: str) -> int:
     """Parameters of the official network without its ImageNet ``fc``, counted on the meta device (no memory,
     no initialisation time)."""

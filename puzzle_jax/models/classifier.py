@@ -47,9 +47,10 @@ class Classifier(nnx.Module):
           images: (B, H, W, 3) normalised float images.
 
         Returns:
-          ``(logits, class_maps)``: logits (B, C) float32, the spatial mean of the class maps; class maps
-          (B, h, w, C) in the compute dtype, the raw (pre-ReLU) 1x1-conv outputs on stage5.
+          ``(logits, class_maps)``: logits (B, C) float32 (float64 for a float64 model, as in the parity tests),
+          the spatial mean of the class maps; class maps (B, h, w, C) in the compute dtype, the raw (pre-ReLU)
+          1x1-conv outputs on stage5.
         """
         class_maps = self.classifier(self.model(images)["stage5"])
-        logits = jnp.mean(class_maps.astype(jnp.float32), axis=(1, 2))
+        logits = jnp.mean(class_maps.astype(jnp.promote_types(class_maps.dtype, jnp.float32)), axis=(1, 2))
         return logits, class_maps
