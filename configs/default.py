@@ -121,7 +121,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.cam.loss_option = "cl_pcl_re"
     # Tiles per side of the puzzle grid (2 = the authors' num_pieces 4).
     config.cam.grid = 2
-    # Maps the reconstruction loss compares: "feature" (raw class maps, authors' default) or "cam" (normalised).
+    # Maps both puzzle terms use (the puzzle class loss and the reconstruction): "feature" (raw class maps, the
+    # authors' default) or "cam" (each map normalised by its maximum, their make_cam).
     config.cam.level = "feature"
     # Reconstruction norm: "l1" or "l2".
     config.cam.re_loss = "l1"

@@ -63,8 +63,10 @@ def create_puzzle_objective(cam: Any, total_steps: int, output_stride: int) -> t
     """The Puzzle-CAM objective of spec §3 for ``config.cam``.
 
     ``loss = class_loss + [p_class_loss] + [alpha_t * re_loss]``. The tiled pass runs only when a puzzle term is on,
-    so ``cl`` is the plain-CAM baseline. Images whose side is not a multiple of grid x output stride are padded with
-    zeros (the mean colour after normalisation) instead of being rejected.
+    so ``cl`` is the plain-CAM baseline. With ``cam.level="cam"`` the full and the merged maps are normalised
+    (``losses.make_cam``) before both puzzle terms, the puzzle class loss included, as the authors' code does. Images
+    whose side is not a multiple of grid x output stride are padded with zeros (the mean colour after normalisation)
+    instead of being rejected.
     """
     use_puzzle_class, use_reconstruction = losses.parse_loss_option(cam.loss_option)
     if cam.level not in CAM_LEVELS:
@@ -82,16 +84,16 @@ def create_puzzle_objective(cam: Any, total_steps: int, output_stride: int) -> t
         if use_puzzle_class or use_reconstruction:
             _, tile_maps = model(puzzle.tile(images, grid))
             merged_maps = puzzle.merge(_loss_precision(tile_maps), grid)
+            if cam.level == "cam":
+                # As the authors: both puzzle terms see the normalised maps, the puzzle class loss too.
+                class_maps, merged_maps = losses.make_cam(class_maps), losses.make_cam(merged_maps)
             if use_puzzle_class:
                 puzzle_class_loss = losses.multilabel_soft_margin_loss(merged_maps.mean(axis=(1, 2)), labels)
                 loss = loss + puzzle_class_loss
                 metrics["puzzle_class_loss"] = puzzle_class_loss
             if use_reconstruction:
-                full, merged = class_maps, merged_maps
-                if cam.level == "cam":
-                    full, merged = losses.make_cam(full), losses.make_cam(merged)
                 reconstruction = losses.reconstruction_loss(
-                    full, merged, labels, norm=cam.re_loss, option=cam.re_loss_option
+                    class_maps, merged_maps, labels, norm=cam.re_loss, option=cam.re_loss_option
                 )
                 alpha = losses.alpha_at_step(step, total_steps, cam.alpha, cam.alpha_schedule)
                 loss = loss + alpha * reconstruction

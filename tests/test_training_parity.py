@@ -142,10 +142,11 @@ def _batches(batch_size: int, crop_size: int) -> list[tuple[dict[str, np.ndarray
     return batches
 
 
-def _cam_section(loss_option: str):
-    """The default config's (the paper's) Puzzle-CAM settings with ``loss_option``."""
+def _cam_section(loss_option: str, level: str = "feature"):
+    """The default config's (the paper's) Puzzle-CAM settings with ``loss_option`` and ``level``."""
     cam = default.get_config().cam
     cam.loss_option = loss_option
+    cam.level = level
     return cam
 
 
@@ -157,7 +158,16 @@ def _cam_section(loss_option: str):
 class _OurStep:
     """Our jitted step on one device, from ``reference``'s converted weights, in float32 or float64."""
 
-    def __init__(self, arch: str, reference: torch.nn.Module, loss_option: str, *, momentum_mode: str, float64: bool):
+    def __init__(
+        self,
+        arch: str,
+        reference: torch.nn.Module,
+        loss_option: str,
+        *,
+        momentum_mode: str,
+        float64: bool,
+        level: str = "feature",
+    ):
         self.float64 = float64
         with jax.enable_x64(float64):
             dtype = jnp.float64 if float64 else jnp.float32
@@ -180,7 +190,7 @@ class _OurStep:
                 total_steps=STEPS,
                 momentum_mode=momentum_mode,
             )
-            objective = objectives.create_puzzle_objective(_cam_section(loss_option), STEPS, OUTPUT_STRIDE)
+            objective = objectives.create_puzzle_objective(_cam_section(loss_option, level), STEPS, OUTPUT_STRIDE)
             graphdef, self.state = training.create_train_state(model, optimizer, self.mesh)
             self.train_step = training.make_train_step(graphdef, optimizer, objective, self.mesh)
 
@@ -217,6 +227,7 @@ class _TorchStep:
         float64: bool,
         batch_size: int,
         always_tile: bool = True,
+        level: str = "feature",
     ):
         self.dtype = torch.float64 if float64 else torch.float32
         self.model = copy.deepcopy(reference).to(self.dtype)
@@ -224,7 +235,7 @@ class _TorchStep:
             self.model, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, max_step=STEPS, momentum=momentum
         )
         self.train_step = authors_torch.create_puzzle_train_step(
-            self.model, optimizer, _cam_section(loss_option), max_step=STEPS, batch_size=batch_size,
+            self.model, optimizer, _cam_section(loss_option, level), max_step=STEPS, batch_size=batch_size,
             always_tile=always_tile,
         )
 
@@ -529,3 +540,31 @@ def test_resnet50_puzzle_steps_follow_the_authors_step():
         assert deviation["losses"] <= FLOAT64_TOLERANCE, (step, deviation["terms"])
         assert deviation["params"] <= FLOAT64_TOLERANCE, (step, deviation["params"])
         assert deviation["batch_stats"] <= FLOAT64_TOLERANCE, (step, deviation["batch_stats"])
+
+
+@pytest.mark.slow
+def test_cam_level_normalises_the_maps_of_both_puzzle_terms_as_the_authors():
+    """``cam.level="cam"``: the authors normalise the full and the merged maps (``make_cam``) before both the
+    reconstruction and the puzzle class loss (the mean of the normalised merged maps); 10 float64 steps agree."""
+    with _torch_threads(1):
+        batches = _batches(batch_size=4, crop_size=64)[:10]
+        reference = torch_classifier("resnet_tiny", NUM_CLASSES)
+        runners = {
+            "ours": _OurStep("resnet_tiny", reference, "cl_pcl_re", momentum_mode="authors", float64=True, level="cam"),
+            "torch": _TorchStep(
+                reference, "cl_pcl_re", momentum="authors", float64=True, batch_size=4, level="cam"
+            ),
+        }
+
+        def compare(step, metrics, variables, starts):
+            del step
+            return _deviation(
+                metrics["ours"], metrics["torch"], variables["ours"], variables["torch"], starts["ours"],
+                starts["torch"],
+            )
+
+        records = _run_in_lockstep(runners, batches, compare)
+    for step, deviation in enumerate(records, start=1):
+        for name, error in deviation["terms"].items():
+            assert error <= FLOAT64_TOLERANCE, (step, name, error)
+        assert deviation["params"] <= FLOAT64_TOLERANCE and deviation["batch_stats"] <= FLOAT64_TOLERANCE, step
