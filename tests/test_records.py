@@ -91,3 +91,8 @@ def test_part_map_pngs_grey_or_palette_are_read_and_bad_ones_name_the_file(tmp_p
     with pytest.raises(BadExampleError, match=r"missing\.png: part map file is missing"):
         records.read_parts_png(str(tmp_path / "missing.png"))
 
+
+def test_scoring_knows_the_same_part_values():
+    from puzzle_jax.evaluation import miou
+
+    assert miou.PART_NAMES == records.PART_NAMES == {records.PART_BODY: "body", records.PART_DISCRIMINATIVE: "part"}
