@@ -1,10 +1,14 @@
-"""Standalone evaluator: ``python -m puzzle_jax.evaluate --pred DIR --gt DIR [--sweep | --threshold T] [--json F]``.
+"""Standalone evaluator: ``python -m puzzle_jax.evaluate --pred DIR --gt DIR [--sweep | --threshold T] [--parts DIR]
+[--json F]``.
 
 Scores a folder of predictions against a folder of ground-truth label PNGs, matched by file name stem:
 
 * ``.npz`` CAM files (``cam_files``: ``keys`` and ``hr_cam``, or a random walk's ``rw``): a background
   channel at the threshold is added and the argmax taken; ``--sweep`` tries every threshold of ``--thresholds``
-  (the authors' 0.05..0.75 by default) and reports the best.
+  (the authors' 0.05..0.75 by default) and reports the best. With ``--parts DIR`` (part maps ``<stem>.png``, grey or
+  palette PNGs of 0 not an object or unknown, 1 an object's body, 2 its discriminative part, 255 ignored; see
+  ``data.records``), it also reports how much of the objects' bodies and discriminative parts the CAMs recover at
+  the best threshold; a prediction without a part map adds nothing to that.
 * ``.png`` label maps (pseudo labels, segmentation outputs): scored as they are. Pixels predicted as 255 (uncertain)
   are not standard: both policies are reported, the VOC devkit's (counted as wrong) as the headline and ToCo's
   (ignored) beside it, and the policy is printed.
@@ -20,13 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from puzzle_jax import fileio
-from puzzle_jax.data import voc
+from puzzle_jax.data import records, voc
 from puzzle_jax.evaluation import cam_scoring, miou, report
 from puzzle_jax.labels import read_label_png
 
@@ -46,6 +50,7 @@ def evaluate_folders(
     class_names: Sequence[str],
     thresholds: Sequence[float] | None,
     show_progress: bool = True,
+    parts_dir: str | None = None,
 ) -> dict:
     """Scores every prediction in ``prediction_dir`` against the PNG of the same name in ``ground_truth_dir``.
 
@@ -55,16 +60,21 @@ def evaluate_folders(
       class_names: all class names, background first.
       thresholds: background thresholds for CAM files (one value = a fixed threshold); unused for PNGs.
       show_progress: draw a progress bar.
+      parts_dir: for CAM files, optional part maps ``<stem>.png`` (``records.read_parts_png``); predictions
+        without one add nothing to the part recall.
 
     Returns:
       ``miou`` (percent), ``per_class_iou`` (percent, None for absent classes), ``num_images``, for CAMs also
-      ``best_threshold`` and the per-threshold mIoU, for PNGs also ``miou_ignoring_predicted_void``.
+      ``best_threshold`` and the per-threshold mIoU (and with ``parts_dir`` the part recall entries of
+      ``report.parts_for_json``), for PNGs also ``miou_ignoring_predicted_void``.
 
     Raises:
-      FileNotFoundError: a folder is missing, holds no prediction, or a prediction has no ground truth.
-      ValueError: unreadable files, size mismatches or mixed prediction types, naming the file.
+      FileNotFoundError: a folder is missing, holds no prediction, a prediction has no ground truth, or no
+        prediction has a part map in ``parts_dir``.
+      ValueError: unreadable files, size mismatches, mixed prediction types or part values outside 0/1/2/255, naming
+        the file; ``parts_dir`` with label PNG predictions.
     """
-    for directory in (prediction_dir, ground_truth_dir):
+    for directory in (prediction_dir, ground_truth_dir) + ((parts_dir,) if parts_dir is not None else ()):
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no such folder.")
     cam_predictions, png_predictions = _stems(prediction_dir, ".npz"), _stems(prediction_dir, ".png")
@@ -81,13 +91,26 @@ def evaluate_folders(
         )
     num_classes = len(class_names)
     stems = sorted(predictions)
+    if parts_dir is not None and not cam_predictions:
+        raise ValueError(f"--parts applies to CAM predictions (.npz); {prediction_dir} holds label PNGs.")
+    part_maps = _stems(parts_dir, ".png") if parts_dir is not None else {}
+    if parts_dir is not None and not set(part_maps) & set(predictions):
+        raise FileNotFoundError(f"{parts_dir}: no part map <stem>.png matches a prediction of {prediction_dir}.")
     if cam_predictions:
-        pairs = (
-            (predictions[stem], read_label_png(ground_truths[stem], num_classes - 1), ground_truths[stem])
-            for stem in stems
-        )
+
+        def pairs() -> Iterator[cam_scoring.ScoredImage]:
+            for stem in stems:
+                ground_truth = read_label_png(ground_truths[stem], num_classes - 1)
+                parts = records.read_parts_png(part_maps[stem]) if stem in part_maps else None
+                if parts is not None and parts.shape != ground_truth.shape:
+                    raise ValueError(
+                        f"{part_maps[stem]}: part map of size {parts.shape} differs from its ground truth "
+                        f"{ground_truths[stem]} {ground_truth.shape}."
+                    )
+                yield cam_scoring.ScoredImage(predictions[stem], ground_truth, ground_truths[stem], parts)
+
         result = cam_scoring.sweep_cam_files(
-            pairs,
+            pairs(),
             num_classes=num_classes,
             thresholds=thresholds if thresholds is not None else miou.DEFAULT_THRESHOLDS,
             total=len(stems),
@@ -101,6 +124,7 @@ def evaluate_folders(
             "per_threshold_miou": result["per_threshold_miou"],
             "num_images": result["num_images"],
             "prediction_kind": "cam",
+            **report.parts_for_json(result),
         }
     confusion = np.zeros((num_classes, num_classes + 1), np.int64)
     for stem in tqdm(stems, desc="evaluate", disable=not show_progress):
@@ -133,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--threshold", type=float, help="CAMs: one fixed background threshold")
     parser.add_argument("--thresholds", default="0.05,0.75,0.05", help="sweep as start,stop,step (stop included)")
     parser.add_argument("--classes", help="text file of foreground class names, one per line (default: VOC's 20)")
+    parser.add_argument(
+        "--parts",
+        help="CAMs: folder of part maps <stem>.png (0 none, 1 body, 2 discriminative part, 255 ignored); reports how "
+        "much of bodies and parts the CAMs recover",
+    )
     parser.add_argument("--json", help="also write the result to this JSON file")
     options = parser.parse_args(argv)
     names = voc.VOC_CLASS_NAMES
@@ -146,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else miou.threshold_range(*(float(part) for part in options.thresholds.split(","))).tolist()
     )
     try:
-        result = evaluate_folders(options.pred, options.gt, class_names=class_names, thresholds=thresholds)
+        result = evaluate_folders(
+            options.pred, options.gt, class_names=class_names, thresholds=thresholds, parts_dir=options.parts
+        )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -57,3 +57,25 @@ def test_missing_and_mismatched_cam_files_are_named(tmp_path):
         cam_scoring.sweep_split(
             split, str(tmp_path), num_classes=4, thresholds=[0.5], produced_by="infer_cam", show_progress=False
         )
+
+
+def test_part_maps_of_the_records_are_scored_and_records_without_them_add_nothing(tmp_path):
+    """CAMs equal to the ground truth recall every body and part pixel up to their level (0.9) and none above it."""
+    split = _split_with_perfect_cams(str(tmp_path), count=3)
+    for record in split[:2]:
+        parts = np.where(record["mask"] == 255, 255, np.where(record["mask"] > 0, 1, 0)).astype(np.uint8)
+        parts[2:4, 3:5] = 2  # a "head" in class 1's object
+        record["parts"] = parts
+    result = cam_scoring.sweep_split(
+        split, str(tmp_path), num_classes=4, thresholds=[0.05, 0.5, 0.95], produced_by="infer_cam",
+        show_progress=False,
+    )
+    body = sum(int(np.sum(record["parts"] == 1)) for record in split[:2])
+    assert result["part_pixels"] == {"body": body, "part": 2 * 4} and result["num_images_with_parts"] == 2
+    assert result["per_threshold_part_recall"] == {"body": [1.0, 1.0, 0.0], "part": [1.0, 1.0, 0.0]}
+    assert result["part_recall"] == {"body": 1.0, "part": 1.0}
+    split[0]["parts"] = split[0]["parts"][:, :4]
+    with pytest.raises(ValueError, match=r"im0\.npz: the part map of size \(12, 4\) differs .*'im0'"):
+        cam_scoring.sweep_split(
+            split, str(tmp_path), num_classes=4, thresholds=[0.5], produced_by="infer_cam", show_progress=False
+        )

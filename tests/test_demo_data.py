@@ -1,5 +1,6 @@
 """Tests for the built-in demo dataset (data/demo.py) and the registry (data/datasets.py)."""
 
+import dataclasses
 import hashlib
 import pickle
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from puzzle_jax.data import datasets, demo
+from puzzle_jax.data.records import PART_VALUES
 
 SIZES = dict(num_pretrain=6, num_train=12, num_val=4)
 SPLITS = ("pretrain", "train", "val")
@@ -38,8 +40,9 @@ def test_split_counts_info_and_feature_layout(demo_splits):
         assert len(set(info.class_names)) == 5
         ids = []
         for record in source:
-            assert set(record) == {"image", "mask", "id", "labels"}
+            assert set(record) == {"image", "mask", "id", "labels", "parts"}
             image, mask = record["image"], record["mask"]
+            assert record["parts"].dtype == np.uint8 and record["parts"].shape == mask.shape
             assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
             assert 80 <= image.shape[0] <= 128 and 80 <= image.shape[1] <= 128
             assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
@@ -139,7 +142,7 @@ def test_split_opened_without_masks_has_the_same_records_minus_the_mask(demo_spl
         assert len(records) == len(source)
         for index in (0, len(source) - 1):
             record, full = records[index], source[index]
-            assert set(record) == {"image", "id", "labels"} and "mask" in full
+            assert set(record) == {"image", "id", "labels"} and "mask" in full and "parts" in full
             np.testing.assert_array_equal(record["image"], full["image"])
             np.testing.assert_array_equal(record["labels"], full["labels"])
             assert record["id"] == full["id"]
@@ -193,12 +196,119 @@ def test_stored_records_equal_freshly_rendered_examples(demo_splits):
     """PNG storage is lossless and record i of a split is example i of that split's stream."""
     source, _ = demo_splits["val"]
     for index in range(len(source)):
-        image, mask, labels = demo.generate_example(
+        image, mask, labels, parts = demo.generate_example_with_parts(
             demo.example_rng(3, "val", index), num_classes=5, min_side=80, max_side=128
         )
         np.testing.assert_array_equal(source[index]["image"], image)
         np.testing.assert_array_equal(source[index]["mask"], mask)
         np.testing.assert_array_equal(source[index]["labels"], labels)
+        np.testing.assert_array_equal(source[index]["parts"], parts)
+
+
+def test_part_maps_mark_the_heads_inside_the_objects_and_the_bodies_around_them(demo_splits):
+    head_fractions = []
+    for split in SPLITS:
+        source, info = demo_splits[split]
+        for record in source:
+            mask, parts = record["mask"], record["parts"]
+            is_object = (mask >= 1) & (mask <= info.num_classes)
+            assert set(np.unique(parts).tolist()) <= set(PART_VALUES)
+            # 255 exactly on the mask's void band; 1 and 2 exactly on the object pixels, 0 on the background.
+            np.testing.assert_array_equal(parts == 255, mask == 255)
+            np.testing.assert_array_equal((parts == 1) | (parts == 2), is_object)
+            assert np.all(parts[mask == 0] == 0)
+            for class_id in np.unique(mask[is_object]):
+                head, body = (mask == class_id) & (parts == 2), (mask == class_id) & (parts == 1)
+                assert head.any() and body.any(), record["id"]
+                head_fractions.append(head.sum() / (head.sum() + body.sum()))
+                # The head is the class evidence: its core colour is found there (up to blur and noise).
+                core = np.asarray(demo.CLASS_APPEARANCES[class_id - 1].head_core_rgb)
+                distance = np.abs(record["image"].astype(int) - core).max(axis=-1)
+                assert np.count_nonzero(head & (distance < 40)) >= 4, (record["id"], class_id)
+    # Heads are the small discriminative part: ~10-15% of an object (GENERATION.head_radius), never most of it.
+    assert 0.05 < np.median(head_fractions) < 0.2 and max(head_fractions) < 0.5
+
+
+def _generate_example_before_part_maps(rng, *, num_classes, min_side, max_side):
+    """`demo.generate_example` as it was before part maps existed (revision 1, commit 065c738), verbatim but for
+    the docstring: what the demo's published results were measured on."""
+    params, classes = demo.GENERATION, demo.CLASS_APPEARANCES
+    height, width = (int(side) for side in rng.integers(min_side, max_side + 1, size=2))
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = demo._render_background(rng, height, width, params)
+    placed = []
+    num_objects = rng.integers(params.objects_per_image[0], params.objects_per_image[1] + 1)
+    for object_number in range(num_objects):
+        class_index = int(rng.integers(num_classes))
+        placement = demo._try_place_object(rng, ys, xs, placed, params)
+        if placement is None and object_number == 0:
+            relaxed = dataclasses.replace(params, min_body_inside=0.0, placement_attempts=1000)
+            placement = demo._try_place_object(rng, ys, xs, placed, relaxed)
+        if placement is None:
+            continue
+        geometry, body, head = placement
+        demo._paint_object(rng, image, ys, xs, geometry, body, head, classes[class_index], params)
+        region = body | head
+        for other in placed:
+            other.visible &= ~region
+        placed.append(demo._PlacedObject(class_index=class_index, visible=region, head=head))
+
+    if params.blur_sigma > 0:
+        image = cv2.GaussianBlur(image, (0, 0), params.blur_sigma)
+    image = image * 255.0 + rng.normal(0.0, params.noise_std, size=image.shape)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+    mask = np.zeros((height, width), np.uint8)
+    for placed_object in placed:
+        mask[placed_object.visible] = placed_object.class_index + 1
+    for placed_object in placed:
+        mask[demo._boundary_band(placed_object.visible)] = 255
+    present = np.unique(mask)
+    present = present[(present >= 1) & (present <= num_classes)]
+    labels = np.zeros((num_classes,), np.float32)
+    labels[present - 1] = 1.0
+    return image, mask, labels
+
+
+# Computed with the generator of commit 065c738 (before part maps) for seed 0 and the default sizes: per example,
+# the sha256 of its mask and labels (integer geometry: the same on every CPU) and the generator's next draw after
+# it (which changes if a random number is drawn more or less).
+_EXAMPLES_BEFORE_PART_MAPS = {
+    ("pretrain", 0): ("5c82fb94735ca401", 1567626582249177831),
+    ("train", 7): ("12b8988ae8c1cee8", 1141615819712567888),
+    ("val", 3): ("c431455a481926c1", 462217223006317316),
+    ("train", 599): ("3a8a3b7ca5aa59d5", 3542782850733752588),
+}
+
+
+def test_part_maps_leave_images_masks_and_labels_bit_identical_to_the_generator_before_them():
+    """The demo's published results were measured on data without part maps: adding them draws no random number
+    and changes no image, mask or label."""
+    for (split, index), (geometry_digest, next_draw) in _EXAMPLES_BEFORE_PART_MAPS.items():
+        rng = demo.example_rng(0, split, index)
+        _, mask, labels, _ = demo.generate_example_with_parts(rng, num_classes=5, min_side=80, max_side=128)
+        digest = hashlib.sha256(mask.tobytes() + str(mask.shape).encode() + labels.tobytes()).hexdigest()[:16]
+        assert (digest, int(rng.integers(1 << 62))) == (geometry_digest, next_draw), (split, index)
+    for split in SPLITS:
+        for index in range(6):
+            before_rng, rng = demo.example_rng(5, split, index), demo.example_rng(5, split, index)
+            before = _generate_example_before_part_maps(before_rng, num_classes=5, min_side=80, max_side=128)
+            now = demo.generate_example_with_parts(rng, num_classes=5, min_side=80, max_side=128)
+            for old, new in zip(before, now[:3]):
+                assert old.dtype == new.dtype
+                np.testing.assert_array_equal(old, new)
+            assert before_rng.integers(1 << 62) == rng.integers(1 << 62)
+            for old, new in zip(before, demo.generate_example(demo.example_rng(5, split, index), num_classes=5,
+                                                              min_side=80, max_side=128)):
+                np.testing.assert_array_equal(old, new)
+
+
+def test_part_maps_moved_the_demo_to_a_new_prepared_copy():
+    """A copy prepared before part maps (renderer revision 1) has no `parts`: the config name must differ from that
+    revision's (whose default config was named c5_seed0_n1200-600-200_side80-128_gdd63a6dd)."""
+    assert demo.DEMO_RENDERER_REVISION >= 2
+    assert not demo.create_demo_config().name.endswith("_gdd63a6dd")
+    assert "parts" in demo.PuzzleDemo(config=demo.create_demo_config(), data_dir="/nonexistent").info.features
 
 
 def test_configurable_classes_and_sides(tmp_path):

@@ -52,6 +52,13 @@ def test_demo_pipeline_end_to_end_and_resume(tmp_path):
     assert evaluation["best_threshold"] in [round(0.05 * k, 2) for k in range(1, 16)]
     assert set(evaluation["per_class_iou"]) >= {"background"}
     assert "CAM mIoU" in first.stdout and "background" in first.stdout
+    # The demo's part maps: how much of the bodies and of the heads the CAMs recover, at the best threshold.
+    assert set(evaluation["part_recall"]) == {"body", "part"}
+    assert all(0.0 <= value <= 1.0 for value in evaluation["part_recall"].values())
+    assert evaluation["part_pixels"]["body"] > 3 * evaluation["part_pixels"]["part"] > 0  # heads are small
+    assert evaluation["num_images_with_parts"] == 16
+    assert set(evaluation["per_threshold_part_recall"]["body"]) == set(evaluation["per_threshold_miou"])
+    assert f"object recall at threshold {evaluation['best_threshold']:.2f}: body " in first.stdout
     cams = sorted(os.listdir(workdir / "infer_cam" / "cams"))
     assert len(cams) == 16
     with np.load(workdir / "infer_cam" / "cams" / cams[0]) as payload:

@@ -119,6 +119,73 @@ def test_cam_sweep_matches_brute_force_at_every_threshold(tmp_path, capsys):
     assert json.loads(output.read_text())["miou"] == pytest.approx(max(per_threshold), abs=1e-9)
 
 
+def test_cam_part_recall_from_a_parts_folder_matches_brute_force(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    pred_dir, gt_dir, parts_dir = tmp_path / "cams", tmp_path / "gt", tmp_path / "parts"
+    for directory in (pred_dir, gt_dir, parts_dir):
+        directory.mkdir()
+    images = []
+    for index in range(3):
+        shape = (9, 12 + index)
+        truth = _random_truth(rng, shape)
+        classes = np.array([1, 2, 3])
+        cams = rng.random((3, *shape)).astype(np.float32)
+        np.savez(pred_dir / f"x{index}.npz", keys=np.concatenate([[0], classes]), hr_cam=cams, cam=cams[:, ::4, ::4])
+        _write_png(gt_dir / f"x{index}.png", truth)
+        parts = rng.choice(np.array([0, 1, 2, 255]), size=shape)
+        if index < 2:  # x2 has no part map: it adds nothing to the recall
+            _write_png(parts_dir / f"x{index}.png", parts)
+        images.append((cams, classes, truth, parts if index < 2 else None))
+    thresholds = [0.2, 0.5, 0.8]
+    result = evaluate.evaluate_folders(
+        str(pred_dir), str(gt_dir), class_names=NAMES, thresholds=thresholds, show_progress=False,
+        parts_dir=str(parts_dir),
+    )
+    recall = {"body": [], "part": []}
+    for threshold in thresholds:
+        pixels, hits = {1: 0, 2: 0}, {1: 0, 2: 0}
+        for cams, classes, truth, parts in images:
+            if parts is None:
+                continue
+            scores = np.concatenate([np.full((1, *truth.shape), threshold, np.float32), cams])
+            labels = np.concatenate([[0], classes])[scores.argmax(0)]
+            for label, true, part in zip(labels.ravel().tolist(), truth.ravel().tolist(), parts.ravel().tolist()):
+                if true not in (0, 255) and part in (1, 2):
+                    pixels[part] += 1
+                    hits[part] += label == true
+        recall["body"].append(hits[1] / pixels[1])
+        recall["part"].append(hits[2] / pixels[2])
+    best = thresholds.index(result["best_threshold"])
+    assert result["part_recall"] == pytest.approx({"body": recall["body"][best], "part": recall["part"][best]})
+    assert list(result["per_threshold_part_recall"]["part"].values()) == pytest.approx(recall["part"])
+    assert result["part_pixels"] == {"body": pixels[1], "part": pixels[2]} and result["num_images_with_parts"] == 2
+
+    # The command line prints the recall under the table and writes it to the JSON.
+    output = tmp_path / "result.json"
+    arguments = ["--pred", str(pred_dir), "--gt", str(gt_dir), "--thresholds", "0.2,0.8,0.3", "--json", str(output),
+                 "--classes", str(_classes_file(tmp_path))]
+    assert evaluate.main([*arguments, "--parts", str(parts_dir)]) == 0
+    assert f"object recall at threshold {thresholds[best]:.2f}: body " in capsys.readouterr().out
+    assert json.loads(output.read_text())["part_recall"] == pytest.approx(result["part_recall"])
+    assert evaluate.main(arguments) == 0
+    assert "object recall" not in capsys.readouterr().out and "part_recall" not in json.loads(output.read_text())
+
+    # Bad part maps name their file; a folder that matches no prediction, or label predictions, are errors.
+    _write_png(parts_dir / "x1.png", np.full((9, 13), 7))
+    assert evaluate.main([*arguments, "--parts", str(parts_dir)]) == 2
+    assert "x1.png: part map has value(s) [7]" in capsys.readouterr().err
+    _write_png(parts_dir / "x1.png", np.zeros((4, 4)))
+    with pytest.raises(ValueError, match=r"x1\.png: part map of size \(4, 4\) differs .*x1\.png \(9, 13\)"):
+        evaluate.evaluate_folders(str(pred_dir), str(gt_dir), class_names=NAMES, thresholds=thresholds,
+                                  show_progress=False, parts_dir=str(parts_dir))
+    with pytest.raises(FileNotFoundError, match="no part map <stem>.png matches a prediction"):
+        evaluate.evaluate_folders(str(pred_dir), str(gt_dir), class_names=NAMES, thresholds=thresholds,
+                                  show_progress=False, parts_dir=str(gt_dir / ".."))
+    with pytest.raises(ValueError, match="--parts applies to CAM predictions"):
+        evaluate.evaluate_folders(str(gt_dir), str(gt_dir), class_names=NAMES, thresholds=None,
+                                  show_progress=False, parts_dir=str(parts_dir))
+
+
 def _classes_file(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("\n".join(NAMES[1:]) + "\n")

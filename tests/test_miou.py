@@ -181,3 +181,81 @@ def test_default_thresholds_and_sweep_errors():
         sweep.result()
     with pytest.raises(ValueError, match="ground_truth shape"):
         sweep.update(np.zeros((1, 3, 4), np.float32), np.array([1]), np.zeros((4, 3)))
+
+
+def _random_parts(rng, shape):
+    """Part maps with every value: 0 (not scored), 1 body, 2 discriminative part, 255 ignored."""
+    return rng.choice(np.asarray([0, 1, 1, 2, 255], np.uint8), size=shape)
+
+
+def _brute_part_recall(images, threshold):
+    """Per part value (1, 2): GT object pixels (class >= 1, not 255) with that value, and how many of them the CAMs'
+    labels at ``threshold`` give their GT class, counted pixel by pixel."""
+    pixels, hits = {1: 0, 2: 0}, {1: 0, 2: 0}
+    for cams, keys, ground_truth, parts in images:
+        if parts is None:
+            continue
+        labels = _brute_cams_to_labels(cams, keys, threshold)
+        for label, true, part in zip(labels.ravel().tolist(), ground_truth.ravel().tolist(), parts.ravel().tolist()):
+            if true == 255 or true == 0 or part not in (1, 2):
+                continue
+            pixels[part] += 1
+            hits[part] += label == true
+    return pixels, hits
+
+
+def test_threshold_sweep_part_recall_matches_brute_force_per_threshold():
+    rng = np.random.default_rng(3)
+    images = []
+    # An image without a CAM, one without a part map (it adds nothing to part recall), one with all-0 parts.
+    for keys, has_parts in (([1, 2], True), ([4], True), ([], True), ([2, 1, 3], False), ([3], "zeros")):
+        keys = np.asarray(keys, np.int64)
+        ground_truth = _random_ground_truth(rng, (6, 7), [0, 1, 2, 3, 4])
+        parts = None if has_parts is False else _random_parts(rng, (6, 7))
+        if has_parts == "zeros":
+            parts = np.zeros((6, 7), np.uint8)
+        images.append((_random_cams(rng, keys, (6, 7)), keys, ground_truth, parts))
+    thresholds = miou.DEFAULT_THRESHOLDS
+    sweep, without_parts = miou.ThresholdSweep(NUM_CLASSES, thresholds), miou.ThresholdSweep(NUM_CLASSES, thresholds)
+    for cams, keys, ground_truth, parts in images:
+        sweep.update(cams, keys, ground_truth, parts)
+        without_parts.update(cams, keys, ground_truth)
+    result = sweep.result()
+
+    # Parts change nothing else: the same matrices and scores as without them.
+    np.testing.assert_array_equal(sweep.confusion, without_parts.confusion)
+    plain = without_parts.result()
+    np.testing.assert_equal({key: value for key, value in result.items() if "part" not in key}, plain)
+    assert not any("part" in key for key in plain)
+
+    expected = {"body": [], "part": []}
+    for threshold in thresholds:
+        pixels, hits = _brute_part_recall(images, threshold)
+        assert min(pixels.values()) > 0
+        expected["body"].append(hits[1] / pixels[1])
+        expected["part"].append(hits[2] / pixels[2])
+    assert result["part_pixels"] == {"body": pixels[1], "part": pixels[2]}
+    np.testing.assert_allclose(result["per_threshold_part_recall"]["body"], expected["body"], rtol=1e-12)
+    np.testing.assert_allclose(result["per_threshold_part_recall"]["part"], expected["part"], rtol=1e-12)
+    # More pixels are recalled at low thresholds than at high ones: the sweep is not trivially flat.
+    assert expected["body"][0] > expected["body"][-1] and expected["part"][0] > expected["part"][-1]
+    best = thresholds.index(result["best_threshold"])
+    assert result["part_recall"] == {"body": expected["body"][best], "part": expected["part"][best]}
+    # The all-0 map and the image without a map count no image; the image without CAMs does.
+    assert result["num_images_with_parts"] == 3
+
+
+def test_part_recall_is_nan_without_part_pixels_and_bad_part_maps_are_errors():
+    sweep = miou.ThresholdSweep(NUM_CLASSES, [0.1, 0.5])
+    ground_truth = np.array([[0, 1], [2, 255]])
+    cams = np.array([[[0.0, 0.9], [0.0, 0.0]]], np.float32)
+    # Parts on background and on ignored GT pixels are not scored; only the body pixel of class 1 is.
+    sweep.update(cams, np.array([1]), ground_truth, np.array([[2, 1], [0, 2]], np.uint8))
+    result = sweep.result()
+    assert result["part_pixels"] == {"body": 1, "part": 0}
+    assert result["per_threshold_part_recall"]["body"] == [1.0, 1.0]
+    assert math.isnan(result["part_recall"]["part"])
+    with pytest.raises(ValueError, match=r"parts hold values \[3\]"):
+        sweep.update(cams, np.array([1]), ground_truth, np.array([[3, 1], [0, 2]], np.uint8))
+    with pytest.raises(ValueError, match="parts shape"):
+        sweep.update(cams, np.array([1]), ground_truth, np.zeros((2, 3), np.uint8))

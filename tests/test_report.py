@@ -36,3 +36,34 @@ def test_the_sweep_summary_is_json_ready():
     assert summary["best_threshold_at_sweep_edge"] == "highest"
     assert (summary["miou"], summary["best_threshold"], summary["num_images"]) == (60.0, 0.15, 3)
     assert not any(isinstance(value, float) and math.isnan(value) for value in summary["per_class_iou"].values())
+
+
+def _result_with_parts():
+    return {
+        **_result(0.1),
+        "part_recall": {"body": 0.34, "part": float("nan")},
+        "per_threshold_part_recall": {"body": [0.5, 0.34, 0.2], "part": [float("nan")] * 3},
+        "part_pixels": {"body": 1200, "part": 0},
+        "num_images_with_parts": 2,
+    }
+
+
+def test_part_recall_is_printed_under_the_table_and_summarised_when_the_sweep_had_part_maps():
+    names = ["background", "cat", "dog"]
+    assert "recall" not in report.format_sweep_table(names, _result(0.1))
+    assert not {key for key in report.sweep_summary(names, _result(0.1)) if "part" in key}
+    lines = report.format_sweep_table(names, _result_with_parts()).splitlines()
+    assert lines[-1] == (
+        "object recall at threshold 0.10: body 34.0%, discriminative part n/a (of 1200 body and 0 part pixels in 2 "
+        "images with part maps)"
+    )
+    assert lines[-2].startswith("threshold sweep:")
+    summary = report.sweep_summary(names, _result_with_parts())
+    assert summary["part_recall"] == {"body": 0.34, "part": None}
+    assert summary["per_threshold_part_recall"] == {
+        "body": {"0.05": 0.5, "0.1": 0.34, "0.15": 0.2}, "part": {"0.05": None, "0.1": None, "0.15": None}
+    }
+    assert summary["part_pixels"] == {"body": 1200, "part": 0} and summary["num_images_with_parts"] == 2
+    # The sweep-edge warning stays the last line.
+    edge = {**_result_with_parts(), "best_threshold": 0.05}
+    assert report.format_sweep_table(names, edge).splitlines()[-1].startswith("warning:")

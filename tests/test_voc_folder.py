@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from test_voc import write_image, write_list, write_palette_mask, write_xml
 
-from puzzle_jax.data import datasets, demo, input_pipeline, voc, voc_folder
+from puzzle_jax.data import datasets, demo, input_pipeline, manual_builder, voc, voc_folder
 from puzzle_jax.labels import BadExampleError
 
 CLASSES = ("apple", "traffic light", "cat")
@@ -198,6 +198,79 @@ def test_missing_layout_parts_are_clear_errors(tmp_path):
     shutil.rmtree(os.path.join(tree.root, "ImageSets"))
     with pytest.raises(FileNotFoundError, match=r"no split list in .*ImageSets/Segmentation"):
         datasets.load_split("voc_folder", "train", data_dir=data_dir, root=tree.root)
+
+
+def write_parts(root, example_id, parts, palette=False):
+    """A part map PNG in `SegmentationParts/`, grey or (with random colours) palette."""
+    path = os.path.join(root, "SegmentationParts", f"{example_id}.png")
+    if palette:
+        write_palette_mask(path, parts, seed=7)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(parts.astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def _name_before_part_maps(root, splits):
+    """The config name the builder gave a folder before part maps existed (commit 065c738's fingerprint)."""
+    root_path = manual_builder.resolve_root(root, "voc_folder", "")
+    lists = voc_folder.find_split_lists(root_path)
+    digest = manual_builder.fingerprint({
+        "root": os.fspath(root_path),
+        "splits": tuple(splits),
+        "label_source": "csv",
+        "on_bad_example": "error",
+        "class_names": CLASSES,
+        "lists": {name: manual_builder.file_digest(lists[name]) for name in splits},
+        "labels_csv": manual_builder.file_digest(root_path / "labels.csv"),
+    })
+    return manual_builder.make_config_name(root_path, digest)
+
+
+def test_without_segmentation_parts_records_have_no_part_map_and_keep_their_prepared_copy(folder, folder_splits):
+    for source, info in folder_splits.values():
+        assert "parts" not in info.tfds_info.features
+        assert all("parts" not in record for record in source)
+    builder = datasets.create_builder("voc_folder", data_dir="/unused", root=folder.root)
+    assert not builder.builder_config.parts
+    assert builder.builder_config.name == _name_before_part_maps(folder.root, sorted(folder.splits))
+
+
+def test_segmentation_parts_are_read_validated_and_zero_where_missing(tmp_path):
+    tree = FakeFolder(tmp_path / "root")
+    data_dir = str(tmp_path / "tfds")
+    without_parts = datasets.create_builder("voc_folder", data_dir=data_dir, root=tree.root).builder_config.name
+    mask = tree.masks["v1"]
+    parts = np.where(mask == 255, 255, np.where(mask > 0, 1, 0)).astype(np.uint8)
+    parts[3:5, 4:6] = 2
+    write_parts(tree.root, "v1", parts, palette=True)
+    write_parts(tree.root, "img_a", np.zeros(tree.images["img_a"][0].shape[:2]))
+    builder = datasets.create_builder("voc_folder", data_dir=data_dir, root=tree.root)
+    # The folder's appearance changes the config name: a copy prepared without part maps is not read for it.
+    assert builder.builder_config.parts and builder.builder_config.name != without_parts
+    val, info = datasets.load_split("voc_folder", "val", data_dir=data_dir, root=tree.root)
+    assert "parts" in info.tfds_info.features
+    np.testing.assert_array_equal(val[0]["parts"], parts)
+    assert val[1]["parts"].shape == tree.masks["v2"].shape and not val[1]["parts"].any()  # No file: all 0.
+    assert info.tfds_info.metadata["splits"]["val"]["ids_without_parts"] == 1
+    assert info.tfds_info.metadata["splits"]["train"]["ids_without_parts"] == 2
+    # Opened for classifier training (no masks), records carry no part map either.
+    unmasked, _ = datasets.load_split("voc_folder", "val", data_dir=data_dir, root=tree.root, decode_masks=False)
+    assert set(unmasked[0]) == {"image", "id", "labels"}
+
+    bad_value = parts.copy()
+    bad_value[0, 0] = 3
+    path = write_parts(tree.root, "v2", np.pad(bad_value, ((0, 1), (0, 0))))
+    with pytest.raises(BadExampleError, match=r"v2\.png: part map has value\(s\) \[3\]"):
+        datasets.load_split("voc_folder", "val", data_dir=str(tmp_path / "tfds2"), root=tree.root, splits="val")
+    write_parts(tree.root, "v2", parts)  # v1's size, not v2's.
+    with pytest.raises(BadExampleError, match=rf"{path}: part map is {parts.shape[0]}x{parts.shape[1]} \(HxW\) but"):
+        datasets.load_split("voc_folder", "val", data_dir=str(tmp_path / "tfds3"), root=tree.root, splits="val")
+    source, info = datasets.load_split(
+        "voc_folder", "val", data_dir=str(tmp_path / "tfds4"), root=tree.root, splits="val", on_bad_example="skip"
+    )
+    assert [record["id"] for record in source] == ["v1"]
+    assert info.tfds_info.metadata["splits"]["val"]["skipped_examples"][0]["file"] == path
 
 
 def write_image_array(path, image):

@@ -4,7 +4,8 @@ This module owns how a named dataset becomes a random-access source of decoded n
 prepares the tfds builder to `array_record` on first use (no TensorFlow needed), opens the split
 with `tfds.data_source`-style random access, and converts each record to the layout every stage
 uses (`records.decode_record`: `image` uint8 (H, W, 3) RGB, `mask` uint8 (H, W) unless the split is
-opened with `decode_masks=False`, `id` str, `labels` float32 (C,); see `records`).
+opened with `decode_masks=False`, `id` str, `labels` float32 (C,), and `parts` uint8 (H, W) with the
+mask where the dataset declares it; see `records`).
 
 To add a dataset, write a builder module that exposes `create_builder(*, data_dir, **kwargs)`
 returning a tfds builder with a `class_names` property and the features `records.record_features`,
@@ -115,8 +116,7 @@ class DecodedRecords(Sequence):
             return
         name, split, data_dir, builder_kwargs, _ = self._opened_with
         builder = create_builder(name, data_dir=data_dir, **builder_kwargs)
-        skip = tfds.decode.SkipDecoding()
-        raw = builder.as_data_source(split, decoders={"image": skip, "mask": skip})
+        raw = builder.as_data_source(split, decoders=_skip_decoding(builder, ("image", *_LABEL_MAP_FEATURES)))
         for index in range(len(raw)):
             yield raw[index]
 
@@ -202,15 +202,16 @@ def load_split(
       name: dataset name, the value of config.data.dataset (e.g. "puzzle_demo").
       split: split name (e.g. "train").
       data_dir: tfds data directory; the dataset is generated or prepared there on first use.
-      decode_masks: False leaves the masks undecoded and out of the records (classifier training).
+      decode_masks: False leaves the masks (and part maps) undecoded and out of the records
+        (classifier training).
       field: the config field that named the split (e.g. "pretrain.split"), for the error message.
       **builder_kwargs: dataset options, e.g. for puzzle_demo: seed, num_classes, num_pretrain,
         num_train, num_val, min_side, max_side.
 
     Returns:
       (source, info): `source` is a random-access sequence of records (dicts of numpy arrays:
-      `image`, `mask` (unless `decode_masks` is False), `id`, `labels`); `info` describes the split
-      and the classes.
+      `image`, `mask` (unless `decode_masks` is False), `id`, `labels`, and `parts` with the mask
+      where the dataset declares it); `info` describes the split and the classes.
 
     Raises:
       ValueError: for an unknown dataset name, dataset option or split.
@@ -240,10 +241,19 @@ def load_split(
     return source, info
 
 
+# The per-pixel maps that a split opened with decode_masks=False leaves undecoded (and out of its records).
+_LABEL_MAP_FEATURES = ("mask", "parts")
+
+
+def _skip_decoding(builder: tfds.core.DatasetBuilder, names: Sequence[str]) -> dict[str, Any]:
+    """Decoders that leave the named features encoded, for those of them the dataset declares."""
+    return {name: tfds.decode.SkipDecoding() for name in names if name in builder.info.features}
+
+
 def _open_split(
     builder: tfds.core.DatasetBuilder, name: str, split: str, data_dir: str, builder_kwargs: dict, decode_masks: bool
 ) -> DecodedRecords:
-    decoders = None if decode_masks else {"mask": tfds.decode.SkipDecoding()}
+    decoders = None if decode_masks else _skip_decoding(builder, _LABEL_MAP_FEATURES)
     return DecodedRecords(
         builder.as_data_source(split, decoders=decoders),
         opened_with=(name, split, data_dir, builder_kwargs, decode_masks),

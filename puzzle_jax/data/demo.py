@@ -14,7 +14,9 @@ body is evidence too (its hue band belongs to its class) but spread thin over a 
 varying brightness, stripes and shading. Backgrounds are cluttered with desaturated shapes, some of
 them ring-shaped like heads. A classifier trained on image labels locks on to the head and its CAM
 under-covers the body; Puzzle-CAM, whose 2x2 tiles often hold body without head, must learn the
-body's evidence too, and its CAMs cover more of each object (README, demo section).
+body's evidence too, and its CAMs cover more of each object (README, demo section). Each record
+says which is which in its part map (`parts`: 2 on the heads, 1 on the bodies), so `eval_cam`
+reports how much of the bodies and of the heads the CAMs recover.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from puzzle_jax.data import records
+from puzzle_jax.labels import IGNORE_LABEL
 
 # --------------------------------------------------------------------------------------------------
 # Class generation parameters: the one place to tune the demo problem.
@@ -333,6 +336,28 @@ def generate_example(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Renders one demo image with its segmentation mask and image-level labels.
 
+    `generate_example_with_parts` without the part map (the same image, mask and labels).
+
+    Returns:
+      (image, mask, labels), see `generate_example_with_parts`.
+    """
+    image, mask, labels, _ = generate_example_with_parts(
+        rng, num_classes=num_classes, min_side=min_side, max_side=max_side, params=params, classes=classes
+    )
+    return image, mask, labels
+
+
+def generate_example_with_parts(
+    rng: np.random.Generator,
+    *,
+    num_classes: int,
+    min_side: int,
+    max_side: int,
+    params: DemoGenerationParameters = GENERATION,
+    classes: Sequence[ClassAppearance] = CLASS_APPEARANCES,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Renders one demo image with its segmentation mask, image-level labels and part map.
+
     Args:
       rng: the only source of randomness (the same generator state gives the same example).
       num_classes: number of object classes to draw from (the first `num_classes` of `classes`).
@@ -346,6 +371,10 @@ def generate_example(
       mask: uint8 (H, W): 0 background, 1..num_classes objects, 255 on a 2-pixel band along the
         boundary of every object (like VOC's void border).
       labels: float32 (num_classes,) multi-hot: exactly the classes present in `mask`.
+      parts: uint8 (H, W) part map (`records.PART_VALUES`): `PART_DISCRIMINATIVE` on each object's visible head,
+        `PART_BODY` on the rest of its visible region, 255 where `mask` is 255 (the boundary band), 0 elsewhere.
+        Derived from the objects' geometry after the fact: it draws no random number, so the image, mask and labels
+        are those the generator gave before part maps existed.
     """
     height, width = (int(side) for side in rng.integers(min_side, max_side + 1, size=2))
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -383,7 +412,14 @@ def generate_example(
     present = present[(present >= 1) & (present <= num_classes)]
     labels = np.zeros((num_classes,), np.float32)
     labels[present - 1] = 1.0
-    return image, mask, labels
+
+    parts = np.full((height, width), records.PART_NONE, np.uint8)
+    for placed_object in placed:
+        parts[placed_object.visible] = records.PART_BODY
+        # Heads are never covered by a later object (placement rule), so this is the whole head.
+        parts[placed_object.head & placed_object.visible] = records.PART_DISCRIMINATIVE
+    parts[mask == IGNORE_LABEL] = IGNORE_LABEL
+    return image, mask, labels, parts
 
 
 def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -396,9 +432,10 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
 # --------------------------------------------------------------------------------------------------
 
 
-# Bump when the renderer's code changes in a way that changes the images (see
-# _generation_fingerprint).
-DEMO_RENDERER_REVISION = 1
+# Bump when the renderer's code changes in a way that changes the records (see
+# _generation_fingerprint). Revision 2: records carry a part map (`parts`); images, masks and
+# labels are bit for bit those of revision 1.
+DEMO_RENDERER_REVISION = 2
 
 
 def _generation_fingerprint() -> str:
@@ -521,7 +558,7 @@ class PuzzleDemo(tfds.core.GeneratorBasedBuilder):
             description=__doc__,
             # Records stay in generation order, so record i of a split is example "<split>_<i>".
             disable_shuffling=True,
-            features=records.record_features(num_classes),
+            features=records.record_features(num_classes, parts=True),
         )
 
     def _split_generators(self, dl_manager) -> dict[str, Iterator]:
@@ -533,7 +570,7 @@ class PuzzleDemo(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, size: int) -> Iterator[tuple[str, dict]]:
         config = self.builder_config
         for index in range(size):
-            image, mask, labels = generate_example(
+            image, mask, labels, parts = generate_example_with_parts(
                 example_rng(config.seed, split, index),
                 num_classes=config.num_classes,
                 min_side=config.min_side,
@@ -549,6 +586,7 @@ class PuzzleDemo(tfds.core.GeneratorBasedBuilder):
                 image=records.encode_png(cv2.cvtColor(image, cv2.COLOR_RGB2BGR)),
                 mask=mask,
                 labels=labels,
+                parts=parts,
             )
 
 

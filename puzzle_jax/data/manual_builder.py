@@ -55,6 +55,8 @@ def make_record(
     labels: np.ndarray,
     mask: np.ndarray | None,
     mask_path: epath.PathLike | None = None,
+    parts: np.ndarray | None = None,
+    parts_path: epath.PathLike | None = None,
 ) -> dict[str, Any]:
     """The tfds example of one image; a missing mask becomes all IGNORE_LABEL.
 
@@ -67,12 +69,14 @@ def make_record(
       labels: (C,) multi-hot image-level labels.
       mask: uint8 (H, W) label map, or None when the example has none.
       mask_path: the mask's file, for messages.
+      parts: uint8 (H, W) part map (values `records.PART_VALUES`) for a dataset that declares parts, else None.
+      parts_path: the part map's file, for messages.
 
     Returns:
-      The example, in the layout of `records.record_features`.
+      The example, in the layout of `records.record_features` (with `parts` when given).
 
     Raises:
-      BadExampleError: when the mask's size differs from the image's (naming both files).
+      BadExampleError: when the mask's or the part map's size differs from the image's (naming both files).
     """
     if mask is None:
         mask = np.full((height, width), IGNORE_LABEL, np.uint8)
@@ -82,7 +86,13 @@ def make_record(
             f"mask is {mask.shape[0]}x{mask.shape[1]} (HxW) but its image {image_path} is "
             f"{height}x{width}",
         )
-    return records.encode_record(example_id, image=image, mask=mask, labels=labels)
+    if parts is not None and parts.shape != (height, width):
+        raise BadExampleError(
+            parts_path if parts_path is not None else image_path,
+            f"part map is {parts.shape[0]}x{parts.shape[1]} (HxW) but its image {image_path} (and mask) is "
+            f"{height}x{width}",
+        )
+    return records.encode_record(example_id, image=image, mask=mask, labels=labels, parts=parts)
 
 
 def resolve_root(root: str | os.PathLike, dataset: str, layout_hint: str) -> epath.Path:
@@ -204,12 +214,14 @@ class ManualDataConfig(tfds.core.BuilderConfig):
       splits: the splits to prepare.
       on_bad_example: "error" (stop with a message naming the file) or "skip" (count, report in
         the log and in the prepared dataset's metadata, and go on).
+      parts: whether the records carry a part map (`records`; a voc_folder with `SegmentationParts/`).
     """
 
     root: str = ""
     class_names: tuple[str, ...] = ()
     splits: tuple[str, ...] = ()
     on_bad_example: str = "error"
+    parts: bool = False
 
 
 class ManualDataBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -241,7 +253,7 @@ class ManualDataBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             # Records stay in list order, so record i of a split is the i-th kept id of its list.
             disable_shuffling=True,
             # Images keep their original JPEG/PNG bytes (`readers.read_image`).
-            features=records.record_features(num_classes),
+            features=records.record_features(num_classes, parts=self.builder_config.parts),
             # Per split: examples kept, skipped (with the first few named) and notes of the builder.
             metadata=tfds.core.MetadataDict(),
         )

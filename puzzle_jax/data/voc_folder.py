@@ -10,6 +10,10 @@ split lists are, and what happens when some are absent. Select it with
                                           order (mask value i = line i); VOC's 20 when absent
     DIR/SegmentationClass/<id>.png        optional: class masks (palette, grey or VOC-coloured PNG;
                                           0 background, 1..C classes, 255 ignored)
+    DIR/SegmentationParts/<id>.png        optional: part maps (grey or palette PNG the mask's size;
+                                          0 not an object or unknown, 1 an object's body, 2 its
+                                          discriminative part, 255 ignored); eval_cam then reports
+                                          how much of bodies and parts the CAMs recover
     and image-level labels from one of (builder option label_source, "auto" picks the first found):
     DIR/labels.csv                        "csv": rows `id,class name,class name,...` (a cell may
                                           also hold several names separated by ";"; a first row
@@ -22,9 +26,14 @@ Rules:
   and its missing masks all 255. In every other split, an id without labels is a bad example.
 * An id without a mask gets an all-255 mask (nothing to score); the count is logged and kept in the
   prepared dataset's metadata, with a warning when only some ids of a split have masks.
-* A missing or corrupt image, a mask whose size differs from its image, a mask value that is not a
-  class, an unknown class name: a bad example, which stops preparation with a message naming the
-  file (on_bad_example="error", the default) or is skipped and counted (on_bad_example="skip").
+* With a `SegmentationParts/` folder, every record carries a part map (`records`); an id without a
+  part map file gets an all-0 one (nothing to score); the count is logged and kept in the metadata.
+  Without the folder, records have no part map. The folder's presence is part of the config name,
+  so adding or removing it prepares a new copy.
+* A missing or corrupt image, a mask or part map whose size differs from its image, a mask value
+  that is not a class, a part map value not in 0/1/2/255, an unknown class name: a bad example,
+  which stops preparation with a message naming the file (on_bad_example="error", the default) or
+  is skipped and counted (on_bad_example="skip").
   An empty split list or a split with no example left is always an error.
 
 Check a folder before training (prepares it and prints what was found, skipped, and a preview):
@@ -46,10 +55,12 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from puzzle_jax.data import manual_builder, readers, voc
+from puzzle_jax.data import manual_builder, readers, records, voc
 from puzzle_jax.labels import BadExampleError, read_label_png
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# The optional folder of part maps; its presence decides whether the records carry one.
+PARTS_FOLDER = "SegmentationParts"
 LABEL_SOURCES = ("auto", "csv", "xml", "mask")
 # The split that, as VOC's, may come without labels and masks.
 UNLABELLED_SPLIT = "test"
@@ -59,8 +70,9 @@ _NOT_FOREGROUND_NAMES = {"background", "_background_", "__background__", "__igno
 MAX_CLASSES = 254
 
 _FOLDER_LAYOUT_HINT = (
-    "DIR/JPEGImages/<id>.jpg, DIR/ImageSets/Segmentation/<split>.txt, optional DIR/classes.txt and "
-    "DIR/SegmentationClass/<id>.png, and labels in DIR/labels.csv or DIR/Annotations/<id>.xml "
+    "DIR/JPEGImages/<id>.jpg, DIR/ImageSets/Segmentation/<split>.txt, optional DIR/classes.txt, "
+    "DIR/SegmentationClass/<id>.png and DIR/SegmentationParts/<id>.png, and labels in DIR/labels.csv or "
+    "DIR/Annotations/<id>.xml "
     "(see puzzle_jax/data/voc_folder.py)."
 )
 
@@ -224,6 +236,10 @@ class VocFolder(manual_builder.ManualDataBuilder):
         mask_ids = (
             {path.stem for path in mask_dir.glob("*.png")} if mask_dir.is_dir() else set()
         )
+        parts_dir = root / PARTS_FOLDER
+        parts_ids = (
+            {path.stem for path in parts_dir.glob("*.png")} if config.parts else set()
+        )
         csv_rows = read_labels_csv(root / "labels.csv") if config.label_source == "csv" else {}
         generators = {}
         for split in config.splits:
@@ -236,7 +252,15 @@ class VocFolder(manual_builder.ManualDataBuilder):
                     "(not scored).", split, len(ids) - with_mask, len(ids), mask_dir,
                 )
             notes = {"label_source": config.label_source, "ids_without_mask": len(ids) - with_mask}
-            load = self._make_loader(split, root, images, mask_ids, csv_rows)
+            if config.parts:
+                with_parts = sum(example_id in parts_ids for example_id in ids)
+                if with_parts < len(ids):
+                    logging.warning(
+                        "voc_folder split %r: %d of %d ids have no part map in %s; they get all-0 part "
+                        "maps (not scored).", split, len(ids) - with_parts, len(ids), parts_dir,
+                    )
+                notes["ids_without_parts"] = len(ids) - with_parts
+            load = self._make_loader(split, root, images, mask_ids, parts_ids, csv_rows)
             generators[split] = self._generate_split(
                 split, ids, load, source=os.fspath(list_path), notes=notes
             )
@@ -248,6 +272,7 @@ class VocFolder(manual_builder.ManualDataBuilder):
         root: epath.Path,
         images: Mapping[str, list[epath.Path]],
         mask_ids: set[str],
+        parts_ids: set[str],
         csv_rows: Mapping[str, tuple[int, list[str]]],
     ):
         config = self.builder_config
@@ -273,9 +298,15 @@ class VocFolder(manual_builder.ManualDataBuilder):
             mask_path = root / "SegmentationClass" / f"{example_id}.png"
             mask = read_label_png(mask_path, num_classes) if example_id in mask_ids else None
             labels = self._labels(example_id, root, mask, csv_rows, labels_optional)
+            parts_path = root / PARTS_FOLDER / f"{example_id}.png"
+            parts = None
+            if example_id in parts_ids:
+                parts = records.read_parts_png(parts_path)
+            elif config.parts:
+                parts = np.full((height, width), records.PART_NONE, np.uint8)
             return manual_builder.make_record(
                 example_id, image=image, height=height, width=width, image_path=image_path,
-                labels=labels, mask=mask, mask_path=mask_path,
+                labels=labels, mask=mask, mask_path=mask_path, parts=parts, parts_path=parts_path,
             )
 
         return load
@@ -331,9 +362,10 @@ def create_builder(
       on_bad_example: "error" or "skip" (see manual_builder.ManualDataConfig).
 
     Returns:
-      The builder; its config name hashes the root, the options, the split lists, classes.txt and
-      labels.csv, so editing those prepares a new copy (edited images or masks do not: delete the
-      prepared copy, `data_dir/voc_folder/<config name>/`, to re-read them).
+      The builder; its config name hashes the root, the options, the split lists, classes.txt,
+      labels.csv and whether `SegmentationParts/` exists, so editing those prepares a new copy
+      (edited images, masks or part maps do not: delete the prepared copy,
+      `data_dir/voc_folder/<config name>/`, to re-read them).
 
     Raises:
       ValueError, FileNotFoundError: for a missing root, split list or label source, or a bad
@@ -350,7 +382,9 @@ def create_builder(
     selected = manual_builder.parse_split_names(
         splits, tuple(split_lists), dataset
     ) or tuple(split_lists)
-    digest = manual_builder.fingerprint({
+    # Whether the records carry part maps: a prepared copy of the folder without them never serves it with them.
+    has_parts = (root_path / PARTS_FOLDER).is_dir()
+    fingerprinted: dict[str, Any] = {
         "root": os.fspath(root_path),
         "splits": selected,
         "label_source": source,
@@ -360,16 +394,22 @@ def create_builder(
         "labels_csv": (
             manual_builder.file_digest(root_path / "labels.csv") if source == "csv" else None
         ),
-    })
+    }
+    if has_parts:
+        # Only when present, so the names (and prepared copies) of folders without parts are those they had.
+        fingerprinted["parts"] = True
+    digest = manual_builder.fingerprint(fingerprinted)
     config = VocFolderConfig(
         name=manual_builder.make_config_name(root_path, digest),
         description=(
-            f"VOC-layout folder {root_path}, splits {list(selected)}, labels from {source}."
+            f"VOC-layout folder {root_path}, splits {list(selected)}, labels from {source}"
+            f"{', part maps' if has_parts else ''}."
         ),
         root=os.fspath(root_path),
         class_names=class_names,
         splits=selected,
         on_bad_example=on_bad_example,
         label_source=source,
+        parts=has_parts,
     )
     return VocFolder(config=config, data_dir=data_dir, file_format="array_record")

@@ -1,4 +1,4 @@
-"""Evaluation: confusion matrices, IoU / mIoU, FP / FN rates and the CAM threshold sweep."""
+"""Evaluation: confusion matrices, IoU / mIoU, FP / FN rates and the CAM threshold sweep (with part recall)."""
 
 from puzzle_jax.evaluation.miou import (
     DEFAULT_THRESHOLDS,

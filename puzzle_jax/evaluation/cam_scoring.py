@@ -1,14 +1,15 @@
 """Scoring CAM files (``cam_files``) against ground truth with the background-threshold sweep (spec §6).
 
-Shared by the ``eval_cam`` stage (ground truth from the split's masks) and the standalone evaluator (ground truth
-from a folder of PNGs): one confusion matrix per threshold over all images (``miou.ThresholdSweep``).
+Shared by the ``eval_cam`` stage (ground truth from the split's masks, part maps from its records where the dataset
+has them) and the standalone evaluator (ground truth and part maps from folders of PNGs): one confusion matrix per
+threshold over all images, and the part recall where part maps are given (``miou.ThresholdSweep``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -17,8 +18,20 @@ from puzzle_jax import cam_files
 from puzzle_jax.evaluation import miou
 
 
+class ScoredImage(NamedTuple):
+    """One image to score: its CAM file, its ground truth, where that comes from, and its part map if any.
+
+    A plain ``(cam_path, ground_truth, ground_truth_source)`` tuple is one without a part map.
+    """
+
+    cam_path: str
+    ground_truth: np.ndarray
+    ground_truth_source: str
+    parts: np.ndarray | None = None
+
+
 def sweep_cam_files(
-    pairs: Iterable[tuple[str, np.ndarray, str]],
+    pairs: Iterable[ScoredImage | tuple],
     *,
     num_classes: int,
     thresholds: Sequence[float],
@@ -29,8 +42,8 @@ def sweep_cam_files(
     """Scores CAM files at every background threshold.
 
     Args:
-      pairs: ``(CAM file, ground-truth label map (H, W), where the ground truth comes from)`` per image; the last
-        names the ground truth in error messages.
+      pairs: a ``ScoredImage`` per image (CAM file, ground-truth label map (H, W), where the ground truth comes
+        from, for error messages, and optionally a part map (H, W)), or the first three as a tuple.
       num_classes: classes including background.
       thresholds: background scores to try.
       total: number of pairs, for the progress bar.
@@ -38,22 +51,27 @@ def sweep_cam_files(
       description: the progress bar's label.
 
     Returns:
-      ``miou.ThresholdSweep.result()``.
+      ``miou.ThresholdSweep.result()`` (with the part recall when some image had a part map).
 
     Raises:
-      ValueError: an unreadable CAM file, or maps whose size differs from their ground truth (both named).
+      ValueError: an unreadable CAM file, maps whose size differs from their ground truth (both named), or a part
+        map of another size than its ground truth.
     """
     sweep = miou.ThresholdSweep(num_classes, thresholds)
-    for cam_path, ground_truth, ground_truth_source in tqdm(
-        pairs, total=total, desc=description, disable=not show_progress
-    ):
+    for item in tqdm(pairs, total=total, desc=description, disable=not show_progress):
+        cam_path, ground_truth, ground_truth_source, parts = ScoredImage(*item)
         cams, keys = cam_files.read_score_maps(cam_path)
         if cams.shape[1:] != ground_truth.shape:
             raise ValueError(
                 f"{cam_path}: CAM size {cams.shape[1:]} differs from its ground truth {ground_truth_source} "
                 f"{ground_truth.shape}."
             )
-        sweep.update(cams, keys, ground_truth)
+        if parts is not None and parts.shape != ground_truth.shape:
+            raise ValueError(
+                f"{cam_path}: the part map of size {parts.shape} differs from its ground truth {ground_truth_source} "
+                f"{ground_truth.shape}."
+            )
+        sweep.update(cams, keys, ground_truth, parts)
     return sweep.result()
 
 
@@ -67,7 +85,8 @@ def sweep_split(
     show_progress: bool = True,
     description: str = "evaluate",
 ) -> dict[str, Any]:
-    """``sweep_cam_files`` for every image of a split (ground truth: its ``mask``), CAM files from ``cam_dir``.
+    """``sweep_cam_files`` for every image of a split (ground truth: its ``mask``; part map: its ``parts`` where the
+    dataset has them), CAM files from ``cam_dir``.
 
     Raises:
       FileNotFoundError: some images have no CAM file (the count and the first are named, with ``produced_by``,
@@ -80,7 +99,10 @@ def sweep_split(
             f"{len(missing)} of {len(source)} CAM files are missing (first: {missing[0]}); run {produced_by} first."
         )
     pairs = (
-        (cam_files.path_of(cam_dir, record["id"]), record["mask"], f"(the mask of image {record['id']!r})")
+        ScoredImage(
+            cam_files.path_of(cam_dir, record["id"]), record["mask"], f"(the mask of image {record['id']!r})",
+            record.get("parts"),
+        )
         for record in source
     )
     return sweep_cam_files(

@@ -17,6 +17,10 @@ Owns the mIoU convention of the project (wsss-conventions §5a, the VOC devkit r
 * mIoU is in percent, over all classes including background.
 * FP / FN rates (spec §6): ``(P - TP) / union`` and ``(T - TP) / union`` averaged over the
   foreground classes (1..C-1), as fractions.
+* Part recall (``ThresholdSweep`` with part maps, ``data.records``): of the GT object pixels (GT class
+  1..C-1, not ignored) that the part map marks as body (1) or as discriminative part (2), the
+  fraction predicted as their GT class, accumulated over the split like the matrices. It tells
+  whether CAMs cover whole objects or only their most discriminative part.
 """
 
 from collections.abc import Sequence
@@ -25,6 +29,11 @@ from typing import Any
 import numpy as np
 
 from puzzle_jax.labels import IGNORE_LABEL
+
+# Part map values (`data.records.PART_BODY`, `PART_DISCRIMINATIVE`) scored by `ThresholdSweep`, and their names in
+# its results; 0 (not an object or unknown) and IGNORE_LABEL are not scored. Repeated here, not imported, so that
+# scoring does not import the data package (tfds).
+PART_NAMES = {1: "body", 2: "part"}
 
 INVALID_PREDICTION_POLICIES = ("wrong", "ignore")
 # The authors' evaluate.py sweep 0.05, 0.10, ..., 0.75, rounded so 0.15 is 0.15 and not
@@ -236,6 +245,10 @@ class ThresholdSweep:
     one ``bincount``, and a cumulative sum over that count gives all thresholds' matrices at once
     (no per-threshold pass). This equals ``cams_to_labels`` followed by ``confusion_matrix`` for
     every threshold.
+
+    With a part map, the count gains a part axis (0: not scored, 1: body, 2: discriminative part):
+    the diagonal of its object classes counts, per part and number of thresholds won, the pixels
+    predicted as their GT class, and the same cumulative sum gives every threshold's part recall.
     """
 
     def __init__(
@@ -261,14 +274,27 @@ class ThresholdSweep:
         # (T, C, C + 1): the last column stays 0 (CAM labels are always valid classes).
         self.confusion = np.zeros((self.thresholds.size, num_classes, num_classes + 1), dtype=np.int64)
         self.num_images = 0
+        # Per part value of PART_NAMES (in that order): scored GT object pixels, and per threshold those predicted
+        # as their GT class.
+        self.part_pixels = np.zeros((len(PART_NAMES),), dtype=np.int64)
+        self.part_hits = np.zeros((self.thresholds.size, len(PART_NAMES)), dtype=np.int64)
+        self.num_images_given_parts = 0
+        self.num_images_with_parts = 0
 
-    def update(self, cams: np.ndarray, keys: np.ndarray, ground_truth: np.ndarray) -> None:
+    def update(
+        self, cams: np.ndarray, keys: np.ndarray, ground_truth: np.ndarray, parts: np.ndarray | None = None
+    ) -> None:
         """Adds one image.
 
         Args:
           cams: ``(K, H, W)`` foreground CAMs of the image's GT classes.
           keys: class ids of those maps (see ``cams_to_labels``).
           ground_truth: ``(H, W)`` GT label map with ``ignore_index`` for void.
+          parts: optional ``(H, W)`` part map (``data.records``: 0 not scored, 1 body, 2 discriminative part, 255
+            ignored); only its pixels on GT object classes count.
+
+        Raises:
+          ValueError: shapes that differ, GT values that are no class, or part values outside 0, 1, 2, 255.
         """
         cams = _check_cams(cams)
         foreground_keys = _foreground_keys(cams, keys)
@@ -279,12 +305,15 @@ class ThresholdSweep:
             raise ValueError(f"keys {foreground_keys.tolist()} hold a class id >= num_classes={self.num_classes}.")
         valid = _valid_ground_truth(ground_truth, self.num_classes, self.ignore_index)
         true_class = ground_truth[valid].astype(np.int64)
+        part = None if parts is None else self._scored_parts(parts, ground_truth.shape, valid, true_class)
         num_thresholds = self.thresholds.size
         columns = self.num_classes + 1
         if cams.shape[0] == 0:
-            # No foreground map: every pixel is background at every threshold.
+            # No foreground map: every pixel is background at every threshold (no part pixel is recalled).
             background_counts = np.bincount(true_class, minlength=self.num_classes)
             self.confusion[:, :, 0] += background_counts[None, :]
+            if part is not None:
+                self.part_pixels += np.bincount(part, minlength=len(PART_NAMES) + 1)[1:]
             self.num_images += 1
             return
         scored_cams = cams[:, valid]
@@ -296,10 +325,20 @@ class ThresholdSweep:
         # Number of thresholds strictly below the score = the thresholds at which the foreground
         # wins.
         wins = np.searchsorted(thresholds, best_score, side="left")
+        # Without parts the part axis has one entry (everything in "not scored").
+        num_parts = 1 if part is None else len(PART_NAMES) + 1
+        outer = wins if part is None else wins * num_parts + part
         counts = np.bincount(
-            (wins * self.num_classes + true_class) * columns + best_class,
-            minlength=(num_thresholds + 1) * self.num_classes * columns,
-        ).reshape(num_thresholds + 1, self.num_classes, columns)
+            (outer * self.num_classes + true_class) * columns + best_class,
+            minlength=(num_thresholds + 1) * num_parts * self.num_classes * columns,
+        ).reshape(num_thresholds + 1, num_parts, self.num_classes, columns)
+        if part is not None:
+            objects = np.arange(1, self.num_classes)
+            # Object pixels predicted as their GT class when the foreground wins, per (wins, part).
+            correct = counts[:, 1:, objects, objects].sum(axis=-1)
+            self.part_hits += np.cumsum(correct[::-1], axis=0)[::-1][1:]
+            self.part_pixels += counts[:, 1:, 1:, :].sum(axis=(0, 2, 3))
+        counts = counts.sum(axis=1)
         # Foreground wins at threshold i for pixels with wins > i: reverse cumulative sum over wins.
         foreground = np.cumsum(counts[::-1], axis=0)[::-1][1:]
         per_class_total = counts.sum(axis=(0, 2))  # scored GT pixels per class
@@ -309,6 +348,24 @@ class ThresholdSweep:
         self.confusion += update
         self.num_images += 1
 
+    def _scored_parts(
+        self, parts: np.ndarray, shape: tuple[int, ...], valid: np.ndarray, true_class: np.ndarray
+    ) -> np.ndarray:
+        """The part index (0 not scored, 1 body, 2 discriminative part) of every scored GT pixel; counts the image."""
+        parts = np.asarray(parts)
+        if parts.shape != shape:
+            raise ValueError(f"parts shape {parts.shape} differs from the ground truth's {shape}.")
+        values = np.unique(parts)
+        bad = values[~np.isin(values, (0, *PART_NAMES, IGNORE_LABEL))]
+        if bad.size:
+            raise ValueError(f"parts hold values {bad[:10].tolist()}; allowed: 0, 1, 2 and {IGNORE_LABEL}.")
+        part = parts[valid].astype(np.int64)
+        # Only GT object pixels count; 255 (ignored) and 0 become "not scored".
+        part = np.where((true_class >= 1) & np.isin(part, tuple(PART_NAMES)), part, 0)
+        self.num_images_given_parts += 1
+        self.num_images_with_parts += int(np.any(part))
+        return part
+
     def result(self) -> dict[str, Any]:
         """Scores every threshold and picks the best one.
 
@@ -317,7 +374,11 @@ class ThresholdSweep:
           ``per_class_iou`` (list of percent per class at the best threshold, NaN for absent
           classes), ``thresholds``, ``per_threshold_miou`` (percent),
           ``per_threshold_false_positive`` and ``per_threshold_false_negative`` (fractions, spec
-          §6, for the authors' ``rw`` heuristics), and ``num_images``.
+          §6, for the authors' ``rw`` heuristics), and ``num_images``. When part maps were given for
+          at least one image, also ``part_recall`` (``{"body": fraction, "part": fraction}`` at the
+          best threshold, NaN for a part without pixels), ``per_threshold_part_recall`` (``{"body":
+          [...], "part": [...]}``), ``part_pixels`` (the scored object pixels of each part) and
+          ``num_images_with_parts`` (images whose part map marks at least one scored object pixel).
 
         Raises:
           RuntimeError: if no image was added.
@@ -328,7 +389,7 @@ class ThresholdSweep:
         false_positive, false_negative = false_positive_negative_rates(self.confusion)
         scores = np.where(np.isnan(per_threshold_miou), -np.inf, per_threshold_miou)
         best = int(np.argmax(scores))  # ties: the lowest threshold
-        return {
+        result = {
             "best_threshold": float(self.thresholds[best]),
             "miou": float(per_threshold_miou[best]),
             "per_class_iou": (100.0 * iou_from_confusion(self.confusion[best])).tolist(),
@@ -338,6 +399,17 @@ class ThresholdSweep:
             "per_threshold_false_negative": np.asarray(false_negative).tolist(),
             "num_images": self.num_images,
         }
+        if self.num_images_given_parts:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                recall = np.where(
+                    self.part_pixels > 0, self.part_hits / np.maximum(self.part_pixels, 1), np.nan
+                )
+            names = list(PART_NAMES.values())
+            result["part_recall"] = {name: float(recall[best, index]) for index, name in enumerate(names)}
+            result["per_threshold_part_recall"] = {name: recall[:, index].tolist() for index, name in enumerate(names)}
+            result["part_pixels"] = {name: int(self.part_pixels[index]) for index, name in enumerate(names)}
+            result["num_images_with_parts"] = self.num_images_with_parts
+        return result
 
 
 def threshold_range(start: float, stop: float, step: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Printed tables and JSON summaries of evaluation results (per-class IoU and the threshold sweep)."""
+"""Printed tables and JSON summaries of evaluation results (per-class IoU, the threshold sweep and its part recall)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,45 @@ def ious_for_json(values) -> list:
     return [None if value is None or np.isnan(value) else float(value) for value in values]
 
 
+def parts_for_json(result: dict) -> dict:
+    """The part recall entries of a ``ThresholdSweep.result()``, JSON-ready (NaN, a part without pixels, as None);
+    empty when the sweep had no part maps.
+
+    Returns:
+      ``part_recall`` ({"body": fraction, "part": fraction} at the best threshold), ``per_threshold_part_recall``
+      (per part, threshold -> fraction), ``part_pixels`` and ``num_images_with_parts``.
+    """
+    if "part_recall" not in result:
+        return {}
+    thresholds = list(map(str, result["thresholds"]))
+    return {
+        "part_recall": dict(zip(result["part_recall"], ious_for_json(result["part_recall"].values()))),
+        "per_threshold_part_recall": {
+            name: dict(zip(thresholds, ious_for_json(values)))
+            for name, values in result["per_threshold_part_recall"].items()
+        },
+        "part_pixels": dict(result["part_pixels"]),
+        "num_images_with_parts": result["num_images_with_parts"],
+    }
+
+
+def format_part_recall(result: dict) -> str | None:
+    """The line that reports a sweep's part recall at its best threshold; None when it had no part maps."""
+    if "part_recall" not in result:
+        return None
+
+    def shown(name: str) -> str:
+        value = result["part_recall"][name]
+        return "n/a" if value is None or np.isnan(value) else f"{100.0 * value:.1f}%"
+
+    pixels = result["part_pixels"]
+    return (
+        f"object recall at threshold {result['best_threshold']:.2f}: body {shown('body')}, discriminative part "
+        f"{shown('part')} (of {pixels['body']} body and {pixels['part']} part pixels in "
+        f"{result['num_images_with_parts']} images with part maps)"
+    )
+
+
 def _per_class_lines(class_names: Sequence[str], per_class_iou, miou: float) -> list[str]:
     width = max(len(name) for name in list(class_names) + ["mIoU"]) + 2
     lines = [f"{'class':<{width}}{'IoU %':>8}"]
@@ -23,7 +62,9 @@ def _per_class_lines(class_names: Sequence[str], per_class_iou, miou: float) -> 
 
 
 def format_sweep_table(class_names: Sequence[str], result: dict, *, title: str = "CAM mIoU") -> str:
-    """Formats a ``ThresholdSweep.result()`` as a per-class table followed by the per-threshold mIoU.
+    """Formats a ``ThresholdSweep.result()`` as a per-class table followed by the per-threshold mIoU, the part
+    recall at the best threshold (when the sweep had part maps) and a warning when the best threshold is at an end
+    of the sweep.
 
     Args:
       class_names: names of all classes, background first.
@@ -39,6 +80,9 @@ def format_sweep_table(class_names: Sequence[str], result: dict, *, title: str =
         "threshold sweep: "
         + "  ".join(f"{t:.2f}:{m:.1f}" for t, m in zip(result["thresholds"], result["per_threshold_miou"]))
     )
+    part_recall = format_part_recall(result)
+    if part_recall is not None:
+        lines.append(part_recall)
     edge = sweep_edge(result)
     if edge is not None:
         lines.append(
@@ -64,7 +108,8 @@ def sweep_edge(result: dict) -> str | None:
 def sweep_summary(class_names: Sequence[str], result: dict) -> dict:
     """The JSON summary of a ``ThresholdSweep.result()``: ``miou``, ``best_threshold``, ``per_class_iou`` and
     ``per_threshold_miou`` keyed by class name and threshold (absent classes as None), whether the best threshold
-    is at an end of the sweep (``sweep_edge``), ``num_images``."""
+    is at an end of the sweep (``sweep_edge``), ``num_images``, and when the sweep had part maps the part recall
+    (``parts_for_json``)."""
     return {
         "miou": result["miou"],
         "best_threshold": result["best_threshold"],
@@ -72,6 +117,7 @@ def sweep_summary(class_names: Sequence[str], result: dict) -> dict:
         "per_threshold_miou": dict(zip(map(str, result["thresholds"]), result["per_threshold_miou"])),
         "best_threshold_at_sweep_edge": sweep_edge(result),
         "num_images": result["num_images"],
+        **parts_for_json(result),
     }
 
 

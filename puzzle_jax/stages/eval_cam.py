@@ -1,8 +1,10 @@
 """Stage ``eval_cam``: CAM mIoU of ``infer_cam``'s outputs with a background-threshold sweep (spec §6).
 
 One confusion matrix per threshold over the whole split (every class including background, GT 255 ignored); the
-best threshold's mIoU, its per-class IoU and the whole sweep go to the summary and are printed as a table, and
-``eval_cam/gallery/index.html`` draws ``eval.gallery_images`` images (beside ``eval.compare_workdir``'s CAMs).
+best threshold's mIoU, its per-class IoU and the whole sweep go to the summary and are printed as a table, with,
+where the dataset has part maps (the demo; a ``voc_folder`` with ``SegmentationParts/``), how much of the objects'
+bodies and discriminative parts the CAMs recover (``part_recall``); ``eval_cam/gallery/index.html`` draws
+``eval.gallery_images`` images (beside ``eval.compare_workdir``'s CAMs).
 """
 
 from __future__ import annotations
