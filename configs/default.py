@@ -100,7 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.worker_count = 8
 
     config.model = ml_collections.ConfigDict()
-    # Backbone: resnet50, resnet101, resnest50, resnest101, resnest200, resnest269 or resnet_tiny (CPU demos).
+    # Backbone: resnet50, resnet101, resnest50, resnest101, resnest200, resnest269, or the narrow CPU ones resnet_tiny
+    # (the demo's: one bottleneck block per stage) and resnet_small (two per stage).
     config.model.arch = "resnet50"
     # Output stride of the backbone (16 as the authors; 8 or 32 also possible).
     config.model.output_stride = 16

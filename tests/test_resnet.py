@@ -5,15 +5,18 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 from torch_reference import (
     assert_backbone_parity,
     converted_backbone,
     random_images,
+    randomize_batch_norm,
     relative_error,
     torch_resnet,
 )
 
+from benchmarks import authors_torch
 from puzzle_jax.models import ARCHITECTURES, create_backbone, layers
 
 STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5")
@@ -46,6 +49,42 @@ def test_resnet50_matches_torch_reference(output_stride):
         float64=output_stride != 32,
     )
     print(f"resnet50 OS{output_stride} relative errors: {errors}")
+
+
+@pytest.mark.parametrize("output_stride", [16, 8, 32])
+def test_resnet_small_matches_torch_reference(output_stride):
+    """``resnet_small`` is the torch ResNet with two Bottleneck blocks per layer at base width 16
+    (``authors_torch.resnet((2, 2, 2, 2), base_width=16)``): converted weights give its stage outputs (eval and
+    train mode) and BN batch statistics, as for ResNet-50. Two blocks per layer exercise what ``resnet_tiny``
+    cannot: blocks without a projection shortcut, and at OS8 the dilation of the blocks after a layer's first."""
+    torch.manual_seed(output_stride)
+    reference = authors_torch.resnet((2, 2, 2, 2), output_stride, base_width=16)
+    randomize_batch_norm(reference, output_stride)
+    reference.eval()
+    size = 64 if output_stride == 32 else 48  # stage5 at least 2x2 (3x3 at OS16, 6x6 at OS8)
+    images = random_images(batch=4, size=size, seed=output_stride)
+
+    def create_model(dtype):
+        return converted_backbone("resnet_small", reference, output_stride, dtype)
+
+    model = create_model(jnp.float32)
+    assert [len(layer) for layer in (model.layer1, model.layer2, model.layer3, model.layer4)] == [2, 2, 2, 2]
+    assert [block.downsample is None for layer in (model.layer1, model.layer4) for block in layer] == [
+        False, True, False, True
+    ]
+    assert model.stage_features == (16, 64, 128, 256, 512)
+    errors = assert_backbone_parity(create_model, reference, images, float64_size=32)
+    print(f"resnet_small OS{output_stride} relative errors: {errors}")
+
+
+def test_resnet_small_parameter_count():
+    """Twice resnet_tiny's blocks at the same widths; the count is the torch network's without its ``fc``."""
+    model = nnx.eval_shape(lambda: create_backbone("resnet_small", rngs=nnx.Rngs(0)))
+    count = sum(np.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    reference = authors_torch.resnet((2, 2, 2, 2), 16, base_width=16)
+    assert count == sum(p.numel() for name, p in reference.named_parameters() if not name.startswith("fc."))
+    tiny = nnx.eval_shape(lambda: create_backbone("resnet_tiny", rngs=nnx.Rngs(0)))
+    assert count > sum(np.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(tiny, nnx.Param)))
 
 
 @pytest.mark.parametrize("output_stride,final_size", [(8, 8), (16, 4), (32, 2)])

@@ -1,4 +1,4 @@
-"""ResNet-50/101 (torchvision layout, Bottleneck with the stride on the 3x3 conv) and a tiny CPU variant.
+"""ResNet-50/101 (torchvision layout, Bottleneck with the stride on the 3x3 conv) and two narrow CPU variants.
 
 Attribute names mirror the torchvision/authors' state-dict keys, so that ``layer3.4.conv2.weight`` is the NNX
 path ``layer3/4/conv2/kernel`` and weight conversion is an identity map on names (see ``puzzle_jax.weights``).
@@ -206,16 +206,20 @@ class ResNet(nnx.Module):
         return run_layers(self, x, outputs)
 
 
+# The narrow variants (base width 16: widths 16..128, outputs 64..512) train on a CPU: ``resnet_tiny`` (one block per
+# layer) is the demo's backbone; ``resnet_small`` (two per layer, twice the depth at the same width) is the deeper
+# backbone of the Puzzle-CAM-vs-CAM study (studies/puzzle_vs_cam.py).
 RESNET_BLOCKS = {
     "resnet50": (3, 4, 6, 3),
     "resnet101": (3, 4, 23, 3),
     "resnet_tiny": (1, 1, 1, 1),
+    "resnet_small": (2, 2, 2, 2),
 }
-RESNET_BASE_WIDTH = {"resnet50": 64, "resnet101": 64, "resnet_tiny": 16}
+RESNET_BASE_WIDTH = {"resnet50": 64, "resnet101": 64, "resnet_tiny": 16, "resnet_small": 16}
 
 
 def create_resnet(arch: str, **kwargs) -> ResNet:
-    """Creates ``resnet50``, ``resnet101`` or ``resnet_tiny``; ``kwargs`` go to ``ResNet``."""
+    """Creates ``resnet50``, ``resnet101``, ``resnet_tiny`` or ``resnet_small``; ``kwargs`` go to ``ResNet``."""
     if arch not in RESNET_BLOCKS:
         raise ValueError(f"arch must be one of {tuple(RESNET_BLOCKS)}, got {arch!r}")
     return ResNet(RESNET_BLOCKS[arch], base_width=RESNET_BASE_WIDTH[arch], **kwargs)
