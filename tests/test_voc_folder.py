@@ -288,7 +288,7 @@ def test_train_infer_and_eval_cam_run_end_to_end_on_a_voc_folder(tmp_path):
     (root / "classes.txt").write_text("\n".join(names) + "\n")
     ids = [f"image_{index:03d}" for index in range(24)]
     for example_id in ids:
-        image, mask, _ = demo.generate_example(rng, num_classes=3, min_side=64, max_side=80)
+        image, mask, _, _ = demo.generate_example(rng, num_classes=3, min_side=64, max_side=80)
         write_image_array(root / "JPEGImages" / f"{example_id}.png", image)
         write_palette_mask(str(root / "SegmentationClass" / f"{example_id}.png"), mask)
     write_list(str(root / "ImageSets" / "Segmentation" / "train.txt"), ids[:16])

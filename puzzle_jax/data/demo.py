@@ -333,28 +333,6 @@ def generate_example(
     max_side: int,
     params: DemoGenerationParameters = GENERATION,
     classes: Sequence[ClassAppearance] = CLASS_APPEARANCES,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Renders one demo image with its segmentation mask and image-level labels.
-
-    `generate_example_with_parts` without the part map (the same image, mask and labels).
-
-    Returns:
-      (image, mask, labels), see `generate_example_with_parts`.
-    """
-    image, mask, labels, _ = generate_example_with_parts(
-        rng, num_classes=num_classes, min_side=min_side, max_side=max_side, params=params, classes=classes
-    )
-    return image, mask, labels
-
-
-def generate_example_with_parts(
-    rng: np.random.Generator,
-    *,
-    num_classes: int,
-    min_side: int,
-    max_side: int,
-    params: DemoGenerationParameters = GENERATION,
-    classes: Sequence[ClassAppearance] = CLASS_APPEARANCES,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Renders one demo image with its segmentation mask, image-level labels and part map.
 
@@ -570,7 +548,7 @@ class PuzzleDemo(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, size: int) -> Iterator[tuple[str, dict]]:
         config = self.builder_config
         for index in range(size):
-            image, mask, labels, parts = generate_example_with_parts(
+            image, mask, labels, parts = generate_example(
                 example_rng(config.seed, split, index),
                 num_classes=config.num_classes,
                 min_side=config.min_side,
