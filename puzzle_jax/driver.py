@@ -3,9 +3,10 @@
 A training stage is a task (``puzzle_jax.tasks``: a model family's model, objective, input transform and records)
 and a config section of one shape (``config.<stage>``: split, batch size, epochs, optimizer settings, crop and
 rescale range, log and checkpoint intervals). The driver does the rest, the same way for every family: skip when
-the export exists; load the split; build the mesh and check the batch size; steps from the epochs; build the model
-and initialise parts of it from an export; the optimizer; the remat decision on the task's own batch; the grain
-loader with the task's transform; ``training.fit``; the export, with the model config recorded; the summary.
+the export exists; load the training (and validation) split; build the mesh and check the batch size; steps from
+the epochs; build the model and initialise parts of it from an export; the optimizer; the remat decision on the
+task's own batch; the grain loader with the task's transform; ``training.fit``; the export, with the model config
+recorded; the task's assessment of the trained model (did it learn?); the summary.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def train_and_export(
       seed: initialisation and data-order seed.
 
     Returns:
-      The stage summary: steps, final metrics, export path, images, epochs, batch size, the remat decision.
+      The stage summary: steps, final metrics, export path, images, epochs, batch size, the remat decision, and
+      the task's assessment of the trained model (``Task.assess``: validation metrics, ``warnings``).
     """
     if checkpointing.is_exported_model(paths.export):
         logging.info("%s already exported: skipping training.", paths.export)
