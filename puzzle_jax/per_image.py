@@ -4,13 +4,24 @@
 ``output_path(id)``. ``write_per_image`` gives each process every N-th image (every image exactly once over the
 processes), skips images whose file exists (an interrupted run resumes where it stopped), writes each file through
 the caller's atomic writer, and draws a progress bar with images/s on process 0.
+
+Host-CPU work (the dense CRF of the label stages) runs in a process pool: ``compute_in_processes`` turns a picklable
+per-image function into a ``compute`` for ``write_per_image``. Its workers are started with "spawn": the parent has
+JAX and its threads loaded, and forking such a process is unsafe. At most two jobs per worker are in flight (each
+worker always has the next one queued, and a split of 10k images is not submitted at once); results come back in
+completion order and the parent writes each one atomically as soon as it arrives, so a killed run keeps every
+finished image and leaves no partial file. A worker that dies (killed, out of memory) fails the stage with the ids
+of the images that were in flight; a rerun finishes the rest.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import jax
@@ -63,3 +74,82 @@ def write_per_image(
     finally:
         progress.close()
     return counts
+
+
+# Jobs in flight per worker: one running and one queued keeps every worker busy while the parent prepares the next.
+_JOBS_PER_WORKER = 2
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process of ``compute_in_processes`` died (killed, out of memory) while images were in flight.
+
+    Attributes:
+      image_ids: the ids of the images that were in flight, one of which killed it; none of them was written.
+    """
+
+    def __init__(self, image_ids: Sequence[str]):
+        self.image_ids = list(image_ids)
+        super().__init__(
+            f"a worker process died (killed or out of memory) while working on image(s) {self.image_ids}; the "
+            "images finished before are written; rerun the stage to finish the rest."
+        )
+
+
+def resolve_workers(workers: int) -> int:
+    """The number of worker processes for a ``workers`` setting: itself, or the CPU cores this process may use
+    for 0."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = the CPU cores); got {workers}.")
+    return workers or len(os.sched_getaffinity(0))
+
+
+def compute_in_processes(
+    function: Callable[[Any], Any],
+    *,
+    prepare: Callable[[dict[str, Any]], Any],
+    workers: int,
+) -> Callable[[Iterator[dict[str, Any]]], Iterator[tuple[str, Any]]]:
+    """A ``compute`` for ``write_per_image`` that runs ``function`` on each record in a pool of processes.
+
+    Args:
+      function: ``job -> result``, picklable (a module-level function or a ``functools.partial`` of one); it runs
+        in a fresh process, so its module should import little (no JAX).
+      prepare: ``record -> job``, run in the parent: what ``function`` needs of the record, cheap to pickle.
+      workers: processes (0 = the CPU cores).
+
+    Returns:
+      ``records -> (id, result)`` pairs in completion order.
+
+    Raises (from the returned generator):
+      WorkerDiedError: a worker process died; names the images in flight.
+      Exception: whatever ``function`` raised for an image, as it raised it, with a note naming the image.
+    """
+    count = resolve_workers(workers)
+
+    def compute(records: Iterator[dict[str, Any]]) -> Iterator[tuple[str, Any]]:
+        pool = concurrent.futures.ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+        in_flight: dict[concurrent.futures.Future, str] = {}
+        pending = iter(records)
+        try:
+            while True:
+                for record in pending:
+                    in_flight[pool.submit(function, prepare(record))] = record["id"]
+                    if len(in_flight) >= _JOBS_PER_WORKER * count:
+                        break
+                if not in_flight:
+                    return
+                done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool as error:
+                        raise WorkerDiedError(sorted(in_flight.values())) from error
+                    except Exception as error:
+                        error.add_note(f"(while computing image {in_flight[future]!r} in a worker process)")
+                        raise
+                    yield in_flight.pop(future), result
+        finally:
+            # On an error (or a consumer that stops early) queued jobs are dropped; running ones finish first.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    return compute

@@ -1,6 +1,7 @@
 """Tests of the per-image stage loop: each process's share, resuming without recomputing, atomic outputs."""
 
 import os
+import signal
 
 import jax
 import pytest
@@ -53,3 +54,70 @@ def test_processes_share_the_images_exactly_once(tmp_path, monkeypatch, process_
         assert counts["written"] == len(computed) == len(range(process_index, 8, process_count))
         seen += computed
     assert sorted(seen) == sorted(record["id"] for record in source)
+
+
+# Worker functions of the process-pool tests: module-level, so the spawned workers can import them.
+def square_of(job):
+    image_id, value, fault = job
+    if fault == "kill" and image_id == "img3":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "exit" and image_id == "img3":
+        os._exit(3)
+    if fault == "raise" and image_id == "img3":
+        raise ValueError(f"{image_id}: bad input")
+    return {"square": value**2, "worker": os.getpid()}
+
+
+def _pool_stage(tmp_path, source, *, fault=None, workers=2):
+    return per_image.write_per_image(
+        source,
+        output_path=lambda image_id: str(tmp_path / f"{image_id}.json"),
+        compute=per_image.compute_in_processes(
+            square_of, prepare=lambda record: (record["id"], record["value"], fault), workers=workers
+        ),
+        write=fileio.write_json,
+        description="test",
+    )
+
+
+def test_process_pool_writes_every_image_from_several_workers(tmp_path):
+    source = _records(9)
+    assert _pool_stage(tmp_path, source) == {"written": 9, "skipped_existing": 0}
+    results = [fileio.read_json(str(tmp_path / f"img{i}.json")) for i in range(9)]
+    assert [result["square"] for result in results] == [i * i for i in range(9)]
+    assert os.getpid() not in {result["worker"] for result in results}
+
+
+@pytest.mark.parametrize("fault", ["kill", "exit"])
+def test_a_dying_worker_names_the_images_in_flight_and_a_rerun_finishes_the_rest(tmp_path, fault):
+    source = _records(12)
+    with pytest.raises(per_image.WorkerDiedError, match="rerun the stage") as raised:
+        _pool_stage(tmp_path, source, fault=fault)
+    assert "img3" in raised.value.image_ids and "'img3'" in str(raised.value)
+    # In flight: at most two jobs per worker.
+    assert len(raised.value.image_ids) <= 4
+    written = sorted(os.listdir(tmp_path))
+    # Only complete files, none of the images in flight, no temporary file.
+    assert all(name.endswith(".json") and not name.startswith(".") for name in written)
+    assert not {f"{image_id}.json" for image_id in raised.value.image_ids} & set(written)
+    for name in written:
+        index = int(name[3:-5])
+        assert fileio.read_json(str(tmp_path / name))["square"] == index * index
+    before = {name: os.stat(tmp_path / name).st_mtime_ns for name in written}
+    assert _pool_stage(tmp_path, source) == {"written": 12 - len(written), "skipped_existing": len(written)}
+    assert {name: os.stat(tmp_path / name).st_mtime_ns for name in written} == before
+    assert sorted(os.listdir(tmp_path)) == sorted(f"img{i}.json" for i in range(12))
+
+
+def test_an_error_in_a_worker_is_raised_as_it_was_with_the_image_named(tmp_path):
+    with pytest.raises(ValueError, match="img3: bad input") as raised:
+        _pool_stage(tmp_path, _records(6), fault="raise", workers=1)
+    assert any("img3" in note for note in raised.value.__notes__)
+    assert "img3.json" not in os.listdir(tmp_path)
+
+
+def test_workers_zero_means_the_cores():
+    assert per_image.resolve_workers(0) == len(os.sched_getaffinity(0))
+    assert per_image.resolve_workers(3) == 3
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        per_image.resolve_workers(-1)
