@@ -176,4 +176,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.gallery_images = 24
     # Another workdir whose CAMs are shown beside these in the gallery (e.g. the plain-CAM run); "" = none.
     config.eval.compare_workdir = ""
+
+    # The label stages (aff_labels, pseudo_labels) on config.infer.split: thresholds and CRF steps of the authors'
+    # README (spec §7, §8); the hard-label dense CRF of IRN (refine/crf.py) runs in a pool of worker processes.
+    config.refine = ml_collections.ConfigDict()
+    # aff_labels: background score of the confident-foreground map (README 0.40; the script's default 0.30).
+    config.refine.aff_fg_threshold = 0.40
+    # aff_labels: background score of the confident-background map (README 0.10; the script's default 0.05).
+    config.refine.aff_bg_threshold = 0.10
+    # aff_labels: mean-field steps of the CRF on each of the two maps.
+    config.refine.aff_crf_iterations = 10
+    # pseudo_labels: background score added to the random walk's maps (README 0.35).
+    config.refine.rw_threshold = 0.35
+    # pseudo_labels: mean-field steps of the CRF (README --crf_iteration 1).
+    config.refine.pseudo_crf_iterations = 1
+    # Worker processes running the CRF (one image each at a time); 0 = the CPU cores this process may use.
+    config.refine.workers = 0
     return config

@@ -135,17 +135,7 @@ def evaluate_folders(
                 f"{predictions[stem]}: size {prediction.shape} differs from its ground truth {ground_truth.shape}."
             )
         confusion += miou.confusion_matrix(prediction, ground_truth, num_classes)
-    false_positive, false_negative = miou.false_positive_negative_rates(confusion)
-    return {
-        "miou": float(miou.mean_iou(confusion)),
-        "per_class_iou": report.ious_for_json(100.0 * miou.iou_from_confusion(confusion)),
-        "miou_ignoring_predicted_void": float(miou.mean_iou(confusion, invalid_predictions="ignore")),
-        "predicted_void_pixels": int(confusion[:, -1].sum()),
-        "false_positive": float(false_positive),
-        "false_negative": float(false_negative),
-        "num_images": len(predictions),
-        "prediction_kind": "label",
-    }
+    return {**report.label_summary(confusion, len(predictions)), "prediction_kind": "label"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

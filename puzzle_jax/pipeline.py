@@ -22,6 +22,8 @@ STAGES: dict[str, str] = {
     "train_cam": "puzzle_jax.stages.train_cam",
     "infer_cam": "puzzle_jax.stages.infer_cam",
     "eval_cam": "puzzle_jax.stages.eval_cam",
+    "aff_labels": "puzzle_jax.stages.aff_labels",
+    "pseudo_labels": "puzzle_jax.stages.pseudo_labels",
 }
 
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from puzzle_jax.evaluation import miou
+
 
 def ious_for_json(values) -> list:
     """Per-class IoUs with NaN (a class absent from both GT and prediction) as None: JSON has no NaN."""
@@ -118,6 +120,22 @@ def sweep_summary(class_names: Sequence[str], result: dict) -> dict:
         "best_threshold_at_sweep_edge": sweep_edge(result),
         "num_images": result["num_images"],
         **parts_for_json(result),
+    }
+
+
+def label_summary(confusion: np.ndarray, num_images: int) -> dict:
+    """The JSON-ready scores of label maps that may hold 255 (uncertain) from their ``(C, C + 1)`` confusion matrix
+    (``miou.confusion_matrix``): both policies for predicted 255 and the authors' FP / FN (``format_label_table``).
+    """
+    false_positive, false_negative = miou.false_positive_negative_rates(confusion)
+    return {
+        "miou": float(miou.mean_iou(confusion)),
+        "per_class_iou": ious_for_json(100.0 * miou.iou_from_confusion(confusion)),
+        "miou_ignoring_predicted_void": float(miou.mean_iou(confusion, invalid_predictions="ignore")),
+        "predicted_void_pixels": int(np.asarray(confusion)[:, -1].sum()),
+        "false_positive": float(false_positive),
+        "false_negative": float(false_negative),
+        "num_images": int(num_images),
     }
 
 

@@ -1,0 +1,71 @@
+"""Stage ``pseudo_labels``: the pseudo labels of ``config.infer.split`` from ``infer_rw``'s random walk (spec §8).
+
+Reads ``infer_rw/rw/<id>.npz`` (``rw``) and the split's images; writes ``pseudo_labels/labels/<id>.png``: a background
+channel at ``refine.rw_threshold``, argmax, ``refine.pseudo_crf_iterations`` CRF steps, class ids
+(``refine.cam_labels.pseudo_labels``). The CRF runs in ``refine.workers`` processes; existing PNGs are skipped, so an
+interrupted run resumes. The finished folder is scored against the split's masks: mIoU with pixels predicted as 255
+counted as wrong (VOC devkit) and ignored (ToCo), and the authors' FP / FN.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+
+from puzzle_jax import sharding
+from puzzle_jax.data import datasets
+from puzzle_jax.evaluation import report
+from puzzle_jax.pipeline import Workdir
+from puzzle_jax.refine import cam_labels, label_folders
+
+
+def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
+    refine = config.refine
+    source, info = datasets.load_split_from_config(config.data, config.infer.split, field="infer.split")
+    label_dir = workdir.pseudo_label_dir()
+    counts = label_folders.write_label_folder(
+        source,
+        score_dir=workdir.random_walk_dir(),
+        label_dir=label_dir,
+        function=functools.partial(
+            cam_labels.pseudo_labels_from_file, threshold=refine.rw_threshold, iterations=refine.pseudo_crf_iterations
+        ),
+        workers=refine.workers,
+        produced_by="infer_rw",
+        description="pseudo_labels",
+    )
+    # Every process's share must be written before the folder is scored.
+    sharding.wait_for_all_processes("puzzle_jax pseudo_labels written")
+    scores = label_folders.score_label_folder(
+        source,
+        label_dir=label_dir,
+        score_dir=workdir.random_walk_dir(),
+        num_classes=info.num_classes + 1,
+        show_progress=jax.process_index() == 0,
+        description="pseudo_labels scores",
+    )
+    summary = {
+        "label_dir": label_dir,
+        **counts,
+        "split": config.infer.split,
+        "images_without_foreground": scores["images_without_foreground"],
+        "threshold": refine.rw_threshold,
+        "crf_iterations": refine.pseudo_crf_iterations,
+    }
+    scored = scores["confusion"].sum() > 0
+    if scored:
+        summary.update(report.label_summary(scores["confusion"], scores["images"]))
+    else:
+        summary["num_images"] = scores["images"]
+    if jax.process_index() == 0:
+        class_names = ["background", *info.class_names]
+        table = (
+            report.format_label_table(class_names, summary, title="Pseudo-label mIoU")
+            if scored
+            else f"Pseudo labels: {scores['images']} images; no ground truth in this split: nothing scored"
+        )
+        print(table, flush=True)
+        print(f"{scores['images_without_foreground']} image(s) without a foreground class (all background)")
+    return summary
