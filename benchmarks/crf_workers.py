@@ -5,7 +5,8 @@ worker a CAM file path and the image, the worker reads the file, adds the backgr
 and the parent writes the PNG) on synthetic images with smooth blob CAMs of 1-3 classes, for demo-size (~100 px) and
 VOC-size (375x500) images. The affinity labels run two 10-step CRFs per image, the pseudo labels one 1-step CRF.
 Two figures per row: the whole call (with the start of the spawned workers) and the steady rate (images after the
-first ``workers`` results, which carry the start):
+first ``workers`` results, which carry the start); and the workers' CPU-seconds per image (start included), the
+figure that carries over to a machine whose cores are free (images/s ~ cores / CPU s/img):
 
     python benchmarks/crf_workers.py [--workers 1,2] [--images 16]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -24,7 +26,7 @@ import numpy as np
 # The repository root, so that ``puzzle_jax`` imports when this file is run as a script.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from puzzle_jax import cam_files, per_image  # noqa: E402
+from puzzle_jax import cam_files, labels, per_image  # noqa: E402
 from puzzle_jax.refine import cam_labels, label_folders  # noqa: E402
 
 SIZES = {"demo (104x96)": (104, 96), "VOC (375x500)": (375, 500)}
@@ -62,9 +64,16 @@ def _records(directory: str, field: str, count: int, size: tuple[int, int], rng:
     return records
 
 
-def _time(records, score_dir, function, workers) -> tuple[float, float]:
-    """(images/s over the whole call, images/s after the first `workers` results)."""
+def _worker_cpu_seconds() -> float:
+    # Finished (joined) child processes only: the pool's workers once the call has shut it down.
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _time(records, score_dir, function, workers) -> tuple[float, float, float]:
+    """(images/s over the whole call, images/s after the first `workers` results, worker CPU-seconds per image)."""
     arrivals = []
+    cpu_before = _worker_cpu_seconds()
     with tempfile.TemporaryDirectory() as label_dir:
         started = time.perf_counter()
         per_image.write_per_image(
@@ -75,15 +84,15 @@ def _time(records, score_dir, function, workers) -> tuple[float, float]:
                 prepare=lambda record: (cam_files.path_of(score_dir, record["id"]), record["image"]),
                 workers=workers,
             ),
-            write=lambda path, labels: (
-                label_folders.labels.write_label_png(path, labels),
+            write=lambda path, label_map: (
+                labels.write_label_png(path, label_map),
                 arrivals.append(time.perf_counter()),
             ),
             description="crf",
         )
         total = time.perf_counter() - started
     steady = (len(arrivals) - workers) / (arrivals[-1] - arrivals[workers - 1])
-    return len(records) / total, steady
+    return len(records) / total, steady, (_worker_cpu_seconds() - cpu_before) / len(records)
 
 
 def main() -> None:
@@ -93,7 +102,7 @@ def main() -> None:
     options = parser.parse_args()
     worker_counts = [int(value) for value in options.workers.split(",")]
     print(f"CPU cores available: {len(os.sched_getaffinity(0))}")
-    print(f"{'rule':<28}{'images':<16}{'workers':>8}{'images/s':>10}{'steady':>10}")
+    print(f"{'rule':<28}{'images':<16}{'workers':>8}{'images/s':>10}{'steady':>10}{'CPU s/img':>11}")
     rng = np.random.default_rng(0)
     for rule, (field, function) in RULES.items():
         for size_name, size in SIZES.items():
@@ -101,8 +110,10 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as score_dir:
                 records = _records(score_dir, field, count, size, rng)
                 for workers in worker_counts:
-                    overall, steady = _time(records, score_dir, function, workers)
-                    print(f"{rule:<28}{size_name:<16}{workers:>8}{overall:>10.2f}{steady:>10.2f}", flush=True)
+                    overall, steady, cpu = _time(records, score_dir, function, workers)
+                    print(
+                        f"{rule:<28}{size_name:<16}{workers:>8}{overall:>10.2f}{steady:>10.2f}{cpu:>11.3f}", flush=True
+                    )
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ def compute_in_processes(
                 if not in_flight:
                     return
                 done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
+                # Results first: a pool broken by one dead worker fails all its other futures, not the finished ones.
+                for future in sorted(done, key=lambda future: future.exception() is not None):
                     try:
                         result = future.result()
                     except BrokenProcessPool as error:
