@@ -39,7 +39,8 @@ def write_per_image(
     """Computes and writes the outputs of this process's images that have none yet.
 
     Args:
-      source: the split's records (``id`` and whatever ``compute`` reads).
+      source: the split's records (``id`` and whatever ``compute`` reads); with an ``ids()`` method (the split's ids
+        in record order, read without decoding), finished images are skipped without being decoded.
       output_path: ``id -> the file of that image's output``.
       compute: ``records -> (id, result)`` pairs, for the records it is given (in any order, each once); it may
         batch them.
@@ -53,11 +54,21 @@ def write_per_image(
     progress = tqdm(total=len(indices), desc=description, disable=jax.process_index() != 0, dynamic_ncols=True)
     counts = {"written": 0, "skipped_existing": 0}
 
+    # A split that lists its ids without decoding (datasets.DecodedRecords) lets a resumed run skip finished images
+    # without decoding them; listing costs a read of the split, so only when the output folder holds something.
+    output_dir = os.path.dirname(output_path("any"))
+    resuming = os.path.isdir(output_dir) and any(True for _ in os.scandir(output_dir))
+    ids = source.ids() if resuming and hasattr(source, "ids") else None
+
     def pending_records() -> Iterator[dict[str, Any]]:
         for index in indices:
-            record = source[index]
-            if os.path.exists(output_path(record["id"])):
+            if ids is not None and os.path.exists(output_path(ids[index])):
                 counts["skipped_existing"] += 1  # complete from an earlier run
+                progress.update(1)
+                continue
+            record = source[index]
+            if ids is None and os.path.exists(output_path(record["id"])):
+                counts["skipped_existing"] += 1
                 progress.update(1)
                 continue
             yield record

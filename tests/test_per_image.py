@@ -121,3 +121,26 @@ def test_workers_zero_means_the_cores():
     assert per_image.resolve_workers(3) == 3
     with pytest.raises(ValueError, match="workers must be >= 0"):
         per_image.resolve_workers(-1)
+
+
+class _CountingSource(list):
+    """Records that list their ids without decoding and count the records decoded (as datasets.DecodedRecords)."""
+
+    decoded = 0
+
+    def ids(self):
+        return [record["id"] for record in list.__iter__(self)]
+
+    def __getitem__(self, index):
+        self.decoded += 1
+        return list.__getitem__(self, index)
+
+
+def test_a_source_with_ids_is_not_decoded_for_finished_images(tmp_path):
+    source = _CountingSource(_records(6))
+    for index in (1, 4):
+        fileio.write_json(str(tmp_path / f"img{index}.json"), {"square": "old"})
+    computed = []
+    assert _stage(tmp_path, source, computed) == {"written": 4, "skipped_existing": 2}
+    assert source.decoded == 4 and computed == ["img0", "img2", "img3", "img5"]
+    assert fileio.read_json(str(tmp_path / "img1.json")) == {"square": "old"}
