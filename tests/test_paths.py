@@ -16,7 +16,7 @@ from puzzle_jax import labels
 from puzzle_jax.refine import paths
 
 
-def _reference_directions(radius):
+def reference_directions(radius):
     """All (dy, dx) with dy² + dx² < r² in the half-plane dy > 0 or (dy == 0 and dx > 0), in the authors' order."""
     horizontal = [(0, dx) for dx in range(1, radius)]
     lower = [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius) if dy * dy + dx * dx < radius**2]
@@ -32,7 +32,7 @@ def _segment_distance_squared(point, end):
     return (py - t * ey) ** 2 + (px - t * ex) ** 2
 
 
-def _reference_path(direction, radius):
+def reference_path(direction, radius):
     """The grid points closer than 1 to the segment, searched over a box much larger than the path's."""
     return {
         (y, x)
@@ -51,7 +51,7 @@ def test_direction_counts_and_order():
         directions = paths.search_directions(radius)
         # Half of the non-zero points of the open disc: each unordered pixel pair counted once.
         assert len(directions) == (disc - 1) // 2
-        assert [tuple(d) for d in directions.tolist()] == _reference_directions(radius)
+        assert [tuple(d) for d in directions.tolist()] == reference_directions(radius)
     assert len(paths.search_directions(10)) == 152
 
 
@@ -63,7 +63,7 @@ def test_path_offsets_are_the_points_near_the_segment(radius):
     for direction, path in zip(directions.tolist(), offsets):
         points = [tuple(p) for p in path.tolist()]
         assert len(set(points)) == len(points)
-        assert set(points) == _reference_path(tuple(direction), radius)
+        assert set(points) == reference_path(tuple(direction), radius)
         # Far end first: the destination leads, the source closes, and |y| + |x| never increases.
         assert points[0] == tuple(direction) and points[-1] == (0, 0)
         manhattan = [abs(y) + abs(x) for y, x in points]
@@ -86,8 +86,8 @@ def _reference_affinity(edge, radius):
     """Loops over images, sources and directions: 1 - max(edge) over the points near the segment."""
     batch, height, width = edge.shape
     margin = radius - 1
-    directions = _reference_directions(radius)
-    path_points = [sorted(_reference_path(d, radius)) for d in directions]
+    directions = reference_directions(radius)
+    path_points = [sorted(reference_path(d, radius)) for d in directions]
     out = np.zeros((batch, len(directions), height - margin, width - 2 * margin))
     for b in range(batch):
         for i in range(height - margin):
@@ -101,7 +101,7 @@ def _reference_affinity(edge, radius):
 def _reference_pair_labels(label_maps, radius):
     batch, height, width = label_maps.shape
     margin = radius - 1
-    directions = _reference_directions(radius)
+    directions = reference_directions(radius)
     shape = (batch, len(directions), height - margin, width - 2 * margin)
     bg, fg, neg = np.zeros(shape, bool), np.zeros(shape, bool), np.zeros(shape, bool)
     for b in range(batch):
@@ -135,7 +135,7 @@ def test_path_max_affinity_keeps_the_dtype_and_is_differentiable():
     # for random edges).
     expected = np.zeros_like(edge)
     margin = radius - 1
-    path_points = [_reference_path(d, radius) for d in _reference_directions(radius)]
+    path_points = [reference_path(d, radius) for d in reference_directions(radius)]
     for b in range(2):
         for i in range(height - margin):
             for j in range(width - 2 * margin):
@@ -143,6 +143,20 @@ def test_path_max_affinity_keeps_the_dtype_and_is_differentiable():
                     y, x = max(points, key=lambda p: edge[b, i + p[0], j + margin + p[1]])
                     expected[b, i + y, j + margin + x] -= 1
     gradient = jax.grad(lambda e: paths.path_max_affinity(e, radius).sum())(jnp.asarray(edge))
+    np.testing.assert_array_equal(np.asarray(gradient), expected)
+
+
+def test_tied_maxima_send_the_gradient_to_the_far_end():
+    # On a flat map every point of a path holds the maximum; the authors' max_pool2d over paths ordered far end first
+    # sends the gradient to the first of them, the destination.
+    radius, height, width = 5, 8, 12
+    margin = radius - 1
+    expected = np.zeros((1, height, width), np.float32)
+    for i in range(height - margin):
+        for j in range(width - 2 * margin):
+            for dy, dx in reference_directions(radius):
+                expected[0, i + dy, j + margin + dx] -= 1
+    gradient = jax.grad(lambda e: paths.path_max_affinity(e, radius).sum())(jnp.full((1, height, width), 0.5))
     np.testing.assert_array_equal(np.asarray(gradient), expected)
 
 
