@@ -192,4 +192,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.refine.pseudo_crf_iterations = 1
     # Worker processes running the CRF (one image each at a time); 0 = the CPU cores this process may use.
     config.refine.workers = 0
+    # infer_rw: each image (and its flip) is zero-padded to a canvas of this side for AffinityNet, as the authors pad
+    # to 512 x 512 (VOC images are at most 500 px); larger images get the next multiple. The side branches' GroupNorm
+    # takes statistics over the whole canvas, so the edges depend on it: keep the size the network was meant for.
+    config.refine.edge_canvas = 512
+    # infer_rw: radius of the walk's transitions on the stride-4 grid (training uses train_aff.radius, 10).
+    config.refine.rw_radius = 5
+    # infer_rw: exponent of the affinities (A ** beta) before the transition matrix is normalised.
+    config.refine.rw_beta = 10
+    # infer_rw: the CAMs are propagated 2 ** rw_exp_times steps (the authors square the transition matrix this often).
+    config.refine.rw_exp_times = 8
     return config

@@ -67,3 +67,21 @@ def test_part_recall_is_printed_under_the_table_and_summarised_when_the_sweep_ha
     # The sweep-edge warning stays the last line.
     edge = {**_result_with_parts(), "best_threshold": 0.05}
     assert report.format_sweep_table(names, edge).splitlines()[-1].startswith("warning:")
+
+
+def test_the_refinement_chain_reads_each_stage_summary_and_the_walk_at_its_threshold():
+    cam = {"miou": 50.0, "best_threshold": 0.15}
+    walk = {"miou": 60.0, "best_threshold": 0.3, "per_threshold_miou": {"0.3": 60.0, "0.35000000000000003": 58.5}}
+    pseudo = {"miou": 61.25, "miou_ignoring_predicted_void": 63.0}
+    rows = report.refinement_chain(cam, walk, pseudo, rw_threshold=0.35)
+    assert [(step, value) for step, value, _ in rows] == [
+        ("CAM", 50.0), ("+ random walk", 60.0), ("+ random walk", 58.5), ("+ dCRF (pseudo labels)", 61.25)
+    ]
+    table = report.format_chain_table(rows)
+    assert "61.25" in table and "63.00" in table and "at rw_threshold 0.35" in table
+    # A chain without the CAM and walk summaries (stages run in another workdir) has the pseudo labels alone; a
+    # threshold outside the sweep shows as n/a.
+    assert [step for step, _, _ in report.refinement_chain(None, None, pseudo, rw_threshold=0.35)] == [
+        "+ dCRF (pseudo labels)"
+    ]
+    assert "n/a" in report.format_chain_table(report.refinement_chain(cam, walk, pseudo, rw_threshold=0.9))

@@ -151,3 +151,45 @@ def format_label_table(class_names: Sequence[str], result: dict, *, title: str =
     )
     lines.append(f"FP {result['false_positive']:.3f}  FN {result['false_negative']:.3f} (authors' figures)")
     return "\n".join(lines)
+
+
+def refinement_chain(
+    cam_summary: dict | None, walk_summary: dict | None, pseudo_summary: dict, *, rw_threshold: float
+) -> list[tuple[str, float | None, str]]:
+    """The rows of the refinement chain (the paper's Table 2) from the stages' summaries (``eval_cam``, ``infer_rw``,
+    ``pseudo_labels``; None for a stage without one): ``(step, mIoU % or None, how it was scored)``."""
+
+    def at_threshold(summary: dict, threshold: float) -> float | None:
+        for swept, value in summary["per_threshold_miou"].items():
+            if abs(float(swept) - threshold) < 1e-9:
+                return value
+        return None
+
+    rows = []
+    if cam_summary is not None:
+        rows.append(("CAM", cam_summary["miou"], f"best background threshold {cam_summary['best_threshold']:.2f}"))
+    if walk_summary is not None and "miou" in walk_summary:
+        rows.append(
+            ("+ random walk", walk_summary["miou"], f"best background threshold {walk_summary['best_threshold']:.2f}")
+        )
+        rows.append(("+ random walk", at_threshold(walk_summary, rw_threshold), f"at rw_threshold {rw_threshold:.2f}"))
+    if "miou" in pseudo_summary:
+        rows.append(
+            (
+                "+ dCRF (pseudo labels)",
+                pseudo_summary["miou"],
+                f"at rw_threshold {rw_threshold:.2f}; predicted 255 counted as wrong "
+                f"(ignored: {pseudo_summary['miou_ignoring_predicted_void']:.2f}%)",
+            )
+        )
+    return rows
+
+
+def format_chain_table(rows: Sequence[tuple[str, float | None, str]]) -> str:
+    """Formats ``refinement_chain``'s rows: step, mIoU and how it was scored."""
+    width = max([len(step) for step, _, _ in rows] + [4]) + 2
+    lines = ["Refinement chain (mIoU %)", f"{'step':<{width}}{'mIoU':>8}  scored"]
+    for step, value, how in rows:
+        shown = "n/a" if value is None else f"{value:.2f}"
+        lines.append(f"{step:<{width}}{shown:>8}  {how}")
+    return "\n".join(lines)

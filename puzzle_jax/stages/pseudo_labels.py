@@ -4,17 +4,19 @@ Reads ``infer_rw/rw/<id>.npz`` (``rw``) and the split's images; writes ``pseudo_
 channel at ``refine.rw_threshold``, argmax, ``refine.pseudo_crf_iterations`` CRF steps, class ids
 (``refine.cam_labels.pseudo_labels``). The CRF runs in ``refine.workers`` processes; existing PNGs are skipped, so an
 interrupted run resumes. The finished folder is scored against the split's masks: mIoU with pixels predicted as 255
-counted as wrong (VOC devkit) and ignored (ToCo), and the authors' FP / FN.
+counted as wrong (VOC devkit) and ignored (ToCo), and the authors' FP / FN; with the summaries of ``eval_cam`` and
+``infer_rw``, the chain CAM -> random walk -> + dCRF (the paper's Table 2) is printed and summarised as ``chain``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import ml_collections
 
-from puzzle_jax import sharding
+from puzzle_jax import fileio, sharding
 from puzzle_jax.data import datasets
 from puzzle_jax.evaluation import report
 from puzzle_jax.pipeline import Workdir
@@ -68,4 +70,16 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         )
         print(table, flush=True)
         print(f"{scores['images_without_foreground']} image(s) without a foreground class (all background)")
+    if scored:
+        summary["chain"] = report.refinement_chain(
+            _summary_of(workdir, "eval_cam"), _summary_of(workdir, "infer_rw"), summary,
+            rw_threshold=refine.rw_threshold,
+        )
+        if jax.process_index() == 0:
+            print(report.format_chain_table(summary["chain"]), flush=True)
     return summary
+
+
+def _summary_of(workdir: Workdir, stage: str) -> dict | None:
+    path = workdir.summary_path(stage)
+    return fileio.read_json(path) if os.path.exists(path) else None

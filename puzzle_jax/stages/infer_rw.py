@@ -1,0 +1,34 @@
+"""Stage ``infer_rw``: the random walk of ``infer_cam``'s CAMs over ``train_aff``'s class boundaries (spec §8).
+
+Reads ``train_aff/model`` and ``infer_cam/cams/``; writes ``infer_rw/rw/<id>.npz`` (``cam_files``: ``keys``, ``rw``)
+for ``config.infer.split``, atomically and resumably (``rw_inference``). The walk's maps are then scored like CAMs,
+with a background-threshold sweep against the split's ground truth, and printed as a table.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from puzzle_jax import checkpointing, rw_inference
+from puzzle_jax.data import datasets
+from puzzle_jax.evaluation import cam_scoring, miou, report
+from puzzle_jax.pipeline import Workdir
+
+
+def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
+    model, _ = checkpointing.load_exported(workdir.exported_model("train_aff"), family="affinity")
+    source, info = datasets.load_split_from_config(config.data, config.infer.split)
+    counts = rw_inference.write_walks(
+        model, source, workdir.cam_dir(), workdir.random_walk_dir(), config.refine,
+        num_devices=config.mesh.num_devices, images_per_call=config.infer.images_per_call,
+        host_threads=config.infer.host_threads,
+    )
+    class_names = ["background", *info.class_names]
+    result = cam_scoring.sweep_split(
+        source, workdir.random_walk_dir(), num_classes=len(class_names),
+        thresholds=miou.threshold_range(*config.eval.threshold_range), produced_by="infer_rw",
+        show_progress=jax.process_index() == 0, description="infer_rw scores",
+    )
+    print(report.format_sweep_table(class_names, result), flush=True)
+    return {**counts, **report.sweep_summary(class_names, result), "split": config.infer.split}
