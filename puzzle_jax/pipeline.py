@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "infer_cam": "puzzle_jax.stages.infer_cam",
     "eval_cam": "puzzle_jax.stages.eval_cam",
     "aff_labels": "puzzle_jax.stages.aff_labels",
+    "infer_rw": "puzzle_jax.stages.infer_rw",
     "pseudo_labels": "puzzle_jax.stages.pseudo_labels",
 }
 
