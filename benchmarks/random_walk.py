@@ -122,6 +122,13 @@ def _time_squaring(size: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def dense_squarings_to_run(seconds_per_squaring: float, max_seconds: float) -> int:
+    """How many squarings the dense row runs: all if they fit in ``max_seconds``, else one if it fits, else none."""
+    if EXP_TIMES * seconds_per_squaring <= max_seconds:
+        return EXP_TIMES
+    return 1 if seconds_per_squaring <= max_seconds else 0
+
+
 def dense_walk_row(cams: np.ndarray, edge: np.ndarray, device: torch.device, max_seconds: float) -> dict:
     """Times the authors' dense walk of one image (measured or extrapolated, see the module docstring)."""
     vertices = edge.size
@@ -134,9 +141,8 @@ def dense_walk_row(cams: np.ndarray, edge: np.ndarray, device: torch.device, max
     row = {"framework": "torch dense", "probe_seconds_per_squaring": seconds_per_squaring}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runs = seconds_per_squaring <= max_seconds
-    if runs:
-        squarings = EXP_TIMES if EXP_TIMES * seconds_per_squaring <= max_seconds else 1
+    squarings = dense_squarings_to_run(seconds_per_squaring, max_seconds)
+    if squarings:
         edge_tensor = torch.from_numpy(edge).to(device)
         cams_tensor = torch.from_numpy(cams).to(device)
         _synchronize(device)
@@ -162,7 +168,7 @@ def dense_walk_row(cams: np.ndarray, edge: np.ndarray, device: torch.device, max
         del transition
     else:
         seconds, mode = EXP_TIMES * seconds_per_squaring, f"extrapolated: matmul rate ({probe}x{probe} squaring)"
-    if device.type == "cuda" and runs:
+    if device.type == "cuda" and squarings:
         row.update(peak_bytes=torch.cuda.max_memory_allocated(device), memory_source="torch.cuda peak")
         torch.cuda.empty_cache()
     else:
