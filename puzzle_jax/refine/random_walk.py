@@ -23,6 +23,10 @@ between two image pixels leaves the image (a path stays inside the bounding box 
 removes the pairs that leave the image (we also mask them explicitly, not relying on the padding value). ``beta``
 must be positive: with ``beta = 0`` the authors' ``A ** 0`` turns every zero of the dense matrix into 1, a walk over
 all pixel pairs that no stencil reproduces (and that nobody wants).
+
+For the same reason a map padded on the right and bottom with edge 1.0 (to a shape bucket, so that one compilation
+serves many images) walks exactly as the unpadded map on its image pixels, whatever the CAMs hold in the padding:
+a pixel with edge 1 has affinity 0 to every other pixel.
 """
 
 import functools
