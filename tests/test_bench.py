@@ -380,9 +380,9 @@ def test_end_to_end_rate_is_the_median_after_the_skipped_steps(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_followup_script_runs_its_three_parts_and_leaves_their_json(tmp_path):
-    """benchmarks/gpu_followup.sh (the next GPU lease's one call) runs run_gpu.sh, end_to_end.py and
-    memory_estimate.py in turn; here on the CPU at smoke size, with the same script and flags as on the GPU."""
+def test_gpu_followup_script_runs_its_four_parts_and_leaves_their_json(tmp_path):
+    """benchmarks/gpu_followup.sh (the next GPU lease's one call) runs run_gpu.sh, random_walk.py, end_to_end.py
+    and memory_estimate.py in turn; here on the CPU at smoke size, with the same script and flags as on the GPU."""
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     environment.update(
@@ -392,6 +392,7 @@ def test_gpu_followup_script_runs_its_three_parts_and_leaves_their_json(tmp_path
         FOLLOWUP_BENCH_BUDGET_S="150",
         FOLLOWUP_MEMORY_MIN_S="20",
         FOLLOWUP_BENCH_ARGS="--suite smoke --kinds train --frameworks jax",
+        FOLLOWUP_RANDOM_WALK_ARGS="--device cpu --sizes 24x32 --repeats 1",
         FOLLOWUP_END_TO_END_ARGS="--arch resnet_tiny --dtype float32 --crop 64 --rescale-min 48 --rescale-max 96 "
         "--batch 4 --steps 8 --skip-steps 4 --log-every 2 --train-images 8 --workers 0",
         FOLLOWUP_MEMORY_ARGS="--archs resnet_tiny --batch 2 --size 64 --dtypes float32 --remat 0,1",
@@ -403,6 +404,8 @@ def test_gpu_followup_script_runs_its_three_parts_and_leaves_their_json(tmp_path
     assert completed.returncode == 0, completed.stderr[-3000:]
     (row,) = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     assert row["kind"] == "train" and row["status"] == "ok" and row["images_per_second"] > 0
+    stencil, dense = json.loads((tmp_path / "out" / "random_walk.json").read_text())["results"]
+    assert stencil["framework"] == "jax stencil" and dense["mode"] == "measured"
     (result,) = json.loads((tmp_path / "out" / "end_to_end.json").read_text())["results"]
     assert result["records"] == 4 and result["images_per_second"] > 0
     estimates = json.loads((tmp_path / "out" / "memory.json").read_text())["results"]

@@ -128,6 +128,16 @@ def test_batched_walk_equals_one_image_at_a_time():
         np.testing.assert_allclose(np.asarray(batched[index]), np.asarray(single), rtol=1e-6, atol=0)
 
 
+def test_padding_to_a_bucket_with_edge_one_changes_nothing():
+    # Pixels with edge 1 have affinity 0 to everything, and paths between image pixels stay in the image, so a map
+    # padded on the right and bottom with edge 1 (and any CAM value) walks exactly as the unpadded map.
+    cams, edge = _random_inputs(2, 9, 11, seed=5)
+    padded_cams = np.pad(cams, ((0, 0), (0, 3), (0, 5)), constant_values=0.7)
+    padded_edge = np.pad(edge, ((0, 3), (0, 5)), constant_values=1.0)
+    walked = random_walk.propagate_to_edge(jnp.asarray(padded_cams), jnp.asarray(padded_edge))
+    assert _relative_error(walked[:, :9, :11], dense_walk(cams, edge)) <= 1e-5
+
+
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="Expected cams"):
         random_walk.propagate_to_edge(jnp.zeros((2, 5, 7)), jnp.zeros((5, 6)))
