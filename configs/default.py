@@ -170,6 +170,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.infer.host_threads = 0
 
     config.eval = ml_collections.ConfigDict()
+    # Split whose images eval_cam and the refinement stages score against ground truth; "" = infer.split. Its images
+    # must be among infer.split's: the paper runs the chain on train_aug (10,582 images, the labels AffinityNet and
+    # the segmenter learn from) but reports CAM and pseudo-label mIoU on VOC train (1,464, fine masks).
+    config.eval.split = ""
     # Background thresholds swept by eval_cam: start, stop (inclusive) and step (the authors: 0.05..0.75 by 0.05).
     config.eval.threshold_range = (0.05, 0.75, 0.05)
     # Images (spread over the split) drawn in eval_cam/gallery/index.html, worst IoU first; 0 = no gallery.

@@ -98,6 +98,12 @@ class Workdir:
         return os.path.join(self.stage_dir("infer_seg"), "predictions")
 
 
+def scored_split(config: ml_collections.ConfigDict) -> str:
+    """The split whose images the evaluating stages score: ``config.eval.split``, or ``config.infer.split`` when it
+    is empty (the stages compute on ``infer.split``; the scored images must be among its images)."""
+    return config.eval.split or config.infer.split
+
+
 def check_stages(stages: list[str] | tuple[str, ...]) -> list[str]:
     """Validates ``config.stages`` and returns it as a list."""
     if isinstance(stages, str):

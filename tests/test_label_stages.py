@@ -197,3 +197,24 @@ def test_pseudo_labels_with_the_crf_match_the_rule_and_name_infer_rw(tmp_path, d
         contents = cam_files.read_cam_file(cam_files.path_of(workdir.random_walk_dir(), record["id"]), ("rw",))
         want = cam_labels.pseudo_labels(contents["rw"], contents["keys"], record["image"], threshold=0.35, iterations=1)
         np.testing.assert_array_equal(written[record["id"]], want)
+
+
+def test_pseudo_labels_are_scored_on_the_images_of_eval_split(tmp_path, data_dir):
+    """The chain runs on infer.split and is scored on eval.split's images (VOC: train_aug and train); the demo's splits
+    are disjoint, so here the scored images got their labels from an earlier run on their own split."""
+    config = _config(data_dir)
+    workdir = pipeline.Workdir(str(tmp_path / "run"))
+    config.infer.split = "val"
+    validation, _ = _records(config)
+    _write_score_files(workdir.random_walk_dir(), validation, "rw")
+    assert pseudo_labels.run(config, workdir)["num_images"] == len(validation)
+    config.infer.split, config.eval.split = "train", "val"
+    training, _ = _records(config)
+    _write_score_files(workdir.random_walk_dir(), training, "rw")
+    summary = pseudo_labels.run(config, workdir)
+    assert (summary["written"], summary["num_images"]) == (NUM_IMAGES, len(validation))
+    assert (summary["split"], summary["scored_split"]) == ("train", "val")
+    # Scored images without labels (not among infer.split's) are named.
+    os.remove(os.path.join(workdir.pseudo_label_dir(), f"{validation[0]['id']}.png"))
+    with pytest.raises(FileNotFoundError, match=rf"1 of the 2 .*{validation[0]['id']}\.png.*eval\.split"):
+        pseudo_labels.run(config, workdir)

@@ -95,7 +95,7 @@ def score_label_folder(
     """Scores the label PNGs of a split against its masks, in one pass.
 
     Args:
-      source: the split's records (``id``, ``mask``: 255 where there is no ground truth).
+      source: the split's records (``id``, ``mask``: 255 where there is no ground truth) (with ``ids()``, read without decoding).
       label_dir: the label PNGs (one per image).
       score_dir: the score files they were made from (their keys tell which images have no foreground class).
       num_classes: classes including background.
@@ -108,8 +108,17 @@ def score_label_folder(
 
     Raises:
       ValueError: a label PNG whose size differs from its mask (both named), or with values that are not a class.
-      labels.BadExampleError: a missing or unreadable label PNG.
+      FileNotFoundError: some images have no label PNG (the count and the first are named).
+      labels.BadExampleError: an unreadable label PNG.
     """
+    ids = source.ids() if hasattr(source, "ids") else [record["id"] for record in source]
+    missing = [image_id for image_id in ids if not os.path.exists(label_path(label_dir, image_id))]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(source)} images to score have no label map in {label_dir} (first: "
+            f"{label_path(label_dir, missing[0])}): the scored images (config.eval.split) must be among the images "
+            "the labels were made for (config.infer.split)."
+        )
     confusion = np.zeros((num_classes, num_classes + 1), np.int64)
     void_pixels = pixels = without_foreground = 0
     for record in tqdm(source, desc=description, disable=not show_progress, dynamic_ncols=True):

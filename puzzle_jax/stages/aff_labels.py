@@ -4,7 +4,8 @@ Reads ``infer_cam/cams/<id>.npz`` (``hr_cam``) and the split's images; writes ``
 ids where the CAMs are confident (foreground above ``refine.aff_fg_threshold``, background below
 ``refine.aff_bg_threshold``, each refined by ``refine.aff_crf_iterations`` CRF steps), 255 between
 (``refine.cam_labels.affinity_labels``). The CRF runs in ``refine.workers`` processes; existing PNGs are skipped, so
-an interrupted run resumes. The finished folder is scored against the split's masks: precision of the confident
+an interrupted run resumes. The finished folder is scored against the masks of
+``config.eval.split``'s images (default: ``infer.split``): precision of the confident
 pixels, recall, per class, the share of 255 and the images without a foreground class.
 """
 
@@ -17,7 +18,7 @@ import ml_collections
 
 from puzzle_jax import sharding
 from puzzle_jax.data import datasets
-from puzzle_jax.pipeline import Workdir
+from puzzle_jax.pipeline import Workdir, scored_split
 from puzzle_jax.refine import cam_labels, label_folders
 
 
@@ -41,8 +42,9 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     )
     # Every process's share must be written before the folder is scored.
     sharding.wait_for_all_processes("puzzle_jax aff_labels written")
+    scored, _ = datasets.load_split_from_config(config.data, scored_split(config), field="eval.split")
     scores = label_folders.score_label_folder(
-        source,
+        scored,
         label_dir=label_dir,
         score_dir=workdir.cam_dir(),
         num_classes=info.num_classes + 1,
@@ -58,6 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         "label_dir": label_dir,
         **counts,
         "split": config.infer.split,
+        "scored_split": scored_split(config),
         "images": scores["images"],
         "images_without_foreground": scores["images_without_foreground"],
         "void_share": void_share,

@@ -1,4 +1,5 @@
-"""Stage ``eval_cam``: CAM mIoU of ``infer_cam``'s outputs with a background-threshold sweep (spec §6).
+"""Stage ``eval_cam``: CAM mIoU of ``infer_cam``'s outputs with a background-threshold sweep (spec §6), on the
+images of ``config.eval.split`` (default: ``infer.split``).
 
 One confusion matrix per threshold over the whole split (every class including background, GT 255 ignored); the
 best threshold's mIoU, its per-class IoU and the whole sweep go to the summary and are printed as a table, with,
@@ -16,12 +17,13 @@ import ml_collections
 
 from puzzle_jax.data import datasets
 from puzzle_jax.evaluation import cam_scoring, miou, report
-from puzzle_jax.pipeline import Workdir
+from puzzle_jax.pipeline import Workdir, scored_split
 from puzzle_jax.viz import gallery
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
-    source, info = datasets.load_split_from_config(config.data, config.infer.split)
+    split = scored_split(config)
+    source, info = datasets.load_split_from_config(config.data, split, field="eval.split")
     class_names = ["background", *info.class_names]
     thresholds = miou.threshold_range(*config.eval.threshold_range)
     result = cam_scoring.sweep_split(
@@ -37,13 +39,13 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         gallery_path = gallery.write_cam_gallery(
             workdir.gallery_dir("eval_cam"), source, workdir.cam_dir(), count=config.eval.gallery_images,
             class_names=info.class_names, threshold=result["best_threshold"],
-            title=f"CAMs of {workdir.root} ({config.infer.split}, threshold {result['best_threshold']:.2f})",
+            title=f"CAMs of {workdir.root} ({split}, threshold {result['best_threshold']:.2f})",
             run_name=os.path.basename(workdir.root), compare_dir=compare and compare.cam_dir(),
             compare_name=compare and os.path.basename(compare.root),
         )
         print(f"CAM gallery (worst image first): {gallery_path}", flush=True)
     return {
         **report.sweep_summary(class_names, result),
-        "split": config.infer.split,
+        "split": split,
         "gallery": gallery_path,
     }

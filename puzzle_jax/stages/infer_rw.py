@@ -2,7 +2,7 @@
 
 Reads ``train_aff/model`` and ``infer_cam/cams/``; writes ``infer_rw/rw/<id>.npz`` (``cam_files``: ``keys``, ``rw``)
 for ``config.infer.split``, atomically and resumably (``rw_inference``). The walk's maps are then scored like CAMs,
-with a background-threshold sweep against the split's ground truth, and printed as a table.
+with a background-threshold sweep against the ground truth of ``config.eval.split``, and printed as a table.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import ml_collections
 from puzzle_jax import checkpointing, rw_inference
 from puzzle_jax.data import datasets
 from puzzle_jax.evaluation import cam_scoring, miou, report
-from puzzle_jax.pipeline import Workdir
+from puzzle_jax.pipeline import Workdir, scored_split
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
@@ -25,10 +25,12 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         host_threads=config.infer.host_threads,
     )
     class_names = ["background", *info.class_names]
+    scored, _ = datasets.load_split_from_config(config.data, scored_split(config), field="eval.split")
     result = cam_scoring.sweep_split(
-        source, workdir.random_walk_dir(), num_classes=len(class_names),
+        scored, workdir.random_walk_dir(), num_classes=len(class_names),
         thresholds=miou.threshold_range(*config.eval.threshold_range), produced_by="infer_rw",
         show_progress=jax.process_index() == 0, description="infer_rw scores",
     )
     print(report.format_sweep_table(class_names, result), flush=True)
-    return {**counts, **report.sweep_summary(class_names, result), "split": config.infer.split}
+    summary = report.sweep_summary(class_names, result)
+    return {**counts, **summary, "split": config.infer.split, "scored_split": scored_split(config)}

@@ -3,7 +3,8 @@
 Reads ``infer_rw/rw/<id>.npz`` (``rw``) and the split's images; writes ``pseudo_labels/labels/<id>.png``: a background
 channel at ``refine.rw_threshold``, argmax, ``refine.pseudo_crf_iterations`` CRF steps, class ids
 (``refine.cam_labels.pseudo_labels``). The CRF runs in ``refine.workers`` processes; existing PNGs are skipped, so an
-interrupted run resumes. The finished folder is scored against the split's masks: mIoU with pixels predicted as 255
+interrupted run resumes. The finished folder is scored against the masks of
+``config.eval.split``'s images (default: ``infer.split``): mIoU with pixels predicted as 255
 counted as wrong (VOC devkit) and ignored (ToCo), and the authors' FP / FN; with the summaries of ``eval_cam`` and
 ``infer_rw``, the chain CAM -> random walk -> + dCRF (the paper's Table 2) is printed and summarised as ``chain``.
 """
@@ -19,7 +20,7 @@ import ml_collections
 from puzzle_jax import fileio, sharding
 from puzzle_jax.data import datasets
 from puzzle_jax.evaluation import report
-from puzzle_jax.pipeline import Workdir
+from puzzle_jax.pipeline import Workdir, scored_split
 from puzzle_jax.refine import cam_labels, label_folders
 
 
@@ -40,8 +41,9 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     )
     # Every process's share must be written before the folder is scored.
     sharding.wait_for_all_processes("puzzle_jax pseudo_labels written")
+    scored, _ = datasets.load_split_from_config(config.data, scored_split(config), field="eval.split")
     scores = label_folders.score_label_folder(
-        source,
+        scored,
         label_dir=label_dir,
         score_dir=workdir.random_walk_dir(),
         num_classes=info.num_classes + 1,
@@ -52,6 +54,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         "label_dir": label_dir,
         **counts,
         "split": config.infer.split,
+        "scored_split": scored_split(config),
         "images_without_foreground": scores["images_without_foreground"],
         "threshold": refine.rw_threshold,
         "crf_iterations": refine.pseudo_crf_iterations,
