@@ -566,8 +566,8 @@ def write_chain_gallery(
         views = []
         for step in steps:
             path = step.path_of(image_id)
-            labels = step.read(path, ground_truth.shape) if os.path.exists(path) else None
-            views.append(None if labels is None else _step_view(labels, ground_truth, len(class_names) + 1))
+            label_map = step.read(path, ground_truth.shape) if os.path.exists(path) else None
+            views.append(None if label_map is None else _step_view(label_map, ground_truth, len(class_names) + 1))
         rows.append(_ChainRow(image_id, _claim_stem(stems, image_id), record, views))
     rows.sort(key=_ChainRow.sort_key)
     sections = [_chain_section(output_dir, rank, row, steps, class_names) for rank, row in enumerate(rows, start=1)]
