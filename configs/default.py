@@ -176,7 +176,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.split = ""
     # Background thresholds swept by eval_cam: start, stop (inclusive) and step (the authors: 0.05..0.75 by 0.05).
     config.eval.threshold_range = (0.05, 0.75, 0.05)
-    # Images (spread over the split) drawn in eval_cam/gallery/index.html, worst IoU first; 0 = no gallery.
+    # Images (spread over the split) drawn in eval_cam/gallery/ and pseudo_labels/gallery/ (the refinement chain),
+    # worst IoU first; 0 = no galleries.
     config.eval.gallery_images = 24
     # Another workdir whose CAMs are shown beside these in the gallery (e.g. the plain-CAM run); "" = none.
     config.eval.compare_workdir = ""

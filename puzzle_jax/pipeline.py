@@ -38,7 +38,8 @@ class Workdir:
     * ``infer_cam/cams/<id>.npz``: the CAM files (``cam_files``), scored by ``eval_cam``, which draws
       ``eval_cam/gallery/``;
     * the refinement and segmentation stages' folders: ``aff_labels/labels/``, ``infer_rw/rw/``,
-      ``pseudo_labels/labels/`` (label PNGs or CAM-format files, one per image) and ``infer_seg/predictions/``.
+      ``pseudo_labels/labels/`` (label PNGs or CAM-format files, one per image) and ``infer_seg/predictions/``;
+      ``pseudo_labels`` draws the refinement chain's ``pseudo_labels/gallery/``.
     """
 
     def __init__(self, root: str):

@@ -7,12 +7,15 @@ interrupted run resumes. The finished folder is scored against the masks of
 ``config.eval.split``'s images (default: ``infer.split``): mIoU with pixels predicted as 255
 counted as wrong (VOC devkit) and ignored (ToCo), and the authors' FP / FN; with the summaries of ``eval_cam`` and
 ``infer_rw``, the chain CAM -> random walk -> + dCRF (the paper's Table 2) is printed and summarised as ``chain``.
+``pseudo_labels/gallery/index.html`` draws ``eval.gallery_images`` images with each step of the chain beside the ground
+truth (CAM labels at ``eval_cam``'s best threshold, else at ``refine.aff_fg_threshold``), worst pseudo labels first.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -22,6 +25,7 @@ from puzzle_jax.data import datasets
 from puzzle_jax.evaluation import report
 from puzzle_jax.pipeline import Workdir, scored_split
 from puzzle_jax.refine import cam_labels, label_folders
+from puzzle_jax.viz import gallery
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
@@ -75,12 +79,39 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         print(f"{scores['images_without_foreground']} image(s) without a foreground class (all background)")
     if scored:
         summary["chain"] = report.refinement_chain(
-            _summary_of(workdir, "eval_cam"), _summary_of(workdir, "infer_rw"), summary,
+            _summary_of(workdir, "eval_cam"),
+            _summary_of(workdir, "infer_rw"),
+            summary,
             rw_threshold=refine.rw_threshold,
         )
         if jax.process_index() == 0:
             print(report.format_chain_table(summary["chain"]), flush=True)
+    summary["gallery"] = None
+    if config.eval.gallery_images > 0 and jax.process_index() == 0:
+        summary["gallery"] = _write_gallery(config, workdir, source, info.class_names)
+        print(f"Refinement chain gallery (worst pseudo labels first): {summary['gallery']}", flush=True)
     return summary
+
+
+def _write_gallery(
+    config: ml_collections.ConfigDict, workdir: Workdir, source: Sequence[dict], class_names: Sequence[str]
+) -> str:
+    cam_summary = _summary_of(workdir, "eval_cam")
+    # Without eval_cam's best threshold, the affinity labels' confident-foreground one is the CAM threshold at hand.
+    cam_threshold = cam_summary["best_threshold"] if cam_summary else config.refine.aff_fg_threshold
+    return gallery.write_chain_gallery(
+        workdir.gallery_dir("pseudo_labels"),
+        source,
+        count=config.eval.gallery_images,
+        class_names=class_names,
+        cam_dir=workdir.cam_dir(),
+        cam_threshold=cam_threshold,
+        affinity_label_dir=workdir.affinity_label_dir(),
+        random_walk_dir=workdir.random_walk_dir(),
+        rw_threshold=config.refine.rw_threshold,
+        pseudo_label_dir=workdir.pseudo_label_dir(),
+        title=f"Refinement chain of {workdir.root} ({config.infer.split})",
+    )
 
 
 def _summary_of(workdir: Workdir, stage: str) -> dict | None:
