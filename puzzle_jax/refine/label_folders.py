@@ -95,7 +95,7 @@ def score_label_folder(
     """Scores the label PNGs of a split against its masks, in one pass.
 
     Args:
-      source: the split's records (``id``, ``mask``: 255 where there is no ground truth) (with ``ids()``, read without decoding).
+      source: the split's records (``id``, ``mask``: 255 where there is no ground truth); ``ids()`` where it has it.
       label_dir: the label PNGs (one per image).
       score_dir: the score files they were made from (their keys tell which images have no foreground class).
       num_classes: classes including background.
