@@ -45,9 +45,9 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     )
     # Every process's share must be written before the folder is scored.
     sharding.wait_for_all_processes("puzzle_jax pseudo_labels written")
-    scored, _ = datasets.load_split_from_config(config.data, scored_split(config), field="eval.split")
+    scored_records, _ = datasets.load_split_from_config(config.data, scored_split(config), field="eval.split")
     scores = label_folders.score_label_folder(
-        scored,
+        scored_records,
         label_dir=label_dir,
         score_dir=workdir.random_walk_dir(),
         num_classes=info.num_classes + 1,
@@ -88,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
             print(report.format_chain_table(summary["chain"]), flush=True)
     summary["gallery"] = None
     if config.eval.gallery_images > 0 and jax.process_index() == 0:
-        summary["gallery"] = _write_gallery(config, workdir, source, info.class_names)
+        summary["gallery"] = _write_gallery(config, workdir, scored_records, info.class_names)
         print(f"Refinement chain gallery (worst pseudo labels first): {summary['gallery']}", flush=True)
     return summary
 
@@ -110,7 +110,7 @@ def _write_gallery(
         random_walk_dir=workdir.random_walk_dir(),
         rw_threshold=config.refine.rw_threshold,
         pseudo_label_dir=workdir.pseudo_label_dir(),
-        title=f"Refinement chain of {workdir.root} ({config.infer.split})",
+        title=f"Refinement chain of {workdir.root} ({scored_split(config)})",
     )
 
 
