@@ -196,7 +196,9 @@ class Classifier(nn.Module):
         self.num_classes = num_classes
         nn.init.kaiming_normal_(self.classifier.weight)
 
-    def forward(self, images: torch.Tensor, with_cam: bool = True) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, with_cam: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """``(logits, class maps)``, or the logits alone without ``with_cam``.
 
         ``with_cam`` defaults to True here (their default is False): it is how every Puzzle-CAM script of theirs

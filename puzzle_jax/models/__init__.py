@@ -72,7 +72,9 @@ def _check_arguments(arch: str, output_stride: int, bn_mode: str, bn_group_size:
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     if bn_mode == "per_replica" and (not isinstance(bn_group_size, int) or bn_group_size < 1):
-        raise ValueError(f"bn_group_size must be a positive int when bn_mode='per_replica', got {bn_group_size!r}")
+        raise ValueError(
+            f"bn_group_size must be a positive int when bn_mode='per_replica', got {bn_group_size!r}"
+        )
 
 
 def create_backbone(

@@ -210,7 +210,9 @@ class BatchNorm(nnx.Module):
         if mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {mode!r}")
         if mode == "per_replica" and (group_size is None or group_size < 1):
-            raise ValueError(f"bn_group_size must be a positive int when bn_mode='per_replica', got {group_size!r}")
+            raise ValueError(
+                f"bn_group_size must be a positive int when bn_mode='per_replica', got {group_size!r}"
+            )
         self.num_features = num_features
         self.mode = mode
         self.group_size = group_size if mode == "per_replica" else None
@@ -252,7 +254,8 @@ class BatchNorm(nnx.Module):
             batch = x.shape[0]
             if batch % self.group_size:
                 raise ValueError(
-                    f"per_replica BatchNorm: batch size {batch} is not a multiple of bn_group_size={self.group_size}"
+                    f"per_replica BatchNorm: batch size {batch} is not a multiple of "
+                    f"bn_group_size={self.group_size}"
                 )
             groups = x.reshape((batch // self.group_size, self.group_size) + x.shape[1:])
         # Axes of one group: images and all spatial positions, i.e. everything but the group and the channels.
@@ -404,7 +407,9 @@ class AvgPool2d(nnx.Module):
         self.count_include_pad = count_include_pad
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+        return avg_pool2d(
+            x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad
+        )
 
 
 def apply_sequential(layers: nnx.List, x: jax.Array) -> jax.Array:

@@ -79,7 +79,9 @@ class SplitAttentionConv(nnx.Module):
         self.bn0 = layers.BatchNorm(channels * radix, **bn_kwargs)
         self.fc1 = layers.Conv2d(channels, inter_features, 1, use_bias=True, dtype=dtype, rngs=rngs)
         self.bn1 = layers.BatchNorm(inter_features, **bn_kwargs)
-        self.fc2 = layers.Conv2d(inter_features, channels * radix, 1, use_bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = layers.Conv2d(
+            inter_features, channels * radix, 1, use_bias=True, dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jax.nn.relu(self.bn0(self.conv(x)))
