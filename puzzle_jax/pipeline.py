@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "train_cam": "puzzle_jax.stages.train_cam",
     "infer_cam": "puzzle_jax.stages.infer_cam",
     "eval_cam": "puzzle_jax.stages.eval_cam",
+    "train_aff": "puzzle_jax.stages.train_aff",
 }
 
 
