@@ -3,6 +3,7 @@
 Owns the PyTorch side of every comparison with the authors' code (shjo-april/PuzzleCAM): their backbones, built
 from the official ``resnest`` 0.0.5 package (the code the authors vendored) for every output stride, their
 ``Classifier`` (``core/networks.py``) with the ``stage1``..``stage5`` aliases of their checkpoints, their
+``AffinityNet`` edge branch (``core/networks.py``, IRNet's boundary branch), their
 ``tile_features``/``merge_features`` (``core/puzzle_utils.py``), ``make_cam`` and the L1/L2 maps
 (``tools/ai/torch_utils.py``), their ``PolyOptimizer`` and parameter groups, and one iteration of
 ``train_classification_with_puzzle.py``. ``benchmarks/bench.py`` times it next to our JAX step;
@@ -217,6 +218,84 @@ def create_classifier(arch: str, num_classes: int = 20, output_stride: int = 16)
 
 
 # --------------------------------------------------------------------------------------------------
+# AffinityNet
+# --------------------------------------------------------------------------------------------------
+
+
+def authors_edge1_features(arch: str) -> int:
+    """Their rule for ``fc_edge1``'s input channels: 64 if "50" is in the architecture name, otherwise 128 (right
+    for ResNet-50 and the ResNeSts, whose stem is 64 channels wide in ResNeSt-50 and 128 in the deeper ones; wrong for
+    ResNet-101, whose stage1 has 64)."""
+    return 64 if "50" in arch else 128
+
+
+def _edge_branch(in_features: int, upsampling: int) -> nn.Sequential:
+    layers = [nn.Conv2d(in_features, 32, 1, bias=False), nn.GroupNorm(4, 32)]
+    if upsampling > 1:
+        layers.append(nn.Upsample(scale_factor=upsampling, mode="bilinear", align_corners=False))
+    layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class AffinityNet(nn.Module):
+    """Their ``AffinityNet`` (``core/networks.py``) without the path index: the edge logits of ``forward``.
+
+    The backbone is ``model`` with ``stage1``..``stage5`` views of its parts, in their ``fix`` BatchNorm mode
+    (running statistics: kept in eval mode whatever ``train()`` says, as their ``train`` override does), its stage
+    outputs detached. ``fc_edge1``..``fc_edge5``: 1x1 conv (no bias) -> GroupNorm(4, 32) -> [bilinear upsample x2
+    for stage3, x4 for stage4 and stage5] -> ReLU; each cropped to ``fc_edge2``'s size, concatenated, and
+    ``fc_edge6`` (1x1 conv with bias) gives one logit. Their layers keep torch's default initialisation.
+
+    Args:
+      backbone: a network of ``create_backbone`` (or ``resnet(..., base_width=...)``) at output stride 16.
+      edge1_features: ``fc_edge1``'s input channels; their rule is ``authors_edge1_features(arch)``.
+    """
+
+    def __init__(self, backbone: ResNet, edge1_features: int):
+        super().__init__()
+        # Stage channels: 256, 512, 1024, 2048 for every network of theirs; narrower for a narrow test ResNet.
+        stage5 = backbone.fc.in_features
+        self.model = backbone
+        del self.model.avgpool
+        del self.model.fc
+        self.stage1 = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
+        self.stage2 = nn.Sequential(backbone.layer1)
+        self.stage3 = nn.Sequential(backbone.layer2)
+        self.stage4 = nn.Sequential(backbone.layer3)
+        self.stage5 = nn.Sequential(backbone.layer4)
+        self.fc_edge1 = _edge_branch(edge1_features, 1)
+        self.fc_edge2 = _edge_branch(stage5 // 8, 1)
+        self.fc_edge3 = _edge_branch(stage5 // 4, 2)
+        self.fc_edge4 = _edge_branch(stage5 // 2, 4)
+        self.fc_edge5 = _edge_branch(stage5, 4)
+        self.fc_edge6 = nn.Conv2d(160, 1, 1, bias=True)
+        self.backbone = nn.ModuleList([self.stage1, self.stage2, self.stage3, self.stage4, self.stage5])
+        self.edge_layers = nn.ModuleList(
+            [self.fc_edge1, self.fc_edge2, self.fc_edge3, self.fc_edge4, self.fc_edge5, self.fc_edge6]
+        )
+
+    def train(self, mode: bool = True) -> AffinityNet:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, ceil(H / 4), ceil(W / 4)) edge logits of NCHW normalised images."""
+        x1 = self.stage1(images).detach()
+        x2 = self.stage2(x1).detach()
+        x3 = self.stage3(x2).detach()
+        x4 = self.stage4(x3).detach()
+        x5 = self.stage5(x4).detach()
+        edge1 = self.fc_edge1(x1)
+        edge2 = self.fc_edge2(x2)
+        height, width = edge2.size(2), edge2.size(3)
+        edge3 = self.fc_edge3(x3)[..., :height, :width]
+        edge4 = self.fc_edge4(x4)[..., :height, :width]
+        edge5 = self.fc_edge5(x5)[..., :height, :width]
+        return self.fc_edge6(torch.cat([edge1, edge2, edge3, edge4, edge5], dim=1))
+
+
+# --------------------------------------------------------------------------------------------------
 # Puzzle module and losses
 # --------------------------------------------------------------------------------------------------
 
@@ -226,11 +305,7 @@ def tile_features(features: torch.Tensor, grid: int) -> torch.Tensor:
     ([all top-left, all top-right, ..., all bottom-right]). Their argument is ``num_pieces = grid ** 2``; height and
     width must be multiples of ``grid`` (their crops are)."""
     height, width = features.shape[2] // grid, features.shape[3] // grid
-    pieces = [
-        piece
-        for row in torch.split(features, height, dim=2)
-        for piece in torch.split(row, width, dim=3)
-    ]
+    pieces = [piece for row in torch.split(features, height, dim=2) for piece in torch.split(row, width, dim=3)]
     return torch.cat(pieces, dim=0)
 
 
@@ -478,4 +553,3 @@ def create_puzzle_train_step(
         return {name: value.detach() if torch.is_tensor(value) else value for name, value in metrics.items()}
 
     return train_step
-

@@ -2,7 +2,7 @@
 
 Every other config imports this one and overrides fields. Override any field on the command line with
 ``--config.section.field=value``. Each training stage has a section of the same shape (``training_section``):
-``config.pretrain`` and ``config.train_cam``; no stage reads another stage's section.
+``config.pretrain``, ``config.train_cam`` and ``config.train_aff``; no stage reads another stage's section.
 """
 
 import ml_collections
@@ -152,6 +152,17 @@ def get_config() -> ml_collections.ConfigDict:
         rescale_range=(320, 640),
         validation_split="val",
     )
+
+    # The train_aff stage: AffinityNet's edge branches (spec §8) on a frozen backbone, the authors' recipe: batch 32,
+    # 3 epochs, lr 0.1 (one group: the edge layers; the backbone gets no update), wd 1e-4, crop 512 after a random
+    # long-side rescale to 320-640. Its split must be the split aff_labels labelled (config.infer.split); the
+    # authors: train_aug. init_from: ImageNet weights (--config.train_aff.init_from=weights/<arch>), NOT the
+    # Puzzle-CAM classifier; "" = a random backbone.
+    config.train_aff = training_section(
+        split="train_aug", batch_size=32, epochs=3, learning_rate=0.1, crop_size=512, rescale_range=(320, 640)
+    )
+    # Search radius of the labelled pixel pairs on the stride-4 grid (the authors' 10; the random walk uses 5).
+    config.train_aff.radius = 10
 
     config.infer = ml_collections.ConfigDict()
     # Split whose CAMs are computed and evaluated (the paper reports CAM mIoU on VOC train, 1,464 images).

@@ -55,6 +55,23 @@ def get_config():
     # A checkpoint every 100 steps.
     config.train_cam.checkpoint_every_steps = 100
 
+    # AffinityNet on the demo's 600 "train" images (the split infer_cam and aff_labels label), its frozen backbone from
+    # this workdir's pretrain export (the stand-in for ImageNet weights, as the authors use those and not the
+    # Puzzle-CAM classifier); the crop and rescale range scaled as pretrain's, batch 16 on one CPU, the paper's lr.
+    config.train_aff = default.training_section(
+        split="train",
+        batch_size=16,
+        epochs=3,
+        learning_rate=0.1,
+        crop_size=128,
+        rescale_range=(96, 160),
+        init_from="pretrain",
+    )
+    # The authors' radius, on the 32 x 32 label grid of a 128 crop.
+    config.train_aff.radius = 10
+    # A checkpoint every 100 steps.
+    config.train_aff.checkpoint_every_steps = 100
+
     # The paper's inference scales with flip; larger padding buckets mean fewer XLA compilations.
     config.infer.pad_multiple = 64
     return config

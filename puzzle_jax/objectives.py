@@ -7,6 +7,8 @@ and tests build the exact step the stages train with. The tasks (``puzzle_jax.ta
 * ``batch_images``: the normalised images of a loader batch (uint8 crops + boxes, normalised on the device).
 * ``create_classification_objective``: multi-label classification (the ``pretrain`` stage).
 * ``create_puzzle_objective``: Puzzle-CAM (spec §3; the ``train_cam`` stage).
+* ``affinity_loss`` / ``create_affinity_objective``: AffinityNet's pair loss on path-max affinities (spec §8; the
+  ``train_aff`` stage).
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from puzzle_jax import losses, puzzle, training
 from puzzle_jax.data import transforms
+from puzzle_jax.refine import paths
 
 CAM_LEVELS = ("feature", "cam")
+# The authors' epsilon inside the affinity loss's logarithms and added to its pair counts (an empty class of pairs
+# contributes 0, not NaN).
+AFFINITY_EPSILON = 1e-5
 
 
 def batch_images(batch: dict[str, jax.Array]) -> jax.Array:
@@ -99,5 +106,97 @@ def create_puzzle_objective(cam: Any, total_steps: int, output_stride: int) -> t
                 loss = loss + alpha * reconstruction
                 metrics.update(reconstruction_loss=reconstruction, alpha=alpha)
         return loss, metrics
+
+    return compute_loss
+
+
+def affinity_loss(
+    affinities: jax.Array, bg_positive: jax.Array, fg_positive: jax.Array, negative: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The authors' AffinityNet loss (spec §8) on affinities and pair masks of any one shape (summed over the batch).
+
+    ``pos = -log(aff + eps)`` averaged over the background pairs and over the foreground pairs separately (each sum
+    divided by its pair count + eps) and combined as 1/2 bg + 1/2 fg; ``neg = -log(1 + eps - aff)`` averaged over
+    the negative pairs the same way; total ``1/2 (pos + neg)``.
+
+    Returns:
+      ``(loss, metrics)``: the metrics are the three terms (``bg_positive_loss``, ``fg_positive_loss``,
+      ``negative_loss``) and the pair counts of the batch (``*_pairs``).
+    """
+    affinities = _loss_precision(affinities)
+    positive = -jnp.log(affinities + AFFINITY_EPSILON)
+    negative_term = -jnp.log(1.0 + AFFINITY_EPSILON - affinities)
+    counts = {
+        name: jnp.sum(mask.astype(affinities.dtype))
+        for name, mask in (("bg_positive", bg_positive), ("fg_positive", fg_positive), ("negative", negative))
+    }
+
+    def mean_over(mask, values, count):
+        return jnp.sum(jnp.where(mask, values, 0.0)) / (count + AFFINITY_EPSILON)
+
+    bg_loss = mean_over(bg_positive, positive, counts["bg_positive"])
+    fg_loss = mean_over(fg_positive, positive, counts["fg_positive"])
+    negative_loss = mean_over(negative, negative_term, counts["negative"])
+    loss = (bg_loss / 2 + fg_loss / 2 + negative_loss) / 2
+    metrics = {
+        "bg_positive_loss": bg_loss,
+        "fg_positive_loss": fg_loss,
+        "negative_loss": negative_loss,
+        **{f"{name}_pairs": count for name, count in counts.items()},
+    }
+    return loss, metrics
+
+
+def path_max_affinity_by_gather(edge: jax.Array, radius: int) -> jax.Array:
+    """``paths.path_max_affinity`` (the same values, layout and geometry: ``paths.path_offsets`` and
+    ``paths.source_window``) computed as one gather and one max, for training.
+
+    ``paths.path_max_affinity`` chains one slice and one maximum per path point (about 1,500 at radius 10); under
+    ``jax.grad`` XLA takes minutes to compile that on a CPU (80 s at radius 5). Here every path is padded to the longest
+    with its destination (the maximum is unchanged), the edge values of all (direction, path point, source) triples
+    are gathered from the flattened map at once, (B, D, L, Hs, Ws), and reduced over the path: seconds to compile, the
+    backward one scatter-add. At ties the gradient is shared among the tied points (the slice chain's is too).
+
+    Args:
+      edge: ``(B, H, W)`` edge probabilities.
+      radius: the search radius.
+
+    Returns:
+      ``(B, D, Hs, Ws)`` affinities, as ``paths.path_max_affinity``.
+    """
+    if edge.ndim != 3:
+        raise ValueError(f"edge must be (B, H, W), got shape {tuple(edge.shape)}.")
+    batch, height, width = edge.shape
+    rows, cols = paths.source_window(height, width, radius)
+    offsets = paths.path_offsets(radius)
+    longest = max(len(path) for path in offsets)
+    padded = np.stack([np.concatenate([path, np.repeat(path[:1], longest - len(path), axis=0)]) for path in offsets])
+    # Index arithmetic inside the trace (iota + broadcast), not a (D, L, Hs, Ws) constant embedded in the program.
+    source_rows = jnp.arange(rows.start, rows.stop)[None, None, :, None]
+    source_cols = jnp.arange(cols.start, cols.stop)[None, None, None, :]
+    flat_index = (source_rows + padded[:, :, 0, None, None]) * width + source_cols + padded[:, :, 1, None, None]
+    gathered = edge.reshape(batch, height * width)[:, flat_index]
+    return 1 - jnp.max(gathered, axis=2)
+
+
+def create_affinity_objective(radius: int = 10) -> training.LossFunction:
+    """AffinityNet's objective (spec §8): edge = sigmoid(model logits), affinities = one minus the largest edge
+    value on the path of every pair within ``radius`` (``paths.path_max_affinity``'s values, computed by
+    ``path_max_affinity_by_gather``), the pairs labelled from the
+    batch's stride-4 label maps ``batch["mask"]`` (``paths.pair_labels``: 255 ends are ignored), then
+    ``affinity_loss``."""
+
+    def compute_loss(model, batch, step):
+        del step
+        logits = _loss_precision(model(batch_images(batch)))
+        label_maps = batch["mask"]
+        if logits.shape != label_maps.shape:
+            raise ValueError(
+                f"The edge map {tuple(logits.shape)} and the label maps {tuple(label_maps.shape)} differ: the labels "
+                "must be reduced to the network's stride-4 grid (input_pipeline.AffinityAugmentation)."
+            )
+        affinities = path_max_affinity_by_gather(jax.nn.sigmoid(logits), radius)
+        bg_positive, fg_positive, negative = paths.pair_labels(label_maps.astype(jnp.int32), radius)
+        return affinity_loss(affinities, bg_positive, fg_positive, negative)
 
     return compute_loss

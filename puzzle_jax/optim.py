@@ -34,6 +34,10 @@ Nesterov, and ``param -= lr_g(step) * d`` where
 ``total_steps`` the learning rate stays 0 (the base is clipped at 0; the authors instead freeze the
 last value, which their loop never reaches).
 
+``create_frozen_backbone_optimizer`` is the authors' AffinityNet optimizer: a single group of every parameter
+outside the backbone (lr x1 and weight decay for all of them, biases included), the same update; the backbone's
+parameters get none (not even weight decay), as they are not in the authors' optimizer.
+
 ``momentum_mode="authors"`` reproduces the PolyOptimizer bug: it passes ``weight_decay``
 positionally into SGD's ``momentum`` slot, so the momentum equals the weight-decay value (1e-4,
 4e-5): effectively plain SGD. ``momentum_mode="standard"`` uses the ``momentum`` argument (0.9).
@@ -163,6 +167,32 @@ def learning_rate_at(
     return base * remaining**poly_power
 
 
+def _poly_sgd(
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    total_steps: int,
+    poly_power: float,
+    nesterov: bool,
+    momentum: float,
+) -> optax.GradientTransformation:
+    """torch SGD (coupled weight decay, momentum, Nesterov) at the poly learning rate from ``learning_rate``."""
+
+    def schedule(count: jax.Array) -> jax.Array:
+        return learning_rate_at(count, learning_rate=learning_rate, total_steps=total_steps, poly_power=poly_power)
+
+    transforms = []
+    if weight_decay:
+        # Coupled decay: added to the gradient before the momentum buffer, as torch SGD does.
+        transforms.append(optax.add_decayed_weights(weight_decay))
+    if momentum:
+        # optax.trace starts from a zero buffer, so its first step is buf = grad as in torch, and
+        # its Nesterov form grad + m * buf is torch's.
+        transforms.append(optax.trace(decay=momentum, nesterov=nesterov))
+    transforms.append(optax.scale_by_learning_rate(schedule))
+    return optax.chain(*transforms)
+
+
 def _sgd_for_group(
     group: str,
     *,
@@ -173,25 +203,24 @@ def _sgd_for_group(
     nesterov: bool,
     momentum: float,
 ) -> optax.GradientTransformation:
-    def schedule(count: jax.Array) -> jax.Array:
-        return learning_rate_at(
-            count,
-            learning_rate=learning_rate,
-            total_steps=total_steps,
-            poly_power=poly_power,
-            group=group,
-        )
+    return _poly_sgd(
+        learning_rate=learning_rate * _GROUP_LEARNING_RATE_MULTIPLIER[group],
+        weight_decay=weight_decay if _GROUP_USES_WEIGHT_DECAY[group] else 0.0,
+        total_steps=total_steps,
+        poly_power=poly_power,
+        nesterov=nesterov,
+        momentum=momentum,
+    )
 
-    transforms = []
-    if _GROUP_USES_WEIGHT_DECAY[group] and weight_decay:
-        # Coupled decay: added to the gradient before the momentum buffer, as torch SGD does.
-        transforms.append(optax.add_decayed_weights(weight_decay))
-    if momentum:
-        # optax.trace starts from a zero buffer, so its first step is buf = grad as in torch, and
-        # its Nesterov form grad + m * buf is torch's.
-        transforms.append(optax.trace(decay=momentum, nesterov=nesterov))
-    transforms.append(optax.scale_by_learning_rate(schedule))
-    return optax.chain(*transforms)
+
+def _effective_momentum(momentum_mode: str, weight_decay: float, momentum: float) -> float:
+    """The SGD momentum of a momentum mode (``"authors"``: the weight decay, their PolyOptimizer's bug)."""
+    if momentum_mode not in MOMENTUM_MODES:
+        raise ValueError(
+            f"Unknown momentum_mode {momentum_mode!r}; allowed values are "
+            f"{', '.join(MOMENTUM_MODES)}."
+        )
+    return weight_decay if momentum_mode == "authors" else momentum
 
 
 def create_optimizer(
@@ -228,14 +257,9 @@ def create_optimizer(
       ValueError: for an unknown ``momentum_mode``, a non-positive ``total_steps``, or a parameter
         whose path does not name a weight or a bias.
     """
-    if momentum_mode not in MOMENTUM_MODES:
-        raise ValueError(
-            f"Unknown momentum_mode {momentum_mode!r}; allowed values are "
-            f"{', '.join(MOMENTUM_MODES)}."
-        )
+    effective_momentum = _effective_momentum(momentum_mode, weight_decay, momentum)
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps!r}.")
-    effective_momentum = weight_decay if momentum_mode == "authors" else momentum
 
     def label_tree(tree: Any) -> Any:
         return jax.tree_util.tree_map_with_path(lambda path, _: parameter_group(path), tree)
@@ -256,3 +280,50 @@ def create_optimizer(
         for group in PARAMETER_GROUPS
     }
     return optax.multi_transform(transforms, label_tree)
+
+
+def create_frozen_backbone_optimizer(
+    params: Any,
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    total_steps: int,
+    poly_power: float = 0.9,
+    nesterov: bool = True,
+    momentum_mode: str = "authors",
+    momentum: float = 0.9,
+) -> optax.GradientTransformation:
+    """The authors' optimizer of a model whose backbone is fixed (AffinityNet): one group of every parameter outside
+    the backbone at ``learning_rate`` with ``weight_decay`` (biases and GroupNorm shifts included, as their single
+    group has it), the same poly SGD and momentum modes as ``create_optimizer``; the backbone's parameters (path
+    root ``model``) get no update at all, weight decay included.
+
+    Args:
+      params: the parameter pytree, only read to check that some parameter is trained.
+      learning_rate, weight_decay, total_steps, poly_power, nesterov, momentum_mode, momentum: as in
+        ``create_optimizer``, for the one group.
+
+    Raises:
+      ValueError: for an unknown ``momentum_mode``, a non-positive ``total_steps``, or a model with nothing outside
+        its backbone.
+    """
+    effective_momentum = _effective_momentum(momentum_mode, weight_decay, momentum)
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps!r}.")
+
+    def label_tree(tree: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if _normalise_path(path)[0] == PRETRAINED_ROOT else "trained", tree
+        )
+
+    if "trained" not in jax.tree.leaves(label_tree(params)):
+        raise ValueError(f"Every parameter is under {PRETRAINED_ROOT!r} (the backbone): there is nothing to train.")
+    trained = _poly_sgd(
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        total_steps=total_steps,
+        poly_power=poly_power,
+        nesterov=nesterov,
+        momentum=effective_momentum,
+    )
+    return optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()}, label_tree)

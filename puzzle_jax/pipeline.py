@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "infer_cam": "puzzle_jax.stages.infer_cam",
     "eval_cam": "puzzle_jax.stages.eval_cam",
     "aff_labels": "puzzle_jax.stages.aff_labels",
+    "train_aff": "puzzle_jax.stages.train_aff",
     "infer_rw": "puzzle_jax.stages.infer_rw",
     "pseudo_labels": "puzzle_jax.stages.pseudo_labels",
 }
@@ -33,7 +34,7 @@ class Workdir:
 
     ``<root>/config.txt`` and one folder per stage, holding its ``summary.json`` and what the stage writes:
 
-    * a training stage (``pretrain``, ``train_cam``, and the coming ``train_aff``, ``train_seg``): ``checkpoints/``,
+    * a training stage (``pretrain``, ``train_cam``, ``train_aff``, and the coming ``train_seg``): ``checkpoints/``,
       ``metrics.jsonl``, ``tensorboard/`` and the exported ``model/`` (``training``);
     * ``infer_cam/cams/<id>.npz``: the CAM files (``cam_files``), scored by ``eval_cam``, which draws
       ``eval_cam/gallery/``;

@@ -9,6 +9,7 @@ from flax import nnx
 
 from configs import default
 from puzzle_jax import objectives
+from puzzle_jax.refine import paths
 
 NUM_CLASSES = 4
 
@@ -145,3 +146,122 @@ def test_batch_images_needs_the_box_of_uint8_crops_and_rejects_integers():
         objectives.batch_images({"image": crops.astype(np.int32)})
     images = np.ones((2, 8, 8, 3), np.float32)
     assert objectives.batch_images({"image": images}) is images
+
+
+# --- AffinityNet (spec §8) ---------------------------------------------------------------------------------------
+
+
+def _spec_affinity_loss(affinities, bg_positive, fg_positive, negative):
+    """Spec §8's loss in float64 numpy, sums over everything, as the authors' train_affinitynet.py writes it."""
+    aff = np.asarray(affinities, np.float64)
+    bg, fg, neg = (np.asarray(mask, np.float64) for mask in (bg_positive, fg_positive, negative))
+    positive = -np.log(aff + 1e-5)
+    negative_term = -np.log(1.0 + 1e-5 - aff)
+    bg_loss = np.sum(bg * positive) / (np.sum(bg) + 1e-5)
+    fg_loss = np.sum(fg * positive) / (np.sum(fg) + 1e-5)
+    negative_loss = np.sum(neg * negative_term) / (np.sum(neg) + 1e-5)
+    return (bg_loss / 2 + fg_loss / 2 + negative_loss) / 2, bg_loss, fg_loss, negative_loss
+
+
+@pytest.mark.parametrize("with_foreground", [True, False])
+def test_affinity_loss_is_the_spec_formula(with_foreground):
+    rng = np.random.default_rng(0)
+    shape = (2, 7, 5, 6)
+    affinities = rng.uniform(0.0, 1.0, shape).astype(np.float32)
+    affinities.flat[:3] = (0.0, 1.0, 1.0)  # the logs' epsilons keep the ends finite
+    kind = rng.integers(0, 4, shape)  # 0 bg pair, 1 fg pair, 2 negative, 3 ignored
+    if not with_foreground:
+        kind[kind == 1] = 0
+    masks = [kind == index for index in range(3)]
+    loss, metrics = objectives.affinity_loss(jnp.asarray(affinities), *(jnp.asarray(mask) for mask in masks))
+    expected, bg_loss, fg_loss, negative_loss = _spec_affinity_loss(affinities, *masks)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["bg_positive_loss"]), bg_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["fg_positive_loss"]), fg_loss, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(float(metrics["negative_loss"]), negative_loss, rtol=1e-5)
+    for name, mask in zip(("bg_positive", "fg_positive", "negative"), masks, strict=True):
+        assert float(metrics[f"{name}_pairs"]) == mask.sum()
+    if not with_foreground:
+        # No fg pair: that term is 0 and the loss is 1/4 bg + 1/2 negative.
+        assert float(metrics["fg_positive_loss"]) == 0.0 and float(metrics["fg_positive_pairs"]) == 0
+    # Finite gradients everywhere, including at affinities 0 and 1.
+    grads = jax.grad(lambda a: objectives.affinity_loss(a, *(jnp.asarray(m) for m in masks))[0])(
+        jnp.asarray(affinities)
+    )
+    assert np.all(np.isfinite(np.asarray(grads)))
+
+
+def _brute_force_affinity_loss(edge_logits, label_maps, radius):
+    """Spec §8 from the definitions, pair by pair in float64: every source of the window and destination within the
+    radius (directions (0, x), x >= 1, and (y, x), y >= 1), affinity 1 - the largest sigmoid edge on the grid points
+    of the pair's bounding box within distance 1 of the line through them, both ends labelled (< 255)."""
+    edge = 1 / (1 + np.exp(-np.asarray(edge_logits, np.float64)))
+    batch, height, width = edge.shape
+    margin = radius - 1
+    bg, fg, neg = [], [], []
+    for b in range(batch):
+        for y in range(0, height - margin):
+            for x in range(margin, width - margin):
+                for dy in range(0, radius):
+                    for dx in range(-margin, radius):
+                        if (dy == 0 and dx <= 0) or dy * dy + dx * dx >= radius * radius:
+                            continue
+                        points = [
+                            (py, px)
+                            for py in range(0, dy + 1)
+                            for px in range(min(0, dx), max(0, dx) + 1)
+                            if (dy * px - dx * py) ** 2 < dy * dy + dx * dx
+                        ]
+                        aff = 1 - max(edge[b, y + py, x + px] for py, px in points)
+                        source, destination = label_maps[b, y, x], label_maps[b, y + dy, x + dx]
+                        if source == 255 or destination == 255:
+                            continue
+                        if source != destination:
+                            neg.append(aff)
+                        else:
+                            (bg if source == 0 else fg).append(aff)
+    bg, fg, neg = (np.asarray(values) for values in (bg, fg, neg))
+    bg_loss = np.sum(-np.log(bg + 1e-5)) / (len(bg) + 1e-5)
+    fg_loss = np.sum(-np.log(fg + 1e-5)) / (len(fg) + 1e-5)
+    negative_loss = np.sum(-np.log(1 + 1e-5 - neg)) / (len(neg) + 1e-5)
+    return (bg_loss / 2 + fg_loss / 2 + negative_loss) / 2, (len(bg), len(fg), len(neg))
+
+
+class _FixedEdgeModel(nnx.Module):
+    """Returns fixed edge logits whatever the images (stride 4 of the images), so the loss is known exactly."""
+
+    def __init__(self, logits):
+        self.logits = nnx.Param(jnp.asarray(logits))
+
+    def __call__(self, images):
+        assert images.shape[1:3] == tuple(4 * side for side in self.logits.shape[1:])
+        return self.logits[...]
+
+
+def test_affinity_objective_equals_the_pair_by_pair_definition():
+    rng = np.random.default_rng(1)
+    radius, height, width = 3, 8, 9
+    logits = rng.normal(0.0, 2.0, (2, height, width)).astype(np.float32)
+    label_maps = rng.choice([0, 0, 1, 2, 255], (2, height, width)).astype(np.uint8)
+    label_maps[:, :4, :5] = 1  # a foreground block, so that fg pairs exist
+    batch = {
+        "image": jnp.zeros((2, 4 * height, 4 * width, 3), jnp.float32),
+        "mask": jnp.asarray(label_maps),
+    }
+    loss, metrics = objectives.create_affinity_objective(radius)(_FixedEdgeModel(logits), batch, 0)
+    expected, counts = _brute_force_affinity_loss(logits, label_maps, radius)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert tuple(int(metrics[f"{name}_pairs"]) for name in ("bg_positive", "fg_positive", "negative")) == counts
+    assert min(counts) > 0
+    wrong = {**batch, "mask": jnp.zeros((2, height + 1, width), jnp.uint8)}
+    with pytest.raises(ValueError, match="stride-4 grid"):
+        objectives.create_affinity_objective(radius)(_FixedEdgeModel(logits), wrong, 0)
+
+
+@pytest.mark.parametrize("radius, size", [(2, (3, 4)), (5, (9, 12)), (10, (20, 23))])
+def test_gathered_path_max_affinity_equals_the_path_module(radius, size):
+    edge = jnp.asarray(np.random.default_rng(radius).uniform(0, 1, (2, *size)), jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(objectives.path_max_affinity_by_gather(edge, radius)),
+        np.asarray(paths.path_max_affinity(edge, radius)),
+    )

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
@@ -225,4 +226,51 @@ def test_momentum_mode_changes_the_update_and_bad_values_are_rejected():
             learning_rate=0.1,
             weight_decay=0.0,
             total_steps=10,
+        )
+
+
+@pytest.mark.parametrize("momentum_mode", ["authors", "standard"])
+def test_frozen_backbone_optimizer_is_the_authors_single_group_and_leaves_the_backbone(momentum_mode):
+    """AffinityNet's optimizer: the authors' PolyOptimizer on one group of the non-backbone parameters (lr and weight
+    decay on every one of them, biases included); the backbone's parameters, not in their optimizer, never move."""
+    from benchmarks import authors_torch
+
+    learning_rate, weight_decay, total_steps = 0.1, 0.05, 5
+    params = _small_params()
+    flat = {_keys(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    torch_params = {path: torch.tensor(leaf, requires_grad=True) for path, leaf in flat.items() if path[0] != "model"}
+    torch_optimizer = authors_torch.PolyOptimizer(
+        [{"params": list(torch_params.values()), "lr": learning_rate, "weight_decay": weight_decay}],
+        lr=learning_rate,
+        weight_decay=weight_decay,
+        max_step=total_steps,
+        nesterov=True,
+        momentum=momentum_mode,
+    )
+    optimizer = optim.create_frozen_backbone_optimizer(
+        params,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        total_steps=total_steps,
+        momentum_mode=momentum_mode,
+    )
+    jax_params = jax.tree.map(jnp.asarray, params)
+    state = optimizer.init(jax_params)
+    rng = np.random.default_rng(2)
+    for step_index in range(total_steps):
+        grads = {path: rng.standard_normal(leaf.shape).astype(np.float32) for path, leaf in flat.items()}
+        for path, tensor in torch_params.items():
+            tensor.grad = torch.from_numpy(grads[path])
+        torch_optimizer.step()
+        grad_tree = jax.tree_util.tree_map_with_path(lambda path, _, g=grads: jnp.asarray(g[_keys(path)]), params)
+        updates, state = optimizer.update(grad_tree, state, jax_params)
+        jax_params = optax.apply_updates(jax_params, updates)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(jax_params)[0]:
+            expected = flat[_keys(path)] if _keys(path)[0] == "model" else torch_params[_keys(path)].detach().numpy()
+            np.testing.assert_allclose(
+                np.asarray(leaf), expected, atol=1e-6, rtol=1e-6, err_msg=f"step {step_index}, {_keys(path)}"
+            )
+    with pytest.raises(ValueError, match="nothing to train"):
+        optim.create_frozen_backbone_optimizer(
+            {"model": params["model"]}, learning_rate=0.1, weight_decay=0.0, total_steps=1
         )

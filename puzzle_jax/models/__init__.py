@@ -6,10 +6,13 @@ Public API:
     remat=False, rngs)``: an NNX module mapping an NHWC batch to ``{"stage1": ..., ..., "stage5": ...}``.
   * ``create_classifier(arch, num_classes, *, rngs, <create_backbone's keywords>)``: a ``Classifier`` whose call returns
     ``(logits (B, C), class_maps (B, h, w, C))``.
+  * ``create_affinity_net(arch, *, dtype=jnp.float32, rngs)``: an ``AffinityNet`` (spec §8) on a frozen output-stride
+    16 backbone, whose call returns edge logits (B, ceil(H / 4), ceil(W / 4)).
   * **Model configs**, the schema an exported model records (``checkpointing.export_model``) and from which any
     model is rebuilt: a JSON-serialisable dict whose ``family`` field names the model family (``MODEL_FAMILIES``)
     and whose other fields are that family's constructor arguments. ``classifier_config(...)`` writes (and checks)
-    one for the Puzzle-CAM classifier; ``create_model(model_config, rngs=...)`` builds any family's model from one.
+    one for the Puzzle-CAM classifier, ``affinity_config(...)`` one for AffinityNet; ``create_model(model_config,
+    rngs=...)`` builds any family's model from one.
     Configs exported before families were recorded have no ``family`` and are classifiers.
   * ``ARCHITECTURES``, ``OUTPUT_STRIDES``, ``BN_MODES``, ``DTYPES``: the accepted values.
 
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from puzzle_jax.models import resnest, resnet
+from puzzle_jax.models.affinity import AffinityNet
 from puzzle_jax.models.classifier import Classifier
 from puzzle_jax.models.layers import BN_MODES, BatchNorm
 from puzzle_jax.models.resnest import ResNeSt
@@ -40,6 +44,7 @@ LEGACY_FAMILY = "classifier"
 
 __all__ = [
     "ARCHITECTURES",
+    "AffinityNet",
     "BN_MODES",
     "OUTPUT_STRIDES",
     "DTYPES",
@@ -48,7 +53,9 @@ __all__ = [
     "Classifier",
     "ResNeSt",
     "ResNet",
+    "affinity_config",
     "classifier_config",
+    "create_affinity_net",
     "create_backbone",
     "create_classifier",
     "create_model",
@@ -186,9 +193,44 @@ def _create_classifier_from_config(model_config: Mapping[str, Any], rngs: nnx.Rn
     )
 
 
-# Family name -> builder from a model config. The affinity and segmentation families add themselves here.
+def create_affinity_net(arch: str, *, dtype=jnp.float32, rngs: nnx.Rngs) -> AffinityNet:
+    """Creates AffinityNet (spec §8): ``create_backbone(arch)`` at output stride 16 with frozen BatchNorm under
+    ``model``, plus the edge branches.
+
+    Args:
+      arch: one of ``ARCHITECTURES``.
+      dtype: compute dtype of the backbone and the branches; parameters and statistics stay float32.
+      rngs: random generators for the initialisation (not stored).
+    """
+    backbone = create_backbone(arch, output_stride=16, bn_mode="frozen", dtype=dtype, rngs=rngs)
+    return AffinityNet(backbone, dtype=dtype, rngs=rngs)
+
+
+def affinity_config(*, arch: str, dtype: str = "float32") -> dict[str, Any]:
+    """The model config of AffinityNet (``create_affinity_net``'s arguments, JSON-serialisable).
+
+    The output stride (16) and the BatchNorm mode (frozen) are fixed by the model; ``remat`` is recorded as False
+    because no backward pass runs through the frozen backbone, so there is nothing to recompute (the driver reads
+    the field of every family).
+
+    Raises:
+      ValueError: for an unknown ``arch`` or ``dtype``, naming the field.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r}; allowed values are {list(DTYPES)}.")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model.arch={arch!r}; allowed values are {list(ARCHITECTURES)}.")
+    return {"family": "affinity", "arch": arch, "dtype": dtype, "remat": False}
+
+
+def _create_affinity_net_from_config(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> AffinityNet:
+    return create_affinity_net(model_config["arch"], dtype=DTYPES[model_config["dtype"]], rngs=rngs)
+
+
+# Family name -> builder from a model config. The segmentation family adds itself here.
 _FAMILY_BUILDERS: dict[str, Callable[[Mapping[str, Any], nnx.Rngs], nnx.Module]] = {
     "classifier": _create_classifier_from_config,
+    "affinity": _create_affinity_net_from_config,
 }
 MODEL_FAMILIES = tuple(_FAMILY_BUILDERS)
 

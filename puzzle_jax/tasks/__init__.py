@@ -8,4 +8,5 @@ Modules:
   base        the ``Task`` interface and what every task shares (normalising the loader's uint8 crops).
   classifier  the CAM classifier: classification (the ``pretrain`` stage) and the Puzzle-CAM objective
               (``train_cam``).
+  affinity    AffinityNet's edge branches on a frozen backbone, trained on affinity labels (``train_aff``).
 """
