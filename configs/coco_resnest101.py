@@ -13,8 +13,10 @@ def get_config():
     config.data.dataset = "coco2014"
     # COCO's 82,081 labelled train2014 images (images without annotations are skipped by the builder).
     config.train_cam.split = "train"
-    # CAMs are made and scored on the training images, as for VOC (they become the pseudo labels).
+    # CAMs are made, refined and scored on the training images, as for VOC (they become the pseudo labels).
     config.infer.split = "train"
+    config.eval.split = ""
+    config.train_aff.split = "train"
     # The backbone of the README command (and of the preprint's best VOC numbers after ResNeSt-269).
     config.model.arch = "resnest101"
     # 82k images at batch 32 are 2,565 steps per epoch: 5 epochs give ~12.8k steps, 2.6x the VOC schedule.

@@ -66,7 +66,7 @@ def training_section(
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Stages to run, in order (see puzzle_jax/pipeline.py for the names); a comma-separated string also works.
-    config.stages = ("train_cam", "infer_cam", "eval_cam")
+    config.stages = ("train_cam", "infer_cam", "eval_cam", "aff_labels", "train_aff", "infer_rw", "pseudo_labels")
     # Seed of parameter initialisation and of the data order.
     config.seed = 0
 
@@ -165,8 +165,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_aff.radius = 10
 
     config.infer = ml_collections.ConfigDict()
-    # Split whose CAMs are computed and evaluated (the paper reports CAM mIoU on VOC train, 1,464 images).
-    config.infer.split = "train"
+    # Split whose CAMs are computed and refined (aff_labels, infer_rw, pseudo_labels): the authors' train_aug, the
+    # images AffinityNet and the segmenter learn from. Scored on eval.split's images (the paper's VOC train, 1,464,
+    # inside train_aug); --config.infer.split=train --config.eval.split= makes and scores only those.
+    config.infer.split = "train_aug"
     # Input scales of CAM inference; each is also run flipped and the maps are summed (spec §5).
     config.infer.scales = (0.5, 1.0, 1.5, 2.0)
     # Run the horizontally flipped image too.
@@ -184,7 +186,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Split whose images eval_cam and the refinement stages score against ground truth; "" = infer.split. Its images
     # must be among infer.split's: the paper runs the chain on train_aug (10,582 images, the labels AffinityNet and
     # the segmenter learn from) but reports CAM and pseudo-label mIoU on VOC train (1,464, fine masks).
-    config.eval.split = ""
+    config.eval.split = "train"
     # Background thresholds swept by eval_cam: start, stop (inclusive) and step (the authors: 0.05..0.75 by 0.05).
     config.eval.threshold_range = (0.05, 0.75, 0.05)
     # Images (spread over the split) drawn in eval_cam/gallery/ and pseudo_labels/gallery/ (the refinement chain),

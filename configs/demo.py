@@ -1,7 +1,9 @@
 """CPU demo: the whole Puzzle-CAM skeleton on the built-in synthetic "puzzle_demo" set in minutes.
 
 ``python -m puzzle_jax.main --config=configs/demo.py`` generates the data on first use, pretrains a tiny ResNet on
-classification (the stand-in for ImageNet weights), trains Puzzle-CAM from that backbone, and scores its CAMs.
+classification (the stand-in for ImageNet weights), trains Puzzle-CAM from that backbone, scores its CAMs, and refines
+them into pseudo labels: affinity labels, AffinityNet (on the pretrained backbone), the random walk and the CRF, each
+scored.
 The plain-CAM baseline from the same start: ``--config.stages=train_cam,infer_cam,eval_cam
 --config.cam.loss_option=cl --config.train_cam.init_from=<dir>/pretrain/model`` (or ``launch/demo_comparison.sh``).
 """
@@ -11,8 +13,10 @@ from configs import default
 
 def get_config():
     config = default.get_config()
-    # All four stages: the pretrain stage stands in for ImageNet weights.
-    config.stages = ("pretrain", "train_cam", "infer_cam", "eval_cam")
+    # The whole chain; the pretrain stage stands in for ImageNet weights (of train_cam and train_aff).
+    config.stages = (
+        "pretrain", "train_cam", "infer_cam", "eval_cam", "aff_labels", "train_aff", "infer_rw", "pseudo_labels"
+    )
 
     # Built-in synthetic data: objects whose small head is stronger class evidence than their large body.
     config.data.dataset = "puzzle_demo"
@@ -74,4 +78,9 @@ def get_config():
 
     # The paper's inference scales with flip; larger padding buckets mean fewer XLA compilations.
     config.infer.pad_multiple = 64
+    # The chain runs on the 600 "train" images and is scored on them (the demo's splits are disjoint).
+    config.infer.split = "train"
+    config.eval.split = ""
+    # AffinityNet sees each image on a 128 x 128 canvas (the demo's largest side), as the authors' on 512 x 512.
+    config.refine.edge_canvas = 128
     return config

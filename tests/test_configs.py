@@ -76,4 +76,5 @@ def test_paper_settings_follow_the_spec():
             "masking",
         )
         assert tuple(config.infer.scales) == (0.5, 1.0, 1.5, 2.0)
-        assert section.split == "train_aug" and config.infer.split == "train"
+        assert section.split == "train_aug" and config.infer.split == "train_aug" and config.eval.split == "train"
+        assert config.train_aff.split == config.infer.split

@@ -20,5 +20,11 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     section = config.train_aff
     task = AffinityTask(config.model, workdir.affinity_label_dir(), section.radius, metrics_path=paths.metrics)
     init_from = workdir.resolve_init_from(section.init_from)
+    if not init_from:
+        print(
+            "[train_aff] warning: train_aff.init_from is empty, so the frozen backbone stays random and only the edge "
+            "layers learn; set it to converted ImageNet weights (weights/<arch>) or 'pretrain'.",
+            flush=True,
+        )
     summary = driver.train_and_export(task, config, "train_aff", paths, init_from=init_from, seed=config.seed)
     return {**summary, "radius": section.radius, "init_from": init_from}
