@@ -7,16 +7,19 @@ image to 512 x 512; the side branches' GroupNorm takes statistics over the whole
 would change the edges). Each logit map is cropped to the image's stride-4 grid ``(ceil(H/4), ceil(W/4))`` before the
 flipped one is flipped back, and the edge is ``sigmoid(mean of the two)``. The CAM file's strided ``cam`` is then
 propagated over the edge (``refine.random_walk.propagate_to_edge``), upsampled x4, cropped and divided by its global
-maximum (``upsample_walk``), and written as ``rw`` with the CAM file's ``keys``.
+maximum (as ``random_walk.upsample_walk``), and written as ``rw`` with the CAM file's ``keys``.
 
 The walk runs on the device, jitted once per size bucket: the grid is padded right and bottom to a multiple of
 ``WALK_BUCKET`` cells with edge 1.0 and CAM 0, and the classes to a power of two with zero maps. Both leave the
 image's result unchanged: a padded cell's affinity to every other cell is 0 (the edge 1.0 lies on every path to it),
 so it neither receives nor gives mass (the authors pad with 1.0 for the same reason), and classes are independent.
+The x4 upsampling runs in the same compiled call, with the padded cells replaced by the grid's last row and column (the
+border that bilinear resizing replicates), so that no image size compiles anything of its own.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,15 +46,28 @@ def create_forward(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> 
     return batched_inference.create_forward(model, edge_logits, mesh)
 
 
+@functools.partial(jax.jit, static_argnames=("radius", "beta", "exp_times"))
+def _walk_bucket(cams, edge, rows, columns, *, radius, beta, exp_times):
+    """The walk of a bucket-padded grid, upsampled x4 as if the grid ended at ``rows`` x ``columns``: the cells
+    beyond are replaced by the last real row and column before upsampling, as the bilinear resize of the unpadded
+    grid replicates its border."""
+    walked = random_walk.propagate_to_edge(cams, edge, radius=radius, beta=beta, exp_times=exp_times)
+    walked = walked[:, jnp.minimum(jnp.arange(walked.shape[1]), rows - 1)]
+    walked = walked[:, :, jnp.minimum(jnp.arange(walked.shape[2]), columns - 1)]
+    return random_walk.upsample_by_4(walked)
+
+
 def walk(
     cams: np.ndarray, edge: np.ndarray, *, height: int, width: int, radius: int, beta: float, exp_times: int
 ) -> np.ndarray:
     """The random walk's ``rw`` of one image: ``cams`` ``(K, h, w)`` (stride 4) over ``edge`` ``(h, w)``, padded to
-    its bucket, propagated, cropped, upsampled to ``(height, width)`` and max-normalised. Returns float32 ``(K, H,
-    W)``."""
+    its bucket, propagated, upsampled x4, cropped to ``(height, width)`` and divided by its global maximum (spec §8.5,
+    as ``random_walk.upsample_walk``). Returns float32 ``(K, H, W)``."""
     classes, rows, columns = cams.shape
     if edge.shape != (rows, columns):
         raise ValueError(f"edge map of size {edge.shape} for CAMs of size {(rows, columns)}")
+    if not (4 * (rows - 1) < height <= 4 * rows and 4 * (columns - 1) < width <= 4 * columns):
+        raise ValueError(f"A {height}x{width} image does not match a stride-4 grid of {rows}x{columns}.")
     if classes == 0:
         return np.zeros((0, height, width), np.float32)
     padded_rows = WALK_BUCKET * math.ceil(rows / WALK_BUCKET)
@@ -61,11 +77,12 @@ def walk(
     padded_cams[:classes, :rows, :columns] = cams
     padded_edge = np.ones((padded_rows, padded_columns), np.float32)
     padded_edge[:rows, :columns] = edge
-    propagated = random_walk.propagate_to_edge(
-        padded_cams, padded_edge, radius=radius, beta=float(beta), exp_times=exp_times
+    upsampled = _walk_bucket(
+        padded_cams, padded_edge, rows, columns, radius=radius, beta=float(beta), exp_times=int(exp_times)
     )
-    propagated = np.asarray(propagated)[:classes, :rows, :columns]
-    return np.asarray(random_walk.upsample_walk(propagated, height, width), np.float32)
+    rw = np.asarray(upsampled)[:classes, :height, :width]
+    maximum = rw.max()
+    return rw / maximum if maximum > 0 else np.zeros_like(rw)
 
 
 class WalkAccumulator:

@@ -171,6 +171,12 @@ def _upsample_axis_by_4(array: jnp.ndarray, axis: int) -> jnp.ndarray:
     return stacked.reshape(shape)
 
 
+def upsample_by_4(maps: jnp.ndarray) -> jnp.ndarray:
+    """Bilinear x4 upsampling of the last two axes, align_corners=False (torch's ``F.interpolate`` with
+    ``scale_factor=4``): ``(..., h, w) -> (..., 4 h, 4 w)``."""
+    return _upsample_axis_by_4(_upsample_axis_by_4(maps, -2), -1)
+
+
 def upsample_walk(walked: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
     """The walk's maps at image resolution, normalised by their global maximum (spec §8 step 5).
 
@@ -193,6 +199,6 @@ def upsample_walk(walked: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
         raise ValueError(
             f"A {height}x{width} image does not match a stride-4 grid of {walked.shape[1]}x{walked.shape[2]}."
         )
-    upsampled = _upsample_axis_by_4(_upsample_axis_by_4(jnp.asarray(walked), -2), -1)[:, :height, :width]
+    upsampled = upsample_by_4(jnp.asarray(walked))[:, :height, :width]
     maximum = upsampled.max()
     return jnp.where(maximum > 0, upsampled / jnp.where(maximum > 0, maximum, 1), 0)
