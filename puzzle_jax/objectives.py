@@ -121,7 +121,7 @@ def affinity_loss(
 
     Returns:
       ``(loss, metrics)``: the metrics are the three terms (``bg_positive_loss``, ``fg_positive_loss``,
-      ``negative_loss``) and the pair counts of the batch (``*_pairs``).
+      ``negative_loss``), the combined ``positive_loss`` and the pair counts of the batch (``*_pairs``).
     """
     affinities = _loss_precision(affinities)
     positive = -jnp.log(affinities + AFFINITY_EPSILON)
@@ -137,8 +137,10 @@ def affinity_loss(
     bg_loss = mean_over(bg_positive, positive, counts["bg_positive"])
     fg_loss = mean_over(fg_positive, positive, counts["fg_positive"])
     negative_loss = mean_over(negative, negative_term, counts["negative"])
-    loss = (bg_loss / 2 + fg_loss / 2 + negative_loss) / 2
+    positive_loss = bg_loss / 2 + fg_loss / 2
+    loss = (positive_loss + negative_loss) / 2
     metrics = {
+        "positive_loss": positive_loss,
         "bg_positive_loss": bg_loss,
         "fg_positive_loss": fg_loss,
         "negative_loss": negative_loss,

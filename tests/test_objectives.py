@@ -179,6 +179,7 @@ def test_affinity_loss_is_the_spec_formula(with_foreground):
     np.testing.assert_allclose(float(metrics["bg_positive_loss"]), bg_loss, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["fg_positive_loss"]), fg_loss, rtol=1e-5, atol=1e-12)
     np.testing.assert_allclose(float(metrics["negative_loss"]), negative_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["positive_loss"]), bg_loss / 2 + fg_loss / 2, rtol=1e-5)
     for name, mask in zip(("bg_positive", "fg_positive", "negative"), masks, strict=True):
         assert float(metrics[f"{name}_pairs"]) == mask.sum()
     if not with_foreground:

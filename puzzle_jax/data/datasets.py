@@ -155,6 +155,11 @@ class LabelFolderRecords(Sequence):
                 f"it is written by {produced_by}: run it (again) for this split."
             )
 
+    def __repr__(self) -> str:
+        # grain compares the repr of a checkpoint's data source with the loader's on resume: a stable one (not the
+        # default, which holds the object's address) lets a run that reads a label folder resume.
+        return f"LabelFolderRecords({self._source!r}, {self.label_dir!r}, num_classes={self.num_classes})"
+
     def label_path(self, image_id: str) -> str:
         return os.path.join(self.label_dir, f"{image_id}.png")
 
