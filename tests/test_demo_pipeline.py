@@ -1,4 +1,5 @@
-"""End to end: the demo config's four stages through the real command line, on a tiny demo dataset."""
+"""End to end: the demo config's stages (pretrain through pseudo labels) through the real command line, on a tiny
+demo dataset."""
 
 import json
 import os
@@ -21,7 +22,13 @@ TINY = [
     "--config.train_cam.crop_size=64",
     "--config.train_cam.rescale_range=(48, 96)",
     "--config.infer.scales=(1.0, 0.5)",
+    "--config.train_aff.epochs=1",
+    "--config.train_aff.batch_size=8",
+    "--config.train_aff.crop_size=80",
+    "--config.train_aff.rescale_range=(64, 96)",
+    "--config.refine.workers=1",
 ]
+CHAIN = ("aff_labels", "train_aff", "infer_rw", "pseudo_labels")
 
 
 def _run(workdir, data_dir, *extra, tiny=True, timeout=900):
@@ -44,7 +51,7 @@ def test_demo_pipeline_end_to_end_and_resume(tmp_path):
     workdir, data_dir = tmp_path / "run", tmp_path / "data"
     first = _run(workdir, data_dir)
     assert first.returncode == 0, first.stderr[-3000:]
-    for stage in ("pretrain", "train_cam", "infer_cam", "eval_cam"):
+    for stage in ("pretrain", "train_cam", "infer_cam", "eval_cam", *CHAIN):
         assert (workdir / stage / "summary.json").exists(), stage
     evaluation = json.loads((workdir / "eval_cam" / "summary.json").read_text())
     assert 0.0 < evaluation["miou"] <= 100.0
@@ -80,8 +87,19 @@ def test_demo_pipeline_end_to_end_and_resume(tmp_path):
     assert len(sources) >= 16 * 3 and all((gallery / source).exists() for source in sources)
     assert evaluation["gallery"] == str(gallery / "index.html")
 
+    # The refinement chain: a label map or walk file per image, each step scored, the chain printed.
+    assert len(os.listdir(workdir / "aff_labels" / "labels")) == 16
+    assert sorted(os.listdir(workdir / "infer_rw" / "rw")) == cams
+    assert len(os.listdir(workdir / "pseudo_labels" / "labels")) == 16
+    walk = json.loads((workdir / "infer_rw" / "summary.json").read_text())
+    pseudo = json.loads((workdir / "pseudo_labels" / "summary.json").read_text())
+    assert walk["num_images"] == pseudo["num_images"] == 16 and 0 < pseudo["miou"] <= 100
+    assert [row[0] for row in pseudo["chain"]] == ["CAM", "+ random walk", "+ random walk", "+ dCRF (pseudo labels)"]
+    assert "Refinement chain (mIoU %)" in first.stdout
+
     # A second run finds every artefact complete and redoes nothing.
     os.remove(workdir / "infer_cam" / "cams" / cams[0])  # ... except one lost CAM file
+    os.remove(workdir / "infer_rw" / "rw" / cams[1])  # ... one lost walk file
     second = _run(workdir, data_dir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "[pretrain] already complete: skipped" in second.stdout
@@ -89,6 +107,10 @@ def test_demo_pipeline_end_to_end_and_resume(tmp_path):
     assert json.loads((workdir / "train_cam" / "summary.json").read_text())["final_step"] == 4
     inference = json.loads((workdir / "infer_cam" / "summary.json").read_text())
     assert (inference["written"], inference["skipped_existing"]) == (1, 15)
+    assert "[train_aff] already complete: skipped" in second.stdout
+    walked = json.loads((workdir / "infer_rw" / "summary.json").read_text())
+    assert (walked["written"], walked["skipped_existing"]) == (1, 15)
+    assert walked["miou"] == pytest.approx(walk["miou"], abs=1e-6)
     assert json.loads((workdir / "eval_cam" / "summary.json").read_text())["miou"] == pytest.approx(
         evaluation["miou"], abs=1e-6
     )

@@ -162,3 +162,12 @@ def test_a_resumed_train_aff_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     actual, _ = checkpointing.load_exported(resumed.exported_model("train_aff"), family="affinity")
     for a, b in zip(jax.tree.leaves(nnx.state(actual)), jax.tree.leaves(nnx.state(expected)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_a_crop_too_small_for_the_radius_names_the_fields(tmp_path):
+    section = ml_collections.ConfigDict(dict(crop_size=64, rescale_range=(48, 96)))
+    model_section = ml_collections.ConfigDict(dict(arch="resnet_tiny", dtype="float32"))
+    task = affinity_task.AffinityTask(model_section, str(tmp_path), 10)
+    with pytest.raises(ValueError, match=r"train_aff.crop_size=64 .*16x16.*radius 10.*76 or more"):
+        task.create_transform(section)
+    assert task.create_transform(ml_collections.ConfigDict(dict(crop_size=76, rescale_range=(48, 96)))) is not None

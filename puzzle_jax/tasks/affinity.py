@@ -79,6 +79,14 @@ class AffinityTask(base.Task):
         return objectives.create_affinity_objective(self.radius)
 
     def create_transform(self, section):
+        # The pairs start in columns [r-1, w-r+1) of the crop's label grid: it needs 2r-1 columns at least.
+        grid = section.crop_size // LABEL_STRIDE
+        if grid < 2 * self.radius - 1:
+            raise ValueError(
+                f"train_aff.crop_size={section.crop_size} gives a {grid}x{grid} label grid, too small for pairs of "
+                f"radius {self.radius} (at least {2 * self.radius - 1} cells): raise the crop size to "
+                f"{LABEL_STRIDE * (2 * self.radius - 1)} or more, or lower train_aff.radius."
+            )
         return input_pipeline.AffinityAugmentation(
             crop_size=section.crop_size, rescale_range=tuple(section.rescale_range), label_stride=LABEL_STRIDE
         )
