@@ -63,16 +63,8 @@ class AffinityTask(base.Task):
         return ("model",)
 
     def create_optimizer(self, params, section, total_steps: int):
-        return optim.create_frozen_backbone_optimizer(
-            params,
-            learning_rate=section.learning_rate,
-            weight_decay=section.weight_decay,
-            total_steps=total_steps,
-            poly_power=section.poly_power,
-            nesterov=section.nesterov,
-            momentum_mode=section.momentum_mode,
-            momentum=section.momentum,
-        )
+        settings = base.optimizer_settings(section)
+        return optim.create_frozen_backbone_optimizer(params, total_steps=total_steps, **settings)
 
     def create_objective(self, section, total_steps: int) -> training.LossFunction:
         del section, total_steps

@@ -61,13 +61,16 @@ class Task(abc.ABC):
 
     def create_optimizer(self, params: Any, section: Any, total_steps: int) -> optax.GradientTransformation:
         """The authors' four-group poly SGD (``optim``) with the section's settings."""
-        return optim.create_optimizer(
-            params,
-            learning_rate=section.learning_rate,
-            weight_decay=section.weight_decay,
-            total_steps=total_steps,
-            poly_power=section.poly_power,
-            nesterov=section.nesterov,
-            momentum_mode=section.momentum_mode,
-            momentum=section.momentum,
-        )
+        return optim.create_optimizer(params, total_steps=total_steps, **optimizer_settings(section))
+
+
+def optimizer_settings(section: Any) -> dict[str, Any]:
+    """The optimizer keywords of ``optim``'s builders that a training section (``config.<stage>``) sets."""
+    return dict(
+        learning_rate=section.learning_rate,
+        weight_decay=section.weight_decay,
+        poly_power=section.poly_power,
+        nesterov=section.nesterov,
+        momentum_mode=section.momentum_mode,
+        momentum=section.momentum,
+    )
