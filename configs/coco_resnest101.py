@@ -15,7 +15,9 @@ def get_config():
     config.train_cam.split = "train"
     # CAMs are made, refined and scored on the training images, as for VOC (they become the pseudo labels).
     config.infer.split = "train"
+    # Scored on the same images (COCO has no finer subset of train).
     config.eval.split = ""
+    # AffinityNet learns from the affinity labels of infer.split.
     config.train_aff.split = "train"
     # The backbone of the README command (and of the preprint's best VOC numbers after ResNeSt-269).
     config.model.arch = "resnest101"

@@ -80,8 +80,9 @@ def get_config():
 
     # The paper's inference scales with flip; larger padding buckets mean fewer XLA compilations.
     config.infer.pad_multiple = 64
-    # The chain runs on the 600 "train" images and is scored on them (the demo's splits are disjoint).
+    # The chain runs on the 600 "train" images ...
     config.infer.split = "train"
+    # ... and is scored on them (the demo's splits are disjoint).
     config.eval.split = ""
     # AffinityNet sees each image on a 128 x 128 canvas (the demo's largest side), as the authors' on 512 x 512.
     config.refine.edge_canvas = 128
