@@ -1,4 +1,4 @@
-"""The Puzzle-CAM-vs-plain-CAM study: what decides the sign of Puzzle-CAM's gain (issue 18, item 2).
+"""The Puzzle-CAM-vs-plain-CAM study: what decides the sign of Puzzle-CAM's gain.
 
 This module owns the study's grid (`DATASETS`, `RECIPES`), the command lines it runs, their sharing of pretrained
 backbones, its cost estimate and its report. Run it from the repository root::
