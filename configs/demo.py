@@ -62,8 +62,7 @@ def get_config():
     # AffinityNet on the demo's 600 "train" images (the split infer_cam and aff_labels label), its frozen backbone from
     # this workdir's pretrain export (the stand-in for ImageNet weights, as the authors use those and not the
     # Puzzle-CAM classifier); the crop and rescale range scaled as pretrain's, batch 16 on one CPU, the paper's lr.
-    # 10 epochs (370 steps; the paper's 3 epochs of train_aug are 990): 3 epochs left the edges at chance (boundary
-    # 0.36 against background 0.36, random-walk mIoU 35.7%), 10 give 43.1% (README, "Refinement chain").
+    # 10 epochs (370 steps; the paper's 3 epochs of train_aug are 990; 3 epochs left the edges near chance).
     config.train_aff = default.training_section(
         split="train",
         batch_size=16,
@@ -73,8 +72,10 @@ def get_config():
         rescale_range=(96, 160),
         init_from="pretrain",
     )
-    # The authors' radius, on the 32 x 32 label grid of a 128 crop.
-    config.train_aff.radius = 10
+    # The authors' radius scaled as the crop: their 10 cells of a 512 crop's 128 x 128 grid span 8% of it, so 3 here
+    # (the crop is 128, its grid 32 x 32). Radii count stride-4 cells, and the demo's images are a quarter of VOC's
+    # size: unscaled (10 here, 5 for the walk) the random walk lowered the demo's mIoU (README, "Refinement chain").
+    config.train_aff.radius = 3
     # A checkpoint every 100 steps.
     config.train_aff.checkpoint_every_steps = 100
 
@@ -86,4 +87,6 @@ def get_config():
     config.eval.split = ""
     # AffinityNet sees each image on a 128 x 128 canvas (the demo's largest side), as the authors' on 512 x 512.
     config.refine.edge_canvas = 128
+    # The walk's radius scaled as train_aff's: the authors' 5 cells at a quarter of the size (the smallest radius, 2).
+    config.refine.rw_radius = 2
     return config

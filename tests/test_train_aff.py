@@ -48,6 +48,8 @@ def test_default_and_demo_sections_follow_the_authors():
     assert section.init_from == "" and section.split == "train_aug"
     demo = importlib.import_module("configs.demo").get_config().train_aff
     assert (demo.split, demo.init_from, demo.batch_size, demo.crop_size) == ("train", "pretrain", 16, 128)
+    # The demo's images and crops are a quarter of VOC's, and so are its radii in stride-4 cells.
+    assert demo.radius == 3 and importlib.import_module("configs.demo").get_config().refine.rw_radius == 2
     stages = list(pipeline.STAGES)
     assert stages.index("eval_cam") < stages.index("train_aff")
 
@@ -106,7 +108,9 @@ def _tiny_config(tmp_path, **train_aff):
     config.data.data_dir = str(tmp_path / "data")
     config.data.builder_kwargs = ml_collections.ConfigDict(dict(num_pretrain=2, num_train=8, num_val=2))
     config.train_aff.update(
-        dict(init_from="", crop_size=80, rescale_range=(72, 96), batch_size=8, epochs=1, log_every_steps=1),
+        dict(
+            init_from="", crop_size=80, rescale_range=(72, 96), batch_size=8, epochs=1, log_every_steps=1, radius=10
+        ),
         **train_aff,
     )
     return config

@@ -31,6 +31,6 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         thresholds=miou.threshold_range(*config.eval.threshold_range), produced_by="infer_rw",
         show_progress=jax.process_index() == 0, description="infer_rw scores",
     )
-    print(report.format_sweep_table(class_names, result), flush=True)
+    print(report.format_sweep_table(class_names, result, title="Random-walk mIoU"), flush=True)
     summary = report.sweep_summary(class_names, result)
     return {**counts, **summary, "split": config.infer.split, "scored_split": scored_split(config)}
