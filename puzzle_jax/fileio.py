@@ -1,12 +1,14 @@
 """Atomic file writing: every artefact a stage leaves is either complete or absent.
 
 A stage killed half-way must never leave a truncated file that a resumed run would take as done, so each writer
-goes through a temporary file in the same folder and ``os.replace`` (atomic on POSIX).
+goes through a temporary file in the same folder and ``os.replace`` (atomic on POSIX); the next write of the same
+path removes a temporary file that a killed writer left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 from collections.abc import Iterator
@@ -17,10 +19,18 @@ import numpy as np
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yields a temporary path next to ``path``; renames it onto ``path`` only if the block succeeds."""
+    """Yields a temporary path next to ``path``; renames it onto ``path`` only if the block succeeds.
+
+    A temporary file of ``path`` left by a writer that was killed (SIGKILL leaves no chance to clean up) is removed
+    first: one writer at a time writes a given path (stages give each image to one process), so any other temporary
+    of it is such a leftover.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     base, extension = os.path.splitext(os.path.basename(path))
+    for leftover in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(base)}.tmp-*{extension}")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(leftover)
     temporary = os.path.join(directory, f".{base}.tmp-{os.getpid()}{extension}")
     try:
         yield temporary

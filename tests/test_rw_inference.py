@@ -58,3 +58,72 @@ def test_a_missing_or_mismatched_cam_file_is_named(tmp_path):
     )
     contents = rw_inference.read_strided_cams(str(tmp_path), record)
     assert contents["keys"].tolist() == [0, 3] and contents["cam"].shape == (1, 5, 8)
+
+
+@pytest.mark.slow
+def test_a_killed_infer_rw_resumes_without_recomputing_and_leaves_no_partial_file(tmp_path):
+    """``infer_rw`` through the command line, killed (SIGKILL) once some walk files exist: only complete files are
+    left, and a rerun writes exactly the missing ones (an untrained AffinityNet and random CAMs: the walk's inputs
+    need not be meaningful for this)."""
+    import importlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ml_collections
+    from flax import nnx
+
+    from puzzle_jax import checkpointing, models, pipeline, training
+    from puzzle_jax.data import datasets
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = importlib.import_module("configs.demo").get_config()
+    config.data.data_dir = str(tmp_path / "data")
+    count = 48
+    config.data.builder_kwargs = ml_collections.ConfigDict(dict(num_pretrain=2, num_train=count, num_val=2))
+    records, _ = datasets.load_split_from_config(config.data, "train", decode_masks=False)
+    workdir = pipeline.Workdir(str(tmp_path / "run"))
+    rng = np.random.default_rng(0)
+    for record in records:
+        classes = np.flatnonzero(record["labels"]) + 1
+        height, width = record["image"].shape[:2]
+        cams = rng.random((len(classes), math.ceil(height / 4), math.ceil(width / 4)), dtype=np.float32)
+        cam_files.write_cam_file(
+            cam_files.path_of(workdir.cam_dir(), record["id"]), keys=np.concatenate([[0], classes]), cam=cams
+        )
+    network = models.create_model(models.affinity_config(arch="resnet_tiny"), rngs=nnx.Rngs(0))
+    _, params, batch_stats = training.split_model(network)
+    checkpointing.export_model(workdir.exported_model("train_aff"), params, batch_stats,
+                               models.affinity_config(arch="resnet_tiny"))
+    command = [
+        sys.executable, "-m", "puzzle_jax.main", "--config=configs/demo.py", f"--workdir={workdir.root}",
+        f"--config.data.data_dir={config.data.data_dir}", "--config.stages=infer_rw",
+        f"--config.data.builder_kwargs={{'num_pretrain': 2, 'num_train': {count}, 'num_val': 2}}",
+    ]
+    environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    process = subprocess.Popen(command, cwd=repo, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        done = os.listdir(workdir.random_walk_dir()) if os.path.isdir(workdir.random_walk_dir()) else []
+        if len([name for name in done if not name.startswith(".")]) >= 2:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the stage finished before it could be killed"
+    # Outputs are complete files; a write cut short leaves at most a hidden temporary, never an <id>.npz.
+    first = sorted(name for name in os.listdir(workdir.random_walk_dir()) if not name.startswith("."))
+    assert 2 <= len(first) < count and all(name.endswith(".npz") for name in first)
+    for name in first:  # every file left behind is complete
+        assert cam_files.read_cam_file(os.path.join(workdir.random_walk_dir(), name), ("rw",))["rw"].ndim == 3
+    mtimes = {name: os.stat(os.path.join(workdir.random_walk_dir(), name)).st_mtime_ns for name in first}
+    rerun = subprocess.run(command, cwd=repo, env=environment, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "infer_rw" / "summary.json").read_text())
+    assert (summary["written"], summary["skipped_existing"]) == (count - len(first), len(first))
+    # Every output is there, and the rerun removed what the killed writer left.
+    assert len(os.listdir(workdir.random_walk_dir())) == count
+    assert {name: os.stat(os.path.join(workdir.random_walk_dir(), name)).st_mtime_ns for name in first} == mtimes
