@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from puzzle_jax import losses, puzzle, training
 from puzzle_jax.data import transforms
@@ -149,42 +148,9 @@ def affinity_loss(
     return loss, metrics
 
 
-def path_max_affinity_by_gather(edge: jax.Array, radius: int) -> jax.Array:
-    """``paths.path_max_affinity`` (the same values, layout and geometry: ``paths.path_offsets`` and
-    ``paths.source_window``) computed as one gather and one max, for training.
-
-    ``paths.path_max_affinity`` chains one slice and one maximum per path point (about 1,500 at radius 10); under
-    ``jax.grad`` XLA takes minutes to compile that on a CPU (80 s at radius 5). Here every path is padded to the longest
-    with its destination (the maximum is unchanged), the edge values of all (direction, path point, source) triples
-    are gathered from the flattened map at once, (B, D, L, Hs, Ws), and reduced over the path: seconds to compile, the
-    backward one scatter-add. At ties the gradient is shared among the tied points (the slice chain's is too).
-
-    Args:
-      edge: ``(B, H, W)`` edge probabilities.
-      radius: the search radius.
-
-    Returns:
-      ``(B, D, Hs, Ws)`` affinities, as ``paths.path_max_affinity``.
-    """
-    if edge.ndim != 3:
-        raise ValueError(f"edge must be (B, H, W), got shape {tuple(edge.shape)}.")
-    batch, height, width = edge.shape
-    rows, cols = paths.source_window(height, width, radius)
-    offsets = paths.path_offsets(radius)
-    longest = max(len(path) for path in offsets)
-    padded = np.stack([np.concatenate([path, np.repeat(path[:1], longest - len(path), axis=0)]) for path in offsets])
-    # Index arithmetic inside the trace (iota + broadcast), not a (D, L, Hs, Ws) constant embedded in the program.
-    source_rows = jnp.arange(rows.start, rows.stop)[None, None, :, None]
-    source_cols = jnp.arange(cols.start, cols.stop)[None, None, None, :]
-    flat_index = (source_rows + padded[:, :, 0, None, None]) * width + source_cols + padded[:, :, 1, None, None]
-    gathered = edge.reshape(batch, height * width)[:, flat_index]
-    return 1 - jnp.max(gathered, axis=2)
-
-
 def create_affinity_objective(radius: int = 10) -> training.LossFunction:
     """AffinityNet's objective (spec §8): edge = sigmoid(model logits), affinities = one minus the largest edge
-    value on the path of every pair within ``radius`` (``paths.path_max_affinity``'s values, computed by
-    ``path_max_affinity_by_gather``), the pairs labelled from the
+    value on the path of every pair within ``radius`` (``paths.path_max_affinity``), the pairs labelled from the
     batch's stride-4 label maps ``batch["mask"]`` (``paths.pair_labels``: 255 ends are ignored), then
     ``affinity_loss``."""
 
@@ -197,7 +163,7 @@ def create_affinity_objective(radius: int = 10) -> training.LossFunction:
                 f"The edge map {tuple(logits.shape)} and the label maps {tuple(label_maps.shape)} differ: the labels "
                 "must be reduced to the network's stride-4 grid (input_pipeline.AffinityAugmentation)."
             )
-        affinities = path_max_affinity_by_gather(jax.nn.sigmoid(logits), radius)
+        affinities = paths.path_max_affinity(jax.nn.sigmoid(logits), radius)
         bg_positive, fg_positive, negative = paths.pair_labels(label_maps.astype(jnp.int32), radius)
         return affinity_loss(affinities, bg_positive, fg_positive, negative)
 

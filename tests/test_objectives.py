@@ -9,7 +9,6 @@ from flax import nnx
 
 from configs import default
 from puzzle_jax import objectives
-from puzzle_jax.refine import paths
 
 NUM_CLASSES = 4
 
@@ -257,12 +256,3 @@ def test_affinity_objective_equals_the_pair_by_pair_definition():
     wrong = {**batch, "mask": jnp.zeros((2, height + 1, width), jnp.uint8)}
     with pytest.raises(ValueError, match="stride-4 grid"):
         objectives.create_affinity_objective(radius)(_FixedEdgeModel(logits), wrong, 0)
-
-
-@pytest.mark.parametrize("radius, size", [(2, (3, 4)), (5, (9, 12)), (10, (20, 23))])
-def test_gathered_path_max_affinity_equals_the_path_module(radius, size):
-    edge = jnp.asarray(np.random.default_rng(radius).uniform(0, 1, (2, *size)), jnp.float32)
-    np.testing.assert_array_equal(
-        np.asarray(objectives.path_max_affinity_by_gather(edge, radius)),
-        np.asarray(paths.path_max_affinity(edge, radius)),
-    )
