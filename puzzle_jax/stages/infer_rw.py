@@ -18,7 +18,8 @@ from puzzle_jax.pipeline import Workdir, scored_split
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     model, _ = checkpointing.load_exported(workdir.exported_model("train_aff"), family="affinity")
-    source, info = datasets.load_split_from_config(config.data, config.infer.split)
+    # Images only: the masks are read where the walk is scored.
+    source, info = datasets.load_split_from_config(config.data, config.infer.split, decode_masks=False)
     counts = rw_inference.write_walks(
         model, source, workdir.cam_dir(), workdir.random_walk_dir(), config.refine,
         num_devices=config.mesh.num_devices, images_per_call=config.infer.images_per_call,

@@ -30,7 +30,10 @@ from puzzle_jax.viz import gallery
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     refine = config.refine
-    source, info = datasets.load_split_from_config(config.data, config.infer.split, field="infer.split")
+    # Images only: the masks are read where the labels are scored.
+    source, info = datasets.load_split_from_config(
+        config.data, config.infer.split, decode_masks=False, field="infer.split"
+    )
     label_dir = workdir.pseudo_label_dir()
     counts = label_folders.write_label_folder(
         source,
