@@ -157,7 +157,7 @@ def test_the_readme_demo_learns_cams_far_better_than_an_untrained_model(tmp_path
     assert pretrain["warnings"] == [] and pretrain["validation_map"] > 90.0, pretrain
     # The README reports 56.6-59.8% (the CPU decides the last digits); an untrained classifier's CAMs score 17.0%.
     assert trained["miou"] > 50.0 and trained["miou"] > untrained_miou + 25.0, (trained["miou"], untrained_miou)
-    # The refinement chain improves on the CAMs (README: 56.60 -> walk 62.37 at its best threshold -> pseudo labels
+    # The refinement chain improves on the CAMs (README: 56.60 -> walk 62.36 at its best threshold -> pseudo labels
     # 58.58 at the authors' 0.35); a walk over poor or mis-scaled edges lowers them (43.09 with the radii unscaled).
     walk = json.loads((tmp_path / "demo" / "infer_rw" / "summary.json").read_text())
     pseudo = json.loads((tmp_path / "demo" / "pseudo_labels" / "summary.json").read_text())
