@@ -25,6 +25,11 @@ from puzzle_jax import cam_files, labels, per_image
 from puzzle_jax.evaluation import miou
 
 
+def _ids(source: Sequence[dict[str, Any]]) -> list[str]:
+    """The split's ids in record order, without decoding the records where the split can list them."""
+    return list(source.ids()) if hasattr(source, "ids") else [record["id"] for record in source]
+
+
 def label_path(label_dir: str, image_id: str) -> str:
     """The label PNG of ``image_id`` in ``label_dir``."""
     return os.path.join(label_dir, f"{image_id}.png")
@@ -58,7 +63,7 @@ def write_label_folder(
       FileNotFoundError: images without a label PNG have no score file; the count, the first image and its file are
         named, before any work starts.
     """
-    ids = source.ids() if hasattr(source, "ids") else [record["id"] for record in source]
+    ids = _ids(source)
     missing = [
         image_id
         for image_id in ids
@@ -111,7 +116,7 @@ def score_label_folder(
       FileNotFoundError: some images have no label PNG (the count and the first are named).
       labels.BadExampleError: an unreadable label PNG.
     """
-    ids = source.ids() if hasattr(source, "ids") else [record["id"] for record in source]
+    ids = _ids(source)
     missing = [image_id for image_id in ids if not os.path.exists(label_path(label_dir, image_id))]
     if missing:
         raise FileNotFoundError(
