@@ -80,7 +80,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return 1000 * float(np.median(times))
 
-    prepare = timed(lambda: [cam_inference._scaled_input(image, scale) for scale in SCALES])
+    prepare = timed(lambda: [batched_inference.scaled_input(image, scale) for scale in SCALES])
 
     def accumulate():
         accumulator = cam_inference.CamAccumulator(image, labels, flip=True, output_stride=OUTPUT_STRIDE)

@@ -2,7 +2,8 @@
 
 Every other config imports this one and overrides fields. Override any field on the command line with
 ``--config.section.field=value``. Each training stage has a section of the same shape (``training_section``):
-``config.pretrain``, ``config.train_cam`` and ``config.train_aff``; no stage reads another stage's section.
+``config.pretrain``, ``config.train_cam``, ``config.train_aff`` and ``config.train_seg``; no stage reads another
+stage's training section.
 """
 
 import ml_collections
@@ -66,7 +67,18 @@ def training_section(
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Stages to run, in order (see puzzle_jax/pipeline.py for the names); a comma-separated string also works.
-    config.stages = ("train_cam", "infer_cam", "eval_cam", "aff_labels", "train_aff", "infer_rw", "pseudo_labels")
+    config.stages = (
+        "train_cam",
+        "infer_cam",
+        "eval_cam",
+        "aff_labels",
+        "train_aff",
+        "infer_rw",
+        "pseudo_labels",
+        "train_seg",
+        "infer_seg",
+        "eval_seg",
+    )
     # Seed of parameter initialisation and of the data order.
     config.seed = 0
 
@@ -163,6 +175,42 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # Search radius of the labelled pixel pairs on the stride-4 grid (the authors' 10; the random walk uses 5).
     config.train_aff.radius = 10
+
+    # The train_seg stage: DeepLabv3+ (spec §9) on the pseudo labels of config.infer.split (seg.labels), the authors'
+    # recipe: batch 32, 50 epochs, lr 0.007 (head x10, head biases x20), wd 4e-5, poly decay, crop 512 after a random
+    # long-side rescale to 256-1024. init_from: ImageNet weights (--config.train_seg.init_from=weights/<arch>). The
+    # last checkpoint is exported (the authors keep the best on VOC val against ground truth, pixel labels a weakly
+    # supervised method must not use); validation_split is scored against its ground truth after training, for the
+    # log only ("" = not scored).
+    config.train_seg = training_section(
+        split="train_aug",
+        batch_size=32,
+        epochs=50,
+        learning_rate=0.007,
+        crop_size=512,
+        rescale_range=(256, 1024),
+        validation_split="val",
+    )
+    config.train_seg.weight_decay = 4e-5
+
+    # The segmenter (train_seg, infer_seg, eval_seg): its labels, head and inference.
+    config.seg = ml_collections.ConfigDict()
+    # What train_seg learns from: "pseudo_labels" (this workdir's pseudo_labels/labels/, made for config.infer.split,
+    # which must then be train_seg.split), "ground_truth" (the split's own masks: the fully supervised reference) or
+    # a folder of <image id>.png label maps (VOC palette or class ids; 255 ignored).
+    config.seg.labels = "pseudo_labels"
+    # GroupNorm (4 groups) in the ASPP and the decoder, as the authors' README runs it; False uses frozen BatchNorm.
+    config.seg.use_gn = True
+    # Split infer_seg segments and eval_seg scores (VOC: "val"; "test" also writes the evaluation server's layout).
+    config.seg.split = "val"
+    # Input scales of infer_seg; each is also run flipped (seg.flip), and the logits are summed (spec §9).
+    config.seg.scales = (0.5, 1.0, 1.5, 2.0)
+    # Run the horizontally flipped image too.
+    config.seg.flip = True
+    # Mean-field steps of the dense CRF on the softmax (the authors' README: 10); 0 = the argmax, no CRF.
+    config.seg.crf_iterations = 10
+    # Worker processes running the CRF (one image each at a time); 0 = the CPU cores this process may use.
+    config.seg.workers = 0
 
     config.infer = ml_collections.ConfigDict()
     # Split whose CAMs are computed and refined (aff_labels, infer_rw, pseudo_labels): the authors' train_aug, the

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+import cv2
 import jax
 import numpy as np
 from flax import nnx
@@ -76,6 +77,28 @@ def create_forward(
         return forward(state, *placed)
 
     return run
+
+
+def scaled_input(image: np.ndarray, scale: float) -> np.ndarray:
+    """The image resized by ``scale`` (PIL bicubic, as the authors): uint8 ``(round(H*s), round(W*s), 3)``."""
+    height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
+    return transforms.resize_image(image, height, width)
+
+
+def resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear, half-pixel centres (PyTorch align_corners=False), no antialiasing; ``maps`` is (h, w, C)."""
+    if maps.shape[:2] == (height, width):
+        return maps
+    channels = maps.shape[-1]
+    if channels == 0:
+        return np.zeros((height, width, 0), maps.dtype)
+    # OpenCV handles at most 512 channels per call.
+    pieces = [
+        cv2.resize(maps[..., start : start + 512], (width, height), interpolation=cv2.INTER_LINEAR)
+        for start in range(0, channels, 512)
+    ]
+    pieces = [piece[..., None] if piece.ndim == 2 else piece for piece in pieces]
+    return np.concatenate(pieces, axis=-1)
 
 
 def default_host_threads() -> int:

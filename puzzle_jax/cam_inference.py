@@ -17,14 +17,12 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from puzzle_jax import batched_inference, cam_files, per_image, sharding
-from puzzle_jax.data import transforms
 
 # Added to each class's maximum before dividing, as the authors do, so an all-zero map stays zero.
 NORMALISATION_EPSILON = 1e-5
@@ -40,28 +38,6 @@ def create_forward(model: nnx.Module, mesh: jax.sharding.Mesh | None = None) -> 
         return jax.nn.relu(class_maps.astype(jnp.float32))
 
     return batched_inference.create_forward(model, relu_class_maps, mesh)
-
-
-def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear, half-pixel centres (PyTorch align_corners=False), no antialiasing; ``maps`` is (h, w, C)."""
-    if maps.shape[:2] == (height, width):
-        return maps
-    channels = maps.shape[-1]
-    if channels == 0:
-        return np.zeros((height, width, 0), maps.dtype)
-    # OpenCV handles at most 512 channels per call.
-    pieces = [
-        cv2.resize(maps[..., start : start + 512], (width, height), interpolation=cv2.INTER_LINEAR)
-        for start in range(0, channels, 512)
-    ]
-    pieces = [piece[..., None] if piece.ndim == 2 else piece for piece in pieces]
-    return np.concatenate(pieces, axis=-1)
-
-
-def _scaled_input(image: np.ndarray, scale: float) -> np.ndarray:
-    """The image resized by ``scale`` (PIL bicubic): uint8 ``(round(H*s), round(W*s), 3)``."""
-    height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
-    return transforms.resize_image(image, height, width)
 
 
 class CamAccumulator:
@@ -80,11 +56,13 @@ class CamAccumulator:
         valid_width = math.ceil(input_size[1] / self.output_stride)
         maps = maps[:, :valid_height, :valid_width, self.class_ids]
         summed = maps[0] + maps[1][:, ::-1] if self.flip else maps[0]
-        self.strided_sum = self.strided_sum + _resize_maps(
+        self.strided_sum = self.strided_sum + batched_inference.resize_maps(
             summed, math.ceil(self.height / 4), math.ceil(self.width / 4)
         )
         # The authors upsample to the next multiple of 16 and crop, rather than resizing to (H, W) directly.
-        upsampled = _resize_maps(summed, 16 * math.ceil(self.height / 16), 16 * math.ceil(self.width / 16))
+        upsampled = batched_inference.resize_maps(
+            summed, 16 * math.ceil(self.height / 16), 16 * math.ceil(self.width / 16)
+        )
         self.full_sum = self.full_sum + upsampled[: self.height, : self.width]
 
     def result(self) -> dict[str, np.ndarray]:
@@ -163,7 +141,7 @@ def iterate_cams(
         image, _ = item
         inputs = []
         for scale in scales:
-            scaled = _scaled_input(image, scale)
+            scaled = batched_inference.scaled_input(image, scale)
             inputs.append((scaled, scaled[:, ::-1]) if flip else (scaled,))
         return inputs
 

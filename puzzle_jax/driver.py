@@ -60,7 +60,7 @@ def train_and_export(
     source, info = task.load_split(config.data, section.split, f"{stage}.split")
     validation = None
     if section.validation_split:
-        validation, _ = task.load_split(config.data, section.validation_split, f"{stage}.validation_split")
+        validation, _ = task.load_validation_split(config.data, section.validation_split, f"{stage}.validation_split")
     mesh = sharding.create_mesh(config.mesh.num_devices)
     sharding.check_batch_size(section.batch_size, mesh, f"{stage}.batch_size")
     if len(source) < section.batch_size:
@@ -140,6 +140,12 @@ def _report(stage: str, section: Any, assessment: dict[str, Any]) -> None:
             f"[{stage}] validation ({section.validation_split}, {assessment['validation_images']} images): mAP "
             f"{assessment['validation_map']:.1f}%, class loss {assessment['validation_class_loss']:.3f} (label prior "
             f"{assessment['validation_label_prior_loss']:.3f})",
+            flush=True,
+        )
+    if "validation_miou" in assessment:
+        print(
+            f"[{stage}] validation ({section.validation_split}, {assessment['validation_images']} images, one scale, "
+            f"no CRF; logged only): mIoU {assessment['validation_miou']:.2f}%",
             flush=True,
         )
     for warning in assessment.get("warnings", []):

@@ -1,8 +1,9 @@
-"""Classification-stage losses of Puzzle-CAM, as the authors' code computes them (spec §3).
+"""The pipeline's losses, as the authors' code computes them (spec §3, §9).
 
 Owns, in pure jnp, the multi-label soft-margin classification loss, the puzzle reconstruction loss
 (L1/L2 with the ``masking`` / ``selection`` / ``none`` reductions), ``make_cam`` (max-normalised
-CAMs), the ramp of the reconstruction weight alpha, and the parsing of ``cam.loss_option``.
+CAMs), the ramp of the reconstruction weight alpha, the parsing of ``cam.loss_option``, and the
+segmenter's pixel cross-entropy with ignored pixels.
 
 Conventions: class maps are NHWC ``(B, h, w, num_classes)``; labels are multi-hot
 ``(B, num_classes)`` with values in {0, 1}. Every function is jit-friendly (no Python branching on
@@ -11,6 +12,8 @@ array values).
 
 import jax
 import jax.numpy as jnp
+
+from puzzle_jax.labels import IGNORE_LABEL
 
 # Which terms enter the classifier loss: cl = class loss on the full images, pcl = class loss on the
 # merged tile maps, re = reconstruction loss. The authors' conf variants are deliberately not ported
@@ -39,6 +42,29 @@ def parse_loss_option(name: str) -> tuple[bool, bool]:
             f"Unknown cam.loss_option {name!r}; allowed values are {', '.join(LOSS_OPTIONS)}."
         )
     return "pcl" in name.split("_"), "re" in name.split("_")
+
+
+def pixel_cross_entropy(logits: jax.Array, label_maps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """torch ``CrossEntropyLoss(ignore_index=255)`` (mean over the labelled pixels) on ``(B, H, W, C)`` logits.
+
+    Deviation, harmless: a batch without a labelled pixel gives 0 and no gradient, where torch gives NaN.
+
+    Args:
+      logits: ``(B, H, W, C)`` class scores.
+      label_maps: ``(B, H, W)`` integer labels in ``[0, C)``, or ``IGNORE_LABEL`` (255: void borders, uncertain
+        pseudo-label pixels, crop padding).
+
+    Returns:
+      ``(loss, labelled)``: the scalar loss and the number of labelled pixels.
+    """
+    label_maps = label_maps.astype(jnp.int32)
+    labelled = label_maps != IGNORE_LABEL
+    log_probabilities = jax.nn.log_softmax(logits, axis=-1)
+    safe_labels = jnp.where(labelled, label_maps, 0)
+    picked = jnp.take_along_axis(log_probabilities, safe_labels[..., None], axis=-1)[..., 0]
+    count = jnp.sum(labelled)
+    loss = -jnp.sum(jnp.where(labelled, picked, 0.0)) / jnp.maximum(count, 1).astype(logits.dtype)
+    return loss, count
 
 
 def multilabel_soft_margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

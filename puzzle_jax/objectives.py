@@ -9,6 +9,8 @@ and tests build the exact step the stages train with. The tasks (``puzzle_jax.ta
 * ``create_puzzle_objective``: Puzzle-CAM (spec §3; the ``train_cam`` stage).
 * ``affinity_loss`` / ``create_affinity_objective``: AffinityNet's pair loss on path-max affinities (spec §8; the
   ``train_aff`` stage).
+* ``create_segmentation_objective``: DeepLab's pixel cross-entropy at full resolution, 255 ignored (spec §9; the
+  ``train_seg`` stage).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 
 from puzzle_jax import losses, puzzle, training
 from puzzle_jax.data import transforms
+from puzzle_jax.labels import IGNORE_LABEL
 from puzzle_jax.refine import paths
 
 CAM_LEVELS = ("feature", "cam")
@@ -166,5 +169,30 @@ def create_affinity_objective(radius: int = 10) -> training.LossFunction:
         affinities = paths.path_max_affinity(jax.nn.sigmoid(logits), radius)
         bg_positive, fg_positive, negative = paths.pair_labels(label_maps.astype(jnp.int32), radius)
         return affinity_loss(affinities, bg_positive, fg_positive, negative)
+
+    return compute_loss
+
+
+def create_segmentation_objective(seed: int) -> training.LossFunction:
+    """The segmenter's objective (spec §9): pixel cross-entropy of the full-resolution logits against the batch's
+    label maps ``batch["mask"]`` (255 ignored; ``losses.pixel_cross_entropy``).
+
+    Dropout draws its masks from ``fold_in(key(seed), step)``: a function of the step alone, so a resumed run draws
+    what an uninterrupted one does, whatever the devices.
+    """
+
+    def compute_loss(model, batch, step):
+        dropout_key = jax.random.fold_in(jax.random.key(seed), step)
+        logits = _loss_precision(model(batch_images(batch), dropout_key=dropout_key))
+        label_maps = batch["mask"]
+        if logits.shape[:3] != label_maps.shape:
+            raise ValueError(
+                f"The logits {tuple(logits.shape)} and the label maps {tuple(label_maps.shape)} differ in size: the "
+                "segmenter's logits are at the input's resolution, as the label maps of the crops."
+            )
+        loss, labelled = losses.pixel_cross_entropy(logits, label_maps)
+        correct = jnp.sum((jnp.argmax(logits, axis=-1) == label_maps) & (label_maps != IGNORE_LABEL))
+        accuracy = correct / jnp.maximum(labelled, 1)
+        return loss, {"pixel_accuracy": accuracy, "labelled_fraction": labelled / label_maps.size}
 
     return compute_loss

@@ -26,6 +26,9 @@ STAGES: dict[str, str] = {
     "train_aff": "puzzle_jax.stages.train_aff",
     "infer_rw": "puzzle_jax.stages.infer_rw",
     "pseudo_labels": "puzzle_jax.stages.pseudo_labels",
+    "train_seg": "puzzle_jax.stages.train_seg",
+    "infer_seg": "puzzle_jax.stages.infer_seg",
+    "eval_seg": "puzzle_jax.stages.eval_seg",
 }
 
 
@@ -34,13 +37,15 @@ class Workdir:
 
     ``<root>/config.txt`` and one folder per stage, holding its ``summary.json`` and what the stage writes:
 
-    * a training stage (``pretrain``, ``train_cam``, ``train_aff``, and the coming ``train_seg``): ``checkpoints/``,
+    * a training stage (``pretrain``, ``train_cam``, ``train_aff``, ``train_seg``): ``checkpoints/``,
       ``metrics.jsonl``, ``tensorboard/`` and the exported ``model/`` (``training``);
     * ``infer_cam/cams/<id>.npz``: the CAM files (``cam_files``), scored by ``eval_cam``, which draws
       ``eval_cam/gallery/``;
     * the refinement and segmentation stages' folders: ``aff_labels/labels/``, ``infer_rw/rw/``,
-      ``pseudo_labels/labels/`` (label PNGs or CAM-format files, one per image) and ``infer_seg/predictions/``;
-      ``pseudo_labels`` draws the refinement chain's ``pseudo_labels/gallery/``.
+      ``pseudo_labels/labels/`` (label PNGs or CAM-format files, one per image) and ``infer_seg/<split>/`` (the
+      segmenter's label PNGs; for VOC's test split also ``infer_seg/voc_test_submission/``, the evaluation server's
+      layout); ``pseudo_labels`` draws the refinement chain's ``pseudo_labels/gallery/``, ``eval_seg``
+      ``eval_seg/gallery/``.
     """
 
     def __init__(self, root: str):
@@ -75,6 +80,11 @@ class Workdir:
         this workdir; anything else is a path (``""``: none)."""
         return self.exported_model(value) if value in STAGES else value
 
+    def read_summary(self, stage: str) -> dict | None:
+        """The summary a stage wrote when it finished, or None if it has not."""
+        path = self.summary_path(stage)
+        return fileio.read_json(path) if os.path.exists(path) else None
+
     def gallery_dir(self, stage: str) -> str:
         """The HTML gallery (``index.html`` and its pictures) an evaluation stage draws."""
         return os.path.join(self.stage_dir(stage), "gallery")
@@ -95,9 +105,14 @@ class Workdir:
         """One ``<image id>.png`` per image: the pseudo labels ``pseudo_labels`` writes and ``train_seg`` reads."""
         return os.path.join(self.stage_dir("pseudo_labels"), "labels")
 
-    def segmentation_dir(self) -> str:
-        """One ``<image id>.png`` per image: the segmenter's predictions, written by ``infer_seg``."""
-        return os.path.join(self.stage_dir("infer_seg"), "predictions")
+    def segmentation_dir(self, split: str) -> str:
+        """One ``<image id>.png`` per image of ``split``: the segmenter's predictions, written by ``infer_seg``."""
+        return os.path.join(self.stage_dir("infer_seg"), split)
+
+    def voc_test_submission_dir(self) -> str:
+        """VOC 2012 test predictions in the evaluation server's layout (``results/VOC2012/Segmentation/
+        comp6_test_cls/<id>.png``; comp6: trained with data beyond VOC's, here ImageNet weights), and its archive."""
+        return os.path.join(self.stage_dir("infer_seg"), "voc_test_submission")
 
 
 def scored_split(config: ml_collections.ConfigDict) -> str:

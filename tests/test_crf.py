@@ -80,3 +80,50 @@ def test_a_lone_pixel_in_a_uniform_region_is_absorbed():
 def test_bad_inputs_are_named(image, labels, n_labels, match):
     with pytest.raises(ValueError, match=match):
         crf.refine_labels(image, labels, n_labels, iterations=1)
+
+
+def _segmenter_reference(image, probabilities, iterations):
+    """The authors' DeepLab CRF written out call by call (spec §9): -log p unary, Gaussian 3/3, bilateral
+    80/13/10. (unary_from_softmax is -log(clip(p, 1e-8)), written out here.)"""
+    height, width, classes = probabilities.shape
+    model = densecrf.DenseCRF2D(width, height, classes)
+    unary = -np.log(np.clip(probabilities.transpose(2, 0, 1), 1e-8, None)).reshape(classes, -1)
+    model.setUnaryEnergy(np.ascontiguousarray(unary.astype(np.float32)))
+    model.addPairwiseGaussian(sxy=3, compat=3)
+    model.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.ascontiguousarray(np.copy(image)), compat=10)
+    marginals = model.inference(iterations)
+    return np.argmax(np.array(marginals).reshape((classes, height, width)), axis=0)
+
+
+def _noisy_probabilities(labels, n_labels, seed):
+    """Softmax probabilities that favour ``labels`` with noise."""
+    rng = np.random.default_rng(seed)
+    logits = 2.0 * np.eye(n_labels)[labels] + rng.normal(0, 1.2, (*labels.shape, n_labels))
+    exponentials = np.exp(logits - logits.max(-1, keepdims=True))
+    return (exponentials / exponentials.sum(-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("iterations", [1, 10])
+def test_segmenter_crf_matches_the_direct_pydensecrf_sequence(iterations):
+    image, _, regions = _blocky_example(4, n_labels=3)
+    probabilities = _noisy_probabilities(regions, 3, seed=5)
+    refined = crf.refine_probabilities(image, probabilities, iterations=iterations)
+    np.testing.assert_array_equal(refined, _segmenter_reference(image, probabilities, iterations))
+    assert (refined == regions).mean() > (probabilities.argmax(-1) == regions).mean()
+
+
+def test_segmenter_crf_without_iterations_is_the_argmax():
+    image, _, regions = _blocky_example(6, n_labels=4)
+    probabilities = _noisy_probabilities(regions, 4, seed=7)
+    refined = crf.refine_probabilities(image, probabilities, iterations=0)
+    np.testing.assert_array_equal(refined, probabilities.argmax(-1))
+
+
+def test_segmenter_crf_rejects_bad_probabilities():
+    image, _, regions = _blocky_example(8, n_labels=3)
+    probabilities = _noisy_probabilities(regions, 3, seed=9)
+    with pytest.raises(ValueError, match="image's size"):
+        crf.refine_probabilities(image, probabilities[:-1], iterations=1)
+    probabilities[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        crf.refine_probabilities(image, probabilities, iterations=1)

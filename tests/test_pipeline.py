@@ -35,7 +35,7 @@ def test_workdir_layout(tmp_path):
     assert layout.affinity_label_dir() == str(tmp_path / "aff_labels" / "labels")
     assert layout.random_walk_dir() == str(tmp_path / "infer_rw" / "rw")
     assert layout.pseudo_label_dir() == str(tmp_path / "pseudo_labels" / "labels")
-    assert layout.segmentation_dir() == str(tmp_path / "infer_seg" / "predictions")
+    assert layout.segmentation_dir("val") == str(tmp_path / "infer_seg" / "val")
     # A stage's name as init_from stands for that stage's export here; anything else is a path.
     assert layout.resolve_init_from("pretrain") == str(tmp_path / "pretrain" / "model")
     assert layout.resolve_init_from("weights/resnet50") == "weights/resnet50"

@@ -185,10 +185,35 @@ def refinement_chain(
     return rows
 
 
-def format_chain_table(rows: Sequence[tuple[str, float | None, str]]) -> str:
-    """Formats ``refinement_chain``'s rows: step, mIoU and how it was scored."""
+def pipeline_chain(
+    cam_summary: dict | None,
+    walk_summary: dict | None,
+    pseudo_summary: dict | None,
+    segmentation_summary: dict,
+    *,
+    rw_threshold: float,
+    label_split: str,
+    segmentation_split: str,
+) -> list[tuple[str, float | None, str]]:
+    """The whole pipeline's rows: ``refinement_chain`` (scored on ``label_split``) and the segmenter's mIoU (scored
+    on ``segmentation_split``, trained on ``segmentation_summary["labels"]``)."""
+    rows = [
+        (step, value, f"{label_split}; {how}")
+        for step, value, how in refinement_chain(
+            cam_summary, walk_summary, pseudo_summary or {}, rw_threshold=rw_threshold
+        )
+    ]
+    labels = str(segmentation_summary.get("labels", "?")).replace("_", " ")
+    rows.append(("segmentation", segmentation_summary["miou"], f"{segmentation_split}; trained on {labels}"))
+    return rows
+
+
+def format_chain_table(
+    rows: Sequence[tuple[str, float | None, str]], *, title: str = "Refinement chain (mIoU %)"
+) -> str:
+    """Formats ``refinement_chain``'s (or ``pipeline_chain``'s) rows: step, mIoU and how it was scored."""
     width = max([len(step) for step, _, _ in rows] + [4]) + 2
-    lines = ["Refinement chain (mIoU %)", f"{'step':<{width}}{'mIoU':>8}  scored"]
+    lines = [title, f"{'step':<{width}}{'mIoU':>8}  scored"]
     for step, value, how in rows:
         shown = "n/a" if value is None else f"{value:.2f}"
         lines.append(f"{step:<{width}}{shown:>8}  {how}")

@@ -92,7 +92,7 @@ def score_label_folder(
     source: Sequence[dict[str, Any]],
     *,
     label_dir: str,
-    score_dir: str,
+    score_dir: str | None,
     num_classes: int,
     show_progress: bool = True,
     description: str = "score",
@@ -102,7 +102,8 @@ def score_label_folder(
     Args:
       source: the split's records (``id``, ``mask``: 255 where there is no ground truth); ``ids()`` where it has it.
       label_dir: the label PNGs (one per image).
-      score_dir: the score files they were made from (their keys tell which images have no foreground class).
+      score_dir: the score files they were made from (their keys tell which images have no foreground class); None
+        for labels made otherwise (the count is then 0).
       num_classes: classes including background.
       show_progress: draw a progress bar.
       description: the progress bar's label.
@@ -135,8 +136,8 @@ def score_label_folder(
         confusion += miou.confusion_matrix(label_map, mask, num_classes)
         void_pixels += int(np.count_nonzero(label_map == labels.IGNORE_LABEL))
         pixels += label_map.size
-        score_path = cam_files.path_of(score_dir, record["id"])
-        if os.path.exists(score_path) and len(cam_files.read_cam_file(score_path, ())["keys"]) == 1:
+        score_path = cam_files.path_of(score_dir, record["id"]) if score_dir else None
+        if score_path and os.path.exists(score_path) and len(cam_files.read_cam_file(score_path, ())["keys"]) == 1:
             without_foreground += 1
     return {
         "confusion": confusion,

@@ -14,13 +14,12 @@ truth (CAM labels at ``eval_cam``'s best threshold, else at ``refine.aff_fg_thre
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import jax
 import ml_collections
 
-from puzzle_jax import fileio, sharding
+from puzzle_jax import sharding
 from puzzle_jax.data import datasets
 from puzzle_jax.evaluation import report
 from puzzle_jax.pipeline import Workdir, scored_split
@@ -82,8 +81,8 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         print(f"{scores['images_without_foreground']} image(s) without a foreground class (all background)")
     if scored:
         summary["chain"] = report.refinement_chain(
-            _summary_of(workdir, "eval_cam"),
-            _summary_of(workdir, "infer_rw"),
+            workdir.read_summary("eval_cam"),
+            workdir.read_summary("infer_rw"),
             summary,
             rw_threshold=refine.rw_threshold,
         )
@@ -99,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
 def _write_gallery(
     config: ml_collections.ConfigDict, workdir: Workdir, source: Sequence[dict], class_names: Sequence[str]
 ) -> str:
-    cam_summary = _summary_of(workdir, "eval_cam")
+    cam_summary = workdir.read_summary("eval_cam")
     # Without eval_cam's best threshold, the affinity labels' confident-foreground one is the CAM threshold at hand.
     cam_threshold = cam_summary["best_threshold"] if cam_summary else config.refine.aff_fg_threshold
     return gallery.write_chain_gallery(
@@ -115,8 +114,3 @@ def _write_gallery(
         pseudo_label_dir=workdir.pseudo_label_dir(),
         title=f"Refinement chain of {workdir.root} ({scored_split(config)})",
     )
-
-
-def _summary_of(workdir: Workdir, stage: str) -> dict | None:
-    path = workdir.summary_path(stage)
-    return fileio.read_json(path) if os.path.exists(path) else None

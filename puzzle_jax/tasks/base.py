@@ -1,8 +1,8 @@
 """The ``Task`` interface of the training driver.
 
 A task is a small object per model family. The driver (``driver.train_and_export``) asks it, in this order, for the
-records of the training and validation splits (``load_split``), the model config to build and export
-(``model_config``), the parts of an exported model that ``init_from`` copies (``init_parts``), the optimizer
+records of the training and validation splits (``load_split``, ``load_validation_split``), the model config to build
+and export (``model_config``), the parts of an exported model that ``init_from`` copies (``init_parts``), the optimizer
 (``create_optimizer``; the default is the authors' poly SGD with the stage section's settings), the objective
 (``create_objective``), the per-example input transform of the train loader (``create_transform``) and, after
 training, whether it learned (``assess``). A new model family needs a task and a model builder
@@ -34,6 +34,11 @@ class Task(abc.ABC):
     def load_split(self, data_config: Any, split: str, field: str) -> tuple[Sequence[dict], Any]:
         """The training records (random access, picklable for grain workers) and the split's ``SplitInfo``;
         ``field`` names the config field of the split in errors."""
+
+    def load_validation_split(self, data_config: Any, split: str, field: str) -> tuple[Sequence[dict], Any]:
+        """The records ``assess`` scores (the default: as ``load_split``; a task whose training labels come from an
+        earlier stage scores the split's own ground truth instead)."""
+        return self.load_split(data_config, split, field)
 
     @abc.abstractmethod
     def model_config(self, split_info: Any) -> dict[str, Any]:

@@ -557,6 +557,48 @@ def write_chain_gallery(
     steps = _chain_steps(
         cam_dir, cam_threshold, affinity_label_dir, random_walk_dir, rw_threshold, pseudo_label_dir, len(class_names)
     )
+    return _write_steps_gallery(output_dir, source, count, class_names, steps, title)
+
+
+def write_segmentation_gallery(
+    output_dir: str,
+    source: Sequence[Mapping[str, Any]],
+    *,
+    count: int,
+    class_names: Sequence[str],
+    prediction_dir: str,
+    label_source: str,
+    title: str,
+) -> str:
+    """Writes a gallery of the segmenter's predictions beside the ground truth, worst image first.
+
+    One row per image of ``count`` images spread evenly over ``source`` (a sample of the split, sorted worst first):
+    the image, its ground truth and the prediction (``prediction_dir/<id>.png``), captioned with the image's IoU and
+    named after the labels the segmenter learned from (``label_source``, e.g. "pseudo labels").
+
+    Args:
+      output_dir, source, count, class_names, title: as in ``write_chain_gallery``.
+      prediction_dir: the ``infer_seg`` folder of label PNGs.
+      label_source: what the segmenter was trained on, for the column's caption.
+
+    Returns:
+      The path of ``index.html``.
+    """
+    name = f"segmenter trained on {label_source}"
+    steps = [_label_png_step(name, "segmentation", prediction_dir, len(class_names))]
+    return _write_steps_gallery(output_dir, source, count, class_names, steps, title)
+
+
+def _write_steps_gallery(
+    output_dir: str,
+    source: Sequence[Mapping[str, Any]],
+    count: int,
+    class_names: Sequence[str],
+    steps: Sequence[_ChainStep],
+    title: str,
+) -> str:
+    """One row per image (``_spread``), one column per step beside the image and its ground truth, worst last-step
+    IoU first; ``index.html``'s path."""
     os.makedirs(os.path.join(output_dir, IMAGES_DIR), exist_ok=True)
     stems: dict[str, str] = {}
     rows = []
