@@ -1,4 +1,5 @@
-"""Tests for puzzle_jax.models.layers: BatchNorm modes, convolution, pooling with torch semantics."""
+"""Tests for puzzle_jax.models.layers: BatchNorm modes, convolution, pooling and the aligned-corner bilinear resize
+with torch semantics."""
 
 import jax
 import jax.numpy as jnp
@@ -308,3 +309,65 @@ def test_pool_gradients_under_jit_match_torch(function, torch_function, kwargs):
     torch_weights = torch.from_numpy(weights.transpose(0, 3, 1, 2)[:, :, : out.shape[2], : out.shape[3]].copy())
     (out * torch_weights).sum().backward()
     np.testing.assert_allclose(grads, images.grad.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# resize_bilinear_align_corners
+# --------------------------------------------------------------------------------------------------
+
+
+def _relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+RESIZES = [
+    ((5, 7), (9, 13)),  # up, odd sizes
+    ((9, 13), (4, 6)),  # down
+    ((6, 3), (2, 8)),  # down one axis, up the other
+    ((17, 21), (68, 84)),  # the decoder's final x4 upsample of a non-multiple-of-16 input
+    ((1, 1), (3, 4)),  # the image-pooling branch: input side 1
+    ((4, 5), (1, 1)),  # output side 1: torch samples the first pixel
+    ((3, 1), (1, 2)),
+    ((4, 5), (4, 5)),  # identity
+]
+
+
+def _torch_resize(x_nhwc, size):
+    nchw = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
+    return F.interpolate(nchw, size=size, mode="bilinear", align_corners=True).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("source, target", RESIZES)
+def test_resize_matches_torch_align_corners(source, target):
+    x = np.random.RandomState(6).randn(2, *source, 3)
+    with jax.enable_x64(True):
+        ours = layers.resize_bilinear_align_corners(jnp.asarray(x), target)
+        assert ours.dtype == jnp.float64
+        assert _relative_error(ours, _torch_resize(x, target)) < 1e-12
+    x32 = x.astype(np.float32)
+    ours32 = jax.jit(layers.resize_bilinear_align_corners, static_argnums=1)(jnp.asarray(x32), target)
+    assert ours32.dtype == jnp.float32
+    # Our weights come from float64 source positions; torch's float32 kernel rounds its scale to float32, which
+    # moves the far positions by up to ~1e-6 relative (the 17 -> 68 case).
+    assert _relative_error(ours32, _torch_resize(x32.astype(np.float64), target)) < 1e-6
+    assert _relative_error(ours32, _torch_resize(x32, target)) < 1e-5
+
+
+def test_resize_gradient_matches_torch():
+    x = np.random.RandomState(7).randn(1, 5, 6, 2)
+    weights = np.random.RandomState(8).randn(1, 11, 3, 2)
+    tensor = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).requires_grad_()
+    resized = F.interpolate(tensor, size=(11, 3), mode="bilinear", align_corners=True)
+    (resized * torch.from_numpy(weights.transpose(0, 3, 1, 2))).sum().backward()
+    with jax.enable_x64(True):
+        grad = jax.grad(lambda a: jnp.sum(layers.resize_bilinear_align_corners(a, (11, 3)) * weights))(jnp.asarray(x))
+        assert _relative_error(grad, tensor.grad.permute(0, 2, 3, 1).numpy()) < 1e-12
+
+
+def test_resize_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="positive"):
+        layers.resize_bilinear_align_corners(jnp.zeros((1, 2, 2, 1)), (0, 3))
+    with pytest.raises(ValueError, match="NHWC"):
+        layers.resize_bilinear_align_corners(jnp.zeros((2, 2, 1)), (3, 3))

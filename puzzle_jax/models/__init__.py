@@ -8,10 +8,14 @@ Public API:
     ``(logits (B, C), class_maps (B, h, w, C))``.
   * ``create_affinity_net(arch, *, dtype=jnp.float32, rngs)``: an ``AffinityNet`` (spec §8) on a frozen output-stride
     16 backbone, whose call returns edge logits (B, ceil(H / 4), ceil(W / 4)).
+  * ``create_deeplab(arch, num_classes, *, use_gn=True, dtype=jnp.float32, remat=False, rngs)``: a ``DeepLabV3Plus``
+    (spec §9) on a frozen output-stride 16 backbone, whose call ``model(images, dropout_key=None)`` returns
+    logits (B, H, W, num_classes) at the input size.
   * **Model configs**, the schema an exported model records (``checkpointing.export_model``) and from which any
     model is rebuilt: a JSON-serialisable dict whose ``family`` field names the model family (``MODEL_FAMILIES``)
     and whose other fields are that family's constructor arguments. ``classifier_config(...)`` writes (and checks)
-    one for the Puzzle-CAM classifier, ``affinity_config(...)`` one for AffinityNet; ``create_model(model_config,
+    one for the Puzzle-CAM classifier, ``affinity_config(...)`` one for AffinityNet, ``segmentation_config(...)``
+    one for DeepLabv3+ (family ``segmentation``); ``create_model(model_config,
     rngs=...)`` builds any family's model from one.
     Configs exported before families were recorded have no ``family`` and are classifiers.
   * ``ARCHITECTURES``, ``OUTPUT_STRIDES``, ``BN_MODES``, ``DTYPES``: the accepted values.
@@ -32,6 +36,7 @@ from flax import nnx
 from puzzle_jax.models import resnest, resnet
 from puzzle_jax.models.affinity import AffinityNet
 from puzzle_jax.models.classifier import Classifier
+from puzzle_jax.models.deeplab import DeepLabV3Plus
 from puzzle_jax.models.layers import BN_MODES, BatchNorm
 from puzzle_jax.models.resnest import ResNeSt
 from puzzle_jax.models.resnet import OUTPUT_STRIDES, ResNet
@@ -51,6 +56,7 @@ __all__ = [
     "MODEL_FAMILIES",
     "BatchNorm",
     "Classifier",
+    "DeepLabV3Plus",
     "ResNeSt",
     "ResNet",
     "affinity_config",
@@ -58,8 +64,10 @@ __all__ = [
     "create_affinity_net",
     "create_backbone",
     "create_classifier",
+    "create_deeplab",
     "create_model",
     "model_family",
+    "segmentation_config",
     "set_remat",
 ]
 
@@ -227,10 +235,77 @@ def _create_affinity_net_from_config(model_config: Mapping[str, Any], rngs: nnx.
     return create_affinity_net(model_config["arch"], dtype=DTYPES[model_config["dtype"]], rngs=rngs)
 
 
-# Family name -> builder from a model config. The segmentation family adds itself here.
+def create_deeplab(
+    arch: str,
+    num_classes: int,
+    *,
+    use_gn: bool = True,
+    dtype=jnp.float32,
+    remat: bool = False,
+    rngs: nnx.Rngs,
+) -> DeepLabV3Plus:
+    """Creates DeepLabv3+ (spec §9): ``create_backbone(arch)`` at output stride 16 with frozen BatchNorm under
+    ``model``, plus the ASPP and the decoder.
+
+    Args:
+      arch: one of ``ARCHITECTURES``.
+      num_classes: classes of the segmentation, background included (21 for VOC).
+      use_gn: GroupNorm(4 groups) in the head (the authors' README setting), else frozen BatchNorm.
+      dtype: compute dtype of the backbone and the head; parameters and statistics stay float32.
+      remat: recompute each residual block's activations in the backward pass (the backbone is trained).
+      rngs: random generators for the initialisation (not stored).
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    backbone = create_backbone(arch, output_stride=16, bn_mode="frozen", dtype=dtype, remat=remat, rngs=rngs)
+    return DeepLabV3Plus(backbone, num_classes, use_gn=use_gn, dtype=dtype, rngs=rngs)
+
+
+def segmentation_config(
+    *, arch: str, num_classes: int, use_gn: bool = True, dtype: str = "float32", remat: bool = False
+) -> dict[str, Any]:
+    """The model config of DeepLabv3+ (``create_deeplab``'s arguments, JSON-serialisable; family
+    ``segmentation``). The output stride (16) and the backbone's BatchNorm mode (frozen) are fixed by the model.
+
+    Raises:
+      ValueError: for a value ``create_deeplab`` would not accept, naming the field.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model.arch={arch!r}; allowed values are {list(ARCHITECTURES)}.")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"model.num_classes={num_classes!r}; a positive int (21 for VOC, background included).")
+    if not isinstance(use_gn, bool):
+        raise ValueError(f"model.use_gn={use_gn!r}; a model config takes True or False.")
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r}; allowed values are {list(DTYPES)}.")
+    if not isinstance(remat, bool):
+        raise ValueError(f"model.remat={remat!r}; a model config takes True or False.")
+    return {
+        "family": "segmentation",
+        "arch": arch,
+        "num_classes": num_classes,
+        "use_gn": use_gn,
+        "dtype": dtype,
+        "remat": remat,
+    }
+
+
+def _create_deeplab_from_config(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> DeepLabV3Plus:
+    return create_deeplab(
+        model_config["arch"],
+        int(model_config["num_classes"]),
+        use_gn=bool(model_config["use_gn"]),
+        dtype=DTYPES[model_config["dtype"]],
+        remat=bool(model_config["remat"]),
+        rngs=rngs,
+    )
+
+
+# Family name -> builder from a model config.
 _FAMILY_BUILDERS: dict[str, Callable[[Mapping[str, Any], nnx.Rngs], nnx.Module]] = {
     "classifier": _create_classifier_from_config,
     "affinity": _create_affinity_net_from_config,
+    "segmentation": _create_deeplab_from_config,
 }
 MODEL_FAMILIES = tuple(_FAMILY_BUILDERS)
 

@@ -9,6 +9,8 @@ This module owns the numerics that must match the authors' PyTorch code exactly:
   ``torch.nn.functional`` defines them (max pooling pads with -inf, not with zeros).
 * ``Conv2d``: torch-style convolution arguments (symmetric padding, dilation, groups) and
   torch's Kaiming-normal initialisations.
+* ``resize_bilinear_align_corners``: ``torch.nn.functional.interpolate(..., mode="bilinear", align_corners=True)``,
+  which ``jax.image.resize`` does not offer (its bilinear resize is torch's ``align_corners=False``).
 
 Parameter-free layers (``ReLU``, ``MaxPool2d``, ``AvgPool2d``) are tiny modules so that they can sit inside an
 ``nnx.List`` at the same index as in a torch ``nn.Sequential``; that keeps the torch keys (``conv1.6.weight``,
@@ -424,3 +426,56 @@ def call_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
     if remat:
         return nnx.remat(lambda module, inputs: module(inputs))(block, x)
     return block(x)
+
+
+def _align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For one axis, the two source indices and the weight of the upper one of every output position, as torch's
+    ``align_corners=True`` bilinear computes them: source = i * (in - 1) / (out - 1) (0 when ``out`` is 1), lower
+    = floor(source), upper = lower + 1 clamped to the last index."""
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    source = np.arange(out_size, dtype=np.float64) * scale
+    lower = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+    upper = np.minimum(lower + 1, in_size - 1)
+    return lower, upper, source - lower
+
+
+def _resize_axis_align_corners(x: jax.Array, axis: int, out_size: int) -> jax.Array:
+    in_size = x.shape[axis]
+    if in_size == out_size:
+        # The map is the identity there (source = i exactly), as in torch.
+        return x
+    lower, upper, weight = _align_corners_taps(in_size, out_size)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    weight = jnp.asarray(weight.reshape(shape), x.dtype)
+    low = jnp.take(x, jnp.asarray(lower), axis=axis)
+    high = jnp.take(x, jnp.asarray(upper), axis=axis)
+    return low * (1 - weight) + high * weight
+
+
+def resize_bilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """``torch.nn.functional.interpolate(x, size, mode="bilinear", align_corners=True)`` for an NHWC batch.
+
+    The corner pixels of input and output coincide: output row i samples input row i * (H - 1) / (h - 1), and an
+    output side of 1 samples the first row or column (torch's rule); an input side of 1 is broadcast. Both axes are
+    resized separably, which is the same bilinear interpolation. The sizes are static, so it is jit-friendly, and it
+    is differentiable (a gather and a blend). Inputs narrower than float32 are blended in float32 and cast back, so
+    the interpolation weights are not rounded to bfloat16.
+
+    Args:
+      x: (B, H, W, C) array.
+      size: the output ``(height, width)``, positive ints.
+
+    Returns:
+      (B, height, width, C) array of ``x``'s dtype.
+    """
+    height, width = (int(side) for side in size)
+    if height < 1 or width < 1:
+        raise ValueError(f"resize_bilinear_align_corners: output size must be positive, got {tuple(size)}")
+    if x.ndim != 4:
+        raise ValueError(f"resize_bilinear_align_corners expects an NHWC array, got shape {x.shape}")
+    dtype = x.dtype
+    y = x.astype(jnp.promote_types(dtype, jnp.float32))
+    y = _resize_axis_align_corners(y, 1, height)
+    y = _resize_axis_align_corners(y, 2, width)
+    return y.astype(dtype)
