@@ -201,6 +201,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.seg.labels = "pseudo_labels"
     # GroupNorm (4 groups) in the ASPP and the decoder, as the authors' README runs it; False uses frozen BatchNorm.
     config.seg.use_gn = True
+    # Channels of the ASPP's branches and of the decoder's 3x3 convolutions (the authors' 256).
+    config.seg.head_features = 256
+    # Channels of the decoder's projection of the stride-4 features (the authors' 48).
+    config.seg.low_level_features = 48
     # Split infer_seg segments and eval_seg scores (VOC: "val"; "test" also writes the evaluation server's layout).
     config.seg.split = "val"
     # Input scales of infer_seg; each is also run flipped (seg.flip), and the logits are summed (spec §9).

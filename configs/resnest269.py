@@ -1,4 +1,5 @@
-"""Paper setting: Puzzle-CAM with ResNeSt-269 on VOC 2012 + SBD (spec §1, §2, §4)."""
+"""Paper setting: Puzzle-CAM with ResNeSt-269 on VOC 2012 + SBD (spec §1, §2, §4), through the whole pipeline to the
+DeepLabv3+ segmenter on its pseudo labels (the paper's 71.9% val / 72.2% test with ResNeSt-269)."""
 
 from configs import default
 

@@ -217,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         family = model_config.get("family", "classifier")
         if family not in SUPPORTED_FAMILIES:
             raise ValueError(
-                f"{options.model} holds a {family} model; predict takes a segmenter (train_seg/model) or a CAM "
-                "classifier (train_cam/model)."
+                f"{options.model} holds a model of the {family} family; predict takes a segmenter "
+                "(train_seg/model) or a CAM classifier (train_cam/model)."
             )
         model, model_config = checkpointing.load_exported(options.model, family=family)
     except (FileNotFoundError, ValueError) as error:

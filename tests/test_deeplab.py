@@ -274,6 +274,8 @@ def test_model_config_round_trip_and_errors():
         "arch": "resnet_tiny",
         "num_classes": 21,
         "use_gn": False,
+        "head_features": 256,
+        "low_level_features": 48,
         "dtype": "bfloat16",
         "remat": False,
     }
@@ -283,12 +285,22 @@ def test_model_config_round_trip_and_errors():
     assert model.num_classes == 21 and model.decoder.classifier[8].kernel.shape == (1, 1, 256, 21)
     remat = models.segmentation_config(arch="resnet_tiny", num_classes=21, remat=True)
     assert nnx.eval_shape(lambda: models.create_model(remat, rngs=nnx.Rngs(0))).model.remat
+    # A narrow head (the demo's): every width follows, and a config written before the widths were recorded builds
+    # the authors' head.
+    narrow = models.segmentation_config(arch="resnet_tiny", num_classes=3, head_features=32, low_level_features=12)
+    head = nnx.eval_shape(lambda: models.create_model(narrow, rngs=nnx.Rngs(0)))
+    assert head.aspp.conv1.kernel.shape == (1, 1, 5 * 32, 32) and head.decoder.conv1.kernel.shape[-1] == 12
+    assert head.decoder.classifier[0].kernel.shape == (3, 3, 32 + 12, 32)
+    legacy = {key: value for key, value in narrow.items() if not key.endswith("features")}
+    assert nnx.eval_shape(lambda: models.create_model(legacy, rngs=nnx.Rngs(0))).aspp.conv1.kernel.shape[-1] == 256
     for field, kwargs in [
         ("model.arch", dict(arch="vgg16")),
         ("model.num_classes", dict(num_classes=0)),
         ("model.use_gn", dict(use_gn="yes")),
         ("model.dtype", dict(dtype="float16")),
         ("model.remat", dict(remat=1)),
+        ("seg.head_features", dict(head_features=30)),
+        ("seg.low_level_features", dict(low_level_features=0)),
     ]:
         with pytest.raises(ValueError, match=field):
             models.segmentation_config(**{"arch": "resnet_tiny", "num_classes": 21, **kwargs})

@@ -179,3 +179,27 @@ def test_parse_loss_option():
     assert losses.parse_loss_option("cl_pcl_re") == (True, True)
     with pytest.raises(ValueError, match="cam.loss_option.*'cl_pcl_re_conf'.*cl, cl_pcl, cl_re"):
         losses.parse_loss_option("cl_pcl_re_conf")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pixel_cross_entropy_matches_torch_with_ignored_pixels(seed):
+    """Value and gradient against torch's CrossEntropyLoss(ignore_index=255), in float64."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, (2, 5, 7, 4))
+    label_maps = rng.integers(0, 4, (2, 5, 7))
+    label_maps[rng.random((2, 5, 7)) < 0.3] = 255
+    with jax.enable_x64():
+        (loss, count), gradient = jax.value_and_grad(losses.pixel_cross_entropy, has_aux=True)(
+            jnp.asarray(logits), jnp.asarray(label_maps)
+        )
+    reference_logits = torch.tensor(logits.transpose(0, 3, 1, 2), requires_grad=True)
+    reference = F.cross_entropy(reference_logits, torch.tensor(label_maps), ignore_index=255)
+    reference.backward()
+    assert int(count) == int((label_maps != 255).sum())
+    np.testing.assert_allclose(float(loss), reference.item(), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(gradient), reference_logits.grad.numpy().transpose(0, 2, 3, 1), atol=1e-14)
+
+
+def test_pixel_cross_entropy_of_a_batch_without_labels_is_zero_not_nan():
+    loss, count = losses.pixel_cross_entropy(jnp.ones((1, 3, 3, 2)), jnp.full((1, 3, 3), 255))
+    assert float(loss) == 0.0 and int(count) == 0

@@ -80,9 +80,7 @@ def _check_arguments(arch: str, output_stride: int, bn_mode: str, bn_group_size:
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     if bn_mode == "per_replica" and (not isinstance(bn_group_size, int) or bn_group_size < 1):
-        raise ValueError(
-            f"bn_group_size must be a positive int when bn_mode='per_replica', got {bn_group_size!r}"
-        )
+        raise ValueError(f"bn_group_size must be a positive int when bn_mode='per_replica', got {bn_group_size!r}")
 
 
 def create_backbone(
@@ -240,6 +238,8 @@ def create_deeplab(
     num_classes: int,
     *,
     use_gn: bool = True,
+    head_features: int = 256,
+    low_level_features: int = 48,
     dtype=jnp.float32,
     remat: bool = False,
     rngs: nnx.Rngs,
@@ -251,6 +251,7 @@ def create_deeplab(
       arch: one of ``ARCHITECTURES``.
       num_classes: classes of the segmentation, background included (21 for VOC).
       use_gn: GroupNorm(4 groups) in the head (the authors' README setting), else frozen BatchNorm.
+      head_features, low_level_features: the head's widths (the authors' 256 and 48; ``DeepLabV3Plus``).
       dtype: compute dtype of the backbone and the head; parameters and statistics stay float32.
       remat: recompute each residual block's activations in the backward pass (the backbone is trained).
       rngs: random generators for the initialisation (not stored).
@@ -258,11 +259,26 @@ def create_deeplab(
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     backbone = create_backbone(arch, output_stride=16, bn_mode="frozen", dtype=dtype, remat=remat, rngs=rngs)
-    return DeepLabV3Plus(backbone, num_classes, use_gn=use_gn, dtype=dtype, rngs=rngs)
+    return DeepLabV3Plus(
+        backbone,
+        num_classes,
+        use_gn=use_gn,
+        head_features=head_features,
+        low_level_features=low_level_features,
+        dtype=dtype,
+        rngs=rngs,
+    )
 
 
 def segmentation_config(
-    *, arch: str, num_classes: int, use_gn: bool = True, dtype: str = "float32", remat: bool = False
+    *,
+    arch: str,
+    num_classes: int,
+    use_gn: bool = True,
+    head_features: int = 256,
+    low_level_features: int = 48,
+    dtype: str = "float32",
+    remat: bool = False,
 ) -> dict[str, Any]:
     """The model config of DeepLabv3+ (``create_deeplab``'s arguments, JSON-serialisable; family
     ``segmentation``). The output stride (16) and the backbone's BatchNorm mode (frozen) are fixed by the model.
@@ -276,6 +292,9 @@ def segmentation_config(
         raise ValueError(f"model.num_classes={num_classes!r}; a positive int (21 for VOC, background included).")
     if not isinstance(use_gn, bool):
         raise ValueError(f"model.use_gn={use_gn!r}; a model config takes True or False.")
+    for name, value in (("head_features", head_features), ("low_level_features", low_level_features)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (use_gn and value % 4):
+            raise ValueError(f"seg.{name}={value!r}; a positive int, a multiple of 4 with GroupNorm (seg.use_gn).")
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r}; allowed values are {list(DTYPES)}.")
     if not isinstance(remat, bool):
@@ -285,6 +304,8 @@ def segmentation_config(
         "arch": arch,
         "num_classes": num_classes,
         "use_gn": use_gn,
+        "head_features": head_features,
+        "low_level_features": low_level_features,
         "dtype": dtype,
         "remat": remat,
     }
@@ -295,6 +316,8 @@ def _create_deeplab_from_config(model_config: Mapping[str, Any], rngs: nnx.Rngs)
         model_config["arch"],
         int(model_config["num_classes"]),
         use_gn=bool(model_config["use_gn"]),
+        head_features=int(model_config.get("head_features", 256)),
+        low_level_features=int(model_config.get("low_level_features", 48)),
         dtype=DTYPES[model_config["dtype"]],
         remat=bool(model_config["remat"]),
         rngs=rngs,

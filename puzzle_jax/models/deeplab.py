@@ -35,7 +35,8 @@ the authors' ``resize_for_tensors(x, image_size, align_corners=True)`` does.
 
 Deviation from the authors, harmless: the ASPP's and the decoder's input channels come from the backbone
 (``backbone.stage_features``: 2048 and 256 for every full-size network, as they hard-code) so that the narrow test
-backbones work.
+backbones work, and the head's widths (256 and 48) are arguments with the authors' values as defaults, so that a
+narrow CPU model (the demo's) need not carry a full-size head.
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ from puzzle_jax.models import layers
 OUTPUT_STRIDE = 16
 # Dilation rates of the three 3x3 ASPP branches at output stride 16.
 ASPP_RATES = (6, 12, 18)
-# Channels of every ASPP branch, of the ASPP output and of the decoder's 3x3 convolutions.
-ASPP_FEATURES = 256
-DECODER_FEATURES = 256
-# Channels the low-level (stage2) features are reduced to.
+# Channels of every ASPP branch, of the ASPP output and of the decoder's 3x3 convolutions (the authors'; the model
+# takes others, ``head_features``, for narrow CPU models).
+HEAD_FEATURES = 256
+# Channels the low-level (stage2) features are reduced to (``low_level_features``).
 LOW_LEVEL_FEATURES = 48
 # Dropout rates: after the ASPP, after the decoder's first and second 3x3 convolutions.
 ASPP_DROPOUT = 0.5
@@ -124,11 +125,11 @@ def _conv(in_features, out_features, kernel_size, *, dilation=1, dtype, kernels)
 class ASPPBranch(nnx.Module):
     """The authors' ``ASPPModule``: a (dilated) convolution without bias, the norm, ReLU."""
 
-    def __init__(self, in_features: int, kernel_size: int, dilation: int, *, use_gn: bool, dtype, rngs, kernels):
-        self.atrous_conv = _conv(
-            in_features, ASPP_FEATURES, kernel_size, dilation=dilation, dtype=dtype, kernels=kernels
-        )
-        self.bn = _norm(ASPP_FEATURES, use_gn=use_gn, dtype=dtype, rngs=rngs)
+    def __init__(
+        self, in_features: int, features: int, kernel_size: int, dilation: int, *, use_gn: bool, dtype, rngs, kernels
+    ):
+        self.atrous_conv = _conv(in_features, features, kernel_size, dilation=dilation, dtype=dtype, kernels=kernels)
+        self.bn = _norm(features, use_gn=use_gn, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(self.bn(self.atrous_conv(x)))
@@ -137,22 +138,31 @@ class ASPPBranch(nnx.Module):
 class ASPP(nnx.Module):
     """Atrous spatial pyramid pooling on stage5 (see the module docstring)."""
 
-    def __init__(self, in_features: int, *, use_gn: bool, dtype, rngs: nnx.Rngs, kernels: layers.KernelInitializer):
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        *,
+        use_gn: bool,
+        dtype,
+        rngs: nnx.Rngs,
+        kernels: layers.KernelInitializer,
+    ):
         options = dict(use_gn=use_gn, dtype=dtype, rngs=rngs, kernels=kernels)
-        self.aspp1 = ASPPBranch(in_features, 1, 1, **options)
-        self.aspp2 = ASPPBranch(in_features, 3, ASPP_RATES[0], **options)
-        self.aspp3 = ASPPBranch(in_features, 3, ASPP_RATES[1], **options)
-        self.aspp4 = ASPPBranch(in_features, 3, ASPP_RATES[2], **options)
+        self.aspp1 = ASPPBranch(in_features, features, 1, 1, **options)
+        self.aspp2 = ASPPBranch(in_features, features, 3, ASPP_RATES[0], **options)
+        self.aspp3 = ASPPBranch(in_features, features, 3, ASPP_RATES[1], **options)
+        self.aspp4 = ASPPBranch(in_features, features, 3, ASPP_RATES[2], **options)
         self.global_avg_pool = nnx.List(
             [
                 GlobalAveragePool(),
-                _conv(in_features, ASPP_FEATURES, 1, dtype=dtype, kernels=kernels),
-                _norm(ASPP_FEATURES, use_gn=use_gn, dtype=dtype, rngs=rngs),
+                _conv(in_features, features, 1, dtype=dtype, kernels=kernels),
+                _norm(features, use_gn=use_gn, dtype=dtype, rngs=rngs),
                 layers.ReLU(),
             ]
         )
-        self.conv1 = _conv(5 * ASPP_FEATURES, ASPP_FEATURES, 1, dtype=dtype, kernels=kernels)
-        self.bn1 = _norm(ASPP_FEATURES, use_gn=use_gn, dtype=dtype, rngs=rngs)
+        self.conv1 = _conv(5 * features, features, 1, dtype=dtype, kernels=kernels)
+        self.bn1 = _norm(features, use_gn=use_gn, dtype=dtype, rngs=rngs)
         self.dropout = Dropout(ASPP_DROPOUT)
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -168,30 +178,30 @@ class Decoder(nnx.Module):
 
     def __init__(
         self,
-        low_level_features: int,
+        in_features: int,
         num_classes: int,
         *,
+        features: int,
+        low_level_features: int,
         use_gn: bool,
         dtype,
         rngs: nnx.Rngs,
         kernels: layers.KernelInitializer,
     ):
-        self.conv1 = _conv(low_level_features, LOW_LEVEL_FEATURES, 1, dtype=dtype, kernels=kernels)
-        self.bn1 = _norm(LOW_LEVEL_FEATURES, use_gn=use_gn, dtype=dtype, rngs=rngs)
-        final = layers.Conv2d(
-            DECODER_FEATURES, num_classes, 1, use_bias=True, init_mode="fan_in", dtype=dtype, rngs=kernels
-        )
+        self.conv1 = _conv(in_features, low_level_features, 1, dtype=dtype, kernels=kernels)
+        self.bn1 = _norm(low_level_features, use_gn=use_gn, dtype=dtype, rngs=rngs)
+        final = layers.Conv2d(features, num_classes, 1, use_bias=True, init_mode="fan_in", dtype=dtype, rngs=kernels)
         # torch's default bias of a fresh nn.Conv2d (the authors' initialize sets only the weight).
-        bound = 1.0 / math.sqrt(DECODER_FEATURES)
+        bound = 1.0 / math.sqrt(features)
         final.bias.set_value(jax.random.uniform(rngs.params(), (num_classes,), jnp.float32, -bound, bound))
         self.classifier = nnx.List(
             [
-                _conv(ASPP_FEATURES + LOW_LEVEL_FEATURES, DECODER_FEATURES, 3, dtype=dtype, kernels=kernels),
-                _norm(DECODER_FEATURES, use_gn=use_gn, dtype=dtype, rngs=rngs),
+                _conv(features + low_level_features, features, 3, dtype=dtype, kernels=kernels),
+                _norm(features, use_gn=use_gn, dtype=dtype, rngs=rngs),
                 layers.ReLU(),
                 Dropout(DECODER_DROPOUTS[0]),
-                _conv(DECODER_FEATURES, DECODER_FEATURES, 3, dtype=dtype, kernels=kernels),
-                _norm(DECODER_FEATURES, use_gn=use_gn, dtype=dtype, rngs=rngs),
+                _conv(features, features, 3, dtype=dtype, kernels=kernels),
+                _norm(features, use_gn=use_gn, dtype=dtype, rngs=rngs),
                 layers.ReLU(),
                 Dropout(DECODER_DROPOUTS[1]),
                 final,
@@ -217,6 +227,8 @@ class DeepLabV3Plus(nnx.Module):
         num_classes: int,
         *,
         use_gn: bool = True,
+        head_features: int = HEAD_FEATURES,
+        low_level_features: int = LOW_LEVEL_FEATURES,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -227,6 +239,10 @@ class DeepLabV3Plus(nnx.Module):
             for the authors' setting), exposing ``stage_features`` (the channels of the five stages).
           num_classes: classes of the segmentation, background included (21 for VOC).
           use_gn: GroupNorm(4 groups) in the head (the authors' README setting), else frozen BatchNorm.
+          head_features: channels of the ASPP's branches and output and of the decoder's 3x3 convolutions (the
+            authors' 256); a multiple of 4 with GroupNorm.
+          low_level_features: channels of the decoder's low-level projection (the authors' 48); a multiple of 4 with
+            GroupNorm.
           dtype: compute dtype of the head (parameters and statistics float32).
           rngs: random generators for the head's initialisation (not stored).
         """
@@ -240,9 +256,18 @@ class DeepLabV3Plus(nnx.Module):
         self.dtype = dtype
         # One key for all head kernels (see layers.KernelInitializer).
         kernels = layers.KernelInitializer(rngs)
-        self.aspp = ASPP(backbone.stage_features[4], use_gn=use_gn, dtype=dtype, rngs=rngs, kernels=kernels)
+        self.aspp = ASPP(
+            backbone.stage_features[4], head_features, use_gn=use_gn, dtype=dtype, rngs=rngs, kernels=kernels
+        )
         self.decoder = Decoder(
-            backbone.stage_features[1], num_classes, use_gn=use_gn, dtype=dtype, rngs=rngs, kernels=kernels
+            backbone.stage_features[1],
+            num_classes,
+            features=head_features,
+            low_level_features=low_level_features,
+            use_gn=use_gn,
+            dtype=dtype,
+            rngs=rngs,
+            kernels=kernels,
         )
         kernels.finalize()
 

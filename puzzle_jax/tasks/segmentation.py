@@ -34,7 +34,7 @@ class SegmentationTask(base.Task):
     Args:
       model_section: ``config.model`` (architecture and compute dtype; the output stride, 16, and the backbone's
         frozen BatchNorm are the model's own).
-      seg_section: ``config.seg`` (``use_gn``).
+      seg_section: ``config.seg`` (``use_gn``, ``head_features``, ``low_level_features``).
       label_dir: the folder of ``<id>.png`` label maps, or ``GROUND_TRUTH`` for the split's own masks.
       produced_by: what writes ``label_dir``, for the missing-file message.
       seed: the dropout masks' seed.
@@ -63,6 +63,8 @@ class SegmentationTask(base.Task):
             arch=self.model_section.arch,
             num_classes=split_info.num_classes + 1,
             use_gn=bool(self.seg_section.use_gn),
+            head_features=int(self.seg_section.head_features),
+            low_level_features=int(self.seg_section.low_level_features),
             dtype=self.model_section.dtype,
         )
 
