@@ -110,7 +110,7 @@ class Workdir:
         return os.path.join(self.root, "config.txt")
 
     def config_history_dir(self) -> str:
-        """One ``<UTC start time>.txt`` per run started here: the resolved config of each."""
+        """One ``<run number>-<UTC start time>.txt`` per run started here: the resolved config of each."""
         return os.path.join(self.root, "config_history")
 
     def stage_config_path(self, stage: str) -> str:
@@ -180,13 +180,14 @@ def _stage_names(stages: str | list[str] | tuple[str, ...]) -> list[str]:
     return [name.strip() for entry in stages for name in entry.split(",") if name.strip()]
 
 
-def check_stages(stages: list[str] | tuple[str, ...]) -> list[str]:
-    """Validates ``config.stages`` and returns it as a list."""
+def check_stages(stages: list[str] | tuple[str, ...], field: str = "config.stages") -> list[str]:
+    """Validates ``config.stages`` (or another list of stage names, the config field ``field``) and returns it as a
+    list."""
     stages = _stage_names(stages)
     unknown = [name for name in stages if name not in STAGES]
     if unknown or not stages:
         raise config_checks.ConfigError(
-            f"config.stages={list(stages)!r}: unknown or empty; allowed stage names are {list(STAGES)}."
+            f"{field}={list(stages)!r}: unknown or empty; allowed stage names are {list(STAGES)}."
         )
     return list(stages)
 
@@ -242,7 +243,7 @@ def changed_fields(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
 def _force_stages(config: ml_collections.ConfigDict, stages: list[str]) -> list[str]:
     forced = _stage_names(config.get("force_stages", ()))
     if forced:
-        check_stages(forced)
+        check_stages(forced, "config.force_stages")
     outside = [name for name in forced if name not in stages]
     if outside:
         raise config_checks.ConfigError(
@@ -342,13 +343,10 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dic
 
 
 def _new_history_path(layout: Workdir) -> str:
-    """``config_history/<UTC start time>.txt``, with a suffix when a run started in the same second."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path, suffix = os.path.join(layout.config_history_dir(), f"{stamp}.txt"), 1
-    while os.path.exists(path):
-        suffix += 1
-        path = os.path.join(layout.config_history_dir(), f"{stamp}-{suffix}.txt")
-    return path
+    """``config_history/<run number>-<UTC start time>.txt``: numbered, so the names sort in the order of the runs."""
+    folder = layout.config_history_dir()
+    number = len(os.listdir(folder)) + 1 if os.path.isdir(folder) else 1
+    return os.path.join(folder, f"{number:04d}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.txt")
 
 
 def _announce(message: str) -> None:
