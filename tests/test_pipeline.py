@@ -278,3 +278,73 @@ def test_each_run_start_keeps_its_config(tmp_path, monkeypatch):
     texts = [open(os.path.join(workdir, "config_history", name)).read() for name in history]
     assert texts == [str(first), str(second)]
     assert open(os.path.join(workdir, "config.txt")).read() == str(second)
+
+
+@pytest.mark.slow
+def test_the_command_line_exits_75_on_sigterm_and_2_on_a_config_error_with_one_message(tmp_path):
+    """The issue's rows through ``python -m puzzle_jax.main``: SIGTERM during training used to exit 1 with a full
+    traceback; now the checkpoint is saved and one line says where and how to resume, with exit status 75. A bad
+    value, and a rerun whose config differs from the stopped stage's, exit 2 with the message and no traceback."""
+    import signal
+    import time
+
+    import ml_collections
+
+    from puzzle_jax.data import datasets
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    kwargs = {"num_pretrain": 4, "num_train": 2, "num_val": 2}
+    config = importlib.import_module("configs.demo").get_config()
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.builder_kwargs = ml_collections.ConfigDict(kwargs)
+    datasets.load_split_from_config(config.data, "pretrain")  # prepared here, once
+    workdir = pipeline.Workdir(str(tmp_path / "run"))
+
+    def command(*overrides):
+        return [
+            sys.executable, "-m", "puzzle_jax.main", "--config=configs/demo.py", f"--workdir={workdir.root}",
+            f"--config.data.data_dir={config.data.data_dir}", f"--config.data.builder_kwargs={kwargs}",
+            "--config.stages=pretrain", "--config.compilation_cache_dir=", "--config.pretrain.batch_size=2",
+            "--config.pretrain.crop_size=64", "--config.pretrain.rescale_range=(48, 80)",
+            "--config.pretrain.validation_split=", *overrides,
+        ]
+
+    environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    bad = subprocess.run(
+        command("--config.pretrain.learning_rate=-0.1"), cwd=repo, env=environment, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert bad.returncode == main.CONFIG_ERROR_EXIT_CODE, bad.stderr[-3000:]
+    assert "pretrain.learning_rate=-0.1: must be a finite number > 0" in bad.stderr
+    assert "Traceback" not in bad.stderr and not os.path.exists(workdir.root)
+
+    # 2 steps per epoch: the run is far from done when the signal arrives.
+    process = subprocess.Popen(
+        command("--config.pretrain.epochs=1000"), cwd=repo, env=environment, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    checkpoints = workdir.training("pretrain").checkpoints
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)):
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == main.PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if "stopped at step" in line]
+    step = int(line.split("stopped at step ")[1].split()[0])
+    assert line == (
+        f"[pretrain] stopped at step {step} of 2000 (SIGTERM or preemption); checkpoint saved in {workdir.root}. "
+        "Run the same command again to resume."
+    )
+    assert max(int(name) for name in os.listdir(checkpoints) if name.isdigit()) == step
+
+    changed = subprocess.run(
+        command("--config.pretrain.epochs=999"), cwd=repo, env=environment, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert changed.returncode == main.CONFIG_ERROR_EXIT_CODE, changed.stderr[-3000:]
+    assert "pretrain.epochs: 1000 -> 999" in changed.stderr and "--config.force_stages=pretrain" in changed.stderr
+    assert "Traceback" not in changed.stderr
