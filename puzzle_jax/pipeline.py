@@ -82,8 +82,8 @@ STAGE_CONFIG: dict[str, StageConfig] = {
 
 # Fields that never change a stage's results, so a rerun or resume may change them: how often a training stage logs
 # and saves and how many checkpoints it keeps, the split that only scores the trained model, and activation
-# recomputation (the same arithmetic). Worker and thread counts, device counts and folders of caches are not in any
-# StageConfig to begin with.
+# recomputation (which recomputes the same values). Worker and thread counts, device counts and folders of caches
+# are in no StageConfig to begin with.
 NEUTRAL_FIELDS = ("*.log_every_steps", "*.checkpoint_every_steps", "*.max_to_keep", "*.validation_split", "model.remat")
 
 
