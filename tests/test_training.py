@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tensorboardX.proto import event_pb2
 
 from configs import default
 from puzzle_jax import checkpointing, models, objectives, optim, pipeline, sharding, training
@@ -348,6 +349,30 @@ def test_a_resumed_run_logs_every_step_once(tmp_path):
     steps = [record["step"] for record in _metric_records(workdir)]
     assert steps == list(range(1, 9))
     assert all(record["loss"] != 99.0 for record in _metric_records(workdir))
+    # TensorBoard: the resumed run's event file starts with a SessionLog START at step 5, which makes TensorBoard
+    # discard the earlier files' events from step 5 on (its purge rule).
+    tensorboard = pipeline.Workdir(workdir).training("test").tensorboard
+    files = sorted(os.listdir(tensorboard), key=lambda name: os.path.getmtime(os.path.join(tensorboard, name)))
+    assert len(files) == 2
+    starts = [(event.step, event.session_log.status) for event in _events(os.path.join(tensorboard, files[1]))
+              if event.HasField("session_log")]
+    assert starts == [(5, event_pb2.SessionLog.START)]
+
+
+def _events(path):
+    """The records of a TensorBoard event file (TFRecord framing: length, its CRC, the bytes, their CRC)."""
+    import struct
+
+    with open(path, "rb") as handle:
+        payload = handle.read()
+    offset, events = 0, []
+    while offset < len(payload):
+        (length,) = struct.unpack("<Q", payload[offset : offset + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(payload[offset + 12 : offset + 12 + length])
+        events.append(event)
+        offset += 12 + length + 4
+    return events
 
 
 def test_step_memory_bytes_is_xla_s_static_estimate():
