@@ -68,8 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Stages to run, in order (see puzzle_jax/pipeline.py for the names); a comma-separated string also works.
     config.stages = ("train_cam", "infer_cam", "eval_cam", "aff_labels", "train_aff", "infer_rw", "pseudo_labels")
     # Stages (of config.stages) to run afresh: those whose outputs were made with another config (their recorded
-    # <stage>/stage_config.json differs) have their folder deleted first; without this a run refuses to keep or
-    # resume them. Outputs made with the current config are kept, so the same command resumes after an
+    # <stage>/stage_config.json differs, or is missing) have their folder deleted first; without this a run refuses
+    # to keep or resume them. Outputs made with the current config are kept, so the same command resumes after an
     # interruption. A comma-separated string also works: --config.force_stages=train_cam,infer_cam.
     config.force_stages = ()
     # Seed of parameter initialisation and of the data order.
