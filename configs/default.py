@@ -79,6 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
         "infer_seg",
         "eval_seg",
     )
+    # Stages (of config.stages) to run afresh: those whose outputs were made with another config (their recorded
+    # <stage>/stage_config.json differs, or is missing) have their folder deleted first; without this a run refuses
+    # to keep or resume them. Outputs made with the current config are kept, so the same command resumes after an
+    # interruption. A comma-separated string also works: --config.force_stages=train_cam,infer_cam.
+    config.force_stages = ()
     # Seed of parameter initialisation and of the data order.
     config.seed = 0
 

@@ -96,7 +96,36 @@ def train_and_export(
         process_count=jax.process_count(),
         worker_count=config.data.worker_count,
     )
-    graphdef, state, summary = training.fit(
+    try:
+        graphdef, state, summary = _fit(
+            section, stage, total_steps, model, optimizer, compute_loss, loader, mesh, paths
+        )
+    except FloatingPointError as error:
+        raise FloatingPointError(
+            f"[{stage}] {error} Lower {stage}.learning_rate and train the stage afresh with "
+            f"--config.force_stages={stage} (a rerun with an unchanged config resumes with the same data order and "
+            "is likely to meet the same NaN), or check the input data."
+        ) from error
+    checkpointing.export_model(paths.export, state.params, state.batch_stats, model_config)
+    trained = training.merge_model(graphdef, *jax.device_get((state.params, state.batch_stats)))
+    trained.eval()
+    assessment = task.assess(trained, summary, source, validation)
+    _report(stage, section, assessment)
+    summary.update(
+        **assessment,
+        exported_model=paths.export,
+        images=len(source),
+        epochs=section.epochs,
+        batch_size=section.batch_size,
+        remat=model_config["remat"],
+        **({"remat_auto": remat_facts} if remat_facts else {}),
+    )
+    return summary
+
+
+def _fit(section, stage, total_steps, model, optimizer, compute_loss, loader, mesh, paths):
+    """``training.fit`` with the settings of the training section ``section``."""
+    return training.fit(
         model=model,
         optimizer=optimizer,
         compute_loss=compute_loss,
@@ -114,21 +143,6 @@ def train_and_export(
         },
         max_to_keep=section.max_to_keep,
     )
-    checkpointing.export_model(paths.export, state.params, state.batch_stats, model_config)
-    trained = training.merge_model(graphdef, *jax.device_get((state.params, state.batch_stats)))
-    trained.eval()
-    assessment = task.assess(trained, summary, source, validation)
-    _report(stage, section, assessment)
-    summary.update(
-        **assessment,
-        exported_model=paths.export,
-        images=len(source),
-        epochs=section.epochs,
-        batch_size=section.batch_size,
-        remat=model_config["remat"],
-        **({"remat_auto": remat_facts} if remat_facts else {}),
-    )
-    return summary
 
 
 def _report(stage: str, section: Any, assessment: dict[str, Any]) -> None:

@@ -2,6 +2,11 @@
 
 Runs the stages named in ``config.stages`` in order over one workdir. ``--workdir`` defaults to
 ``runs/<config file name>`` so that ``python -m puzzle_jax.main --config=configs/resnest101.py`` works as it is.
+
+Exit status: 0 when every stage finished; ``PREEMPTED_EXIT_CODE`` (75) when a training stage was asked to stop
+(SIGTERM, a cluster preemption) and saved a checkpoint: one line says where, and the same command resumes;
+``CONFIG_ERROR_EXIT_CODE`` (2) when the config is invalid or does not match a stage's earlier outputs (nothing ran);
+1 for any other failure, with its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# sysexits.h's EX_TEMPFAIL ("temporary failure; the user is invited to retry"): a job scheduler or a wrapper script
+# can tell a preempted run, which resumes when restarted, from a failure (1) and from a kill by a signal (128 + N).
+PREEMPTED_EXIT_CODE = 75
+# What absl uses for usage errors: the command line or config is wrong, and nothing was run.
+CONFIG_ERROR_EXIT_CODE = 2
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the run's artefacts (default: runs/<config file name>).")
@@ -90,11 +101,24 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     _initialize_distributed()
     enable_compilation_cache(_CONFIG.value.get("compilation_cache_dir", ""))
-    from puzzle_jax import pipeline  # After distributed init: importing stages may touch devices.
+    # After distributed init: importing stages may touch devices.
+    from puzzle_jax import config_checks, pipeline, training
 
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     logging.info("Workdir: %s", os.path.abspath(workdir))
-    summaries = pipeline.run_stages(_CONFIG.value, workdir)
+    try:
+        summaries = pipeline.run_stages(_CONFIG.value, workdir)
+    except config_checks.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
+    except training.Preempted as stop:
+        print(
+            f"[{stop.description}] stopped at step {stop.step} of {stop.total_steps} (SIGTERM or preemption); "
+            f"checkpoint saved in {os.path.abspath(workdir)}. Run the same command again to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(PREEMPTED_EXIT_CODE)
     for name, summary in summaries.items():
         logging.info("%s: %s", name, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
 

@@ -3,18 +3,29 @@
 A run is a pipeline of stages over one workdir. Each stage module exposes ``run(config, workdir) -> dict``; it
 reads earlier stages' artefacts through ``Workdir``, writes its own atomically, skips what is already complete, and
 returns a summary that is written to ``<workdir>/<stage>/summary.json``. Stages never import each other.
+
+Before any stage runs, ``run_stages`` validates the config (``config_checks``) and compares it with what each stage
+recorded when it last started (``<stage>/stage_config.json``: the values of the fields in ``STAGE_CONFIG``, its own
+and those of the stages whose outputs it reads): a stage resumed or skipped with other values would mix or keep
+outputs of another config, so the run refuses and names the differing fields, unless the stage is in
+``config.force_stages``, which deletes its outputs and runs it afresh.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import importlib
+import json
 import os
+import shutil
 import time
+from typing import Any
 
 import jax
 import ml_collections
 
-from puzzle_jax import fileio, sharding, training
+from puzzle_jax import config_checks, fileio, sharding, training
 
 # Stage name -> module. Order here is the pipeline order; config.stages picks a subsequence.
 STAGES: dict[str, str] = {
@@ -32,10 +43,58 @@ STAGES: dict[str, str] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """What a stage's kept outputs depend on.
+
+    Attributes:
+      fields: config fields it reads whose values change its outputs, as dotted names or ``fnmatch`` patterns; a
+        name also stands for every field under it (``"train_cam"``: the whole section). ``NEUTRAL_FIELDS`` are left
+        out. Fields only scored or drawn on every run (the ``eval`` section, galleries) need not be listed.
+      inputs: the stages whose outputs it reads; their fields count as its own. A training section's ``init_from``
+        that names a stage adds that stage.
+    """
+
+    fields: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+
+
+# The dataset (not where its prepared files are kept, nor how many processes read it).
+_DATA = ("data.dataset", "data.root", "data.builder_kwargs")
+
+# Stage -> what its outputs depend on (every stage of STAGES has an entry; tests check it).
+STAGE_CONFIG: dict[str, StageConfig] = {
+    "pretrain": StageConfig(fields=(*_DATA, "model", "pretrain", "seed")),
+    "train_cam": StageConfig(fields=(*_DATA, "model", "cam", "train_cam", "seed")),
+    "infer_cam": StageConfig(
+        fields=(*_DATA, "infer.split", "infer.scales", "infer.flip", "infer.pad_multiple"), inputs=("train_cam",)
+    ),
+    "eval_cam": StageConfig(fields=(), inputs=("infer_cam",)),
+    "aff_labels": StageConfig(fields=(*_DATA, "infer.split", "refine.aff_*"), inputs=("infer_cam",)),
+    "train_aff": StageConfig(fields=(*_DATA, "model", "train_aff", "seed"), inputs=("aff_labels",)),
+    "infer_rw": StageConfig(
+        fields=(
+            *_DATA, "infer.split", "refine.edge_canvas", "refine.rw_radius", "refine.rw_beta", "refine.rw_exp_times"
+        ),
+        inputs=("train_aff", "infer_cam"),
+    ),
+    "pseudo_labels": StageConfig(
+        fields=(*_DATA, "infer.split", "refine.rw_threshold", "refine.pseudo_crf_iterations"), inputs=("infer_rw",)
+    ),
+}
+
+# Fields that never change a stage's results, so a rerun or resume may change them: how often a training stage logs
+# and saves and how many checkpoints it keeps, the split that only scores the trained model, and activation
+# recomputation (which recomputes the same values). Worker and thread counts, device counts and folders of caches
+# are in no StageConfig to begin with.
+NEUTRAL_FIELDS = ("*.log_every_steps", "*.checkpoint_every_steps", "*.max_to_keep", "*.validation_split", "model.remat")
+
+
 class Workdir:
     """Paths of every artefact of a run, relative to its root folder: the only code that composes them.
 
-    ``<root>/config.txt`` and one folder per stage, holding its ``summary.json`` and what the stage writes:
+    ``<root>/config.txt`` (the latest run's config; ``config_history/`` keeps every run's) and one folder per
+    stage, holding its ``summary.json``, its ``stage_config.json`` and what the stage writes:
 
     * a training stage (``pretrain``, ``train_cam``, ``train_aff``, ``train_seg``): ``checkpoints/``,
       ``metrics.jsonl``, ``tensorboard/`` and the exported ``model/`` (``training``);
@@ -52,8 +111,16 @@ class Workdir:
         self.root = os.path.abspath(os.path.expanduser(root))
 
     def config_file(self) -> str:
-        """The resolved config of the run, as text."""
+        """The resolved config of the latest run, as text."""
         return os.path.join(self.root, "config.txt")
+
+    def config_history_dir(self) -> str:
+        """One ``<run number>-<UTC start time>.txt`` per run started here: the resolved config of each."""
+        return os.path.join(self.root, "config_history")
+
+    def stage_config_path(self, stage: str) -> str:
+        """The values of the fields a stage's outputs depend on (``STAGE_CONFIG``), recorded when it starts."""
+        return os.path.join(self.stage_dir(stage), "stage_config.json")
 
     def stage_dir(self, stage: str) -> str:
         return os.path.join(self.root, stage)
@@ -121,27 +188,155 @@ def scored_split(config: ml_collections.ConfigDict) -> str:
     return config.eval.split or config.infer.split
 
 
-def check_stages(stages: list[str] | tuple[str, ...]) -> list[str]:
-    """Validates ``config.stages`` and returns it as a list."""
+def _stage_names(stages: str | list[str] | tuple[str, ...]) -> list[str]:
     if isinstance(stages, str):
         stages = [stages]
     # "--config.stages=a,b" on the command line arrives as the one-element tuple ("a,b",): split it.
-    stages = [name.strip() for entry in stages for name in entry.split(",") if name.strip()]
+    return [name.strip() for entry in stages for name in entry.split(",") if name.strip()]
+
+
+def check_stages(stages: list[str] | tuple[str, ...], field: str = "config.stages") -> list[str]:
+    """Validates ``config.stages`` (or another list of stage names, the config field ``field``) and returns it as a
+    list."""
+    stages = _stage_names(stages)
     unknown = [name for name in stages if name not in STAGES]
     if unknown or not stages:
-        raise ValueError(f"config.stages={list(stages)!r}: unknown or empty; allowed stage names are {list(STAGES)}.")
+        raise config_checks.ConfigError(
+            f"{field}={list(stages)!r}: unknown or empty; allowed stage names are {list(STAGES)}."
+        )
     return list(stages)
 
 
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any]:
+    """The values (JSON types) of the fields ``stage``'s outputs depend on: its ``STAGE_CONFIG`` fields and those of
+    its inputs, recursively, without ``NEUTRAL_FIELDS``. A stage without an entry depends on nothing."""
+    flat = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+    patterns: set[str] = set()
+    pending, seen = [stage], set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in STAGE_CONFIG:
+            continue
+        seen.add(name)
+        patterns.update(STAGE_CONFIG[name].fields)
+        pending.extend(STAGE_CONFIG[name].inputs)
+        init_from = flat.get(f"{name}.init_from")
+        if init_from in STAGES:
+            pending.append(init_from)
+    return {
+        field: value
+        for field, value in sorted(flat.items())
+        if any(_matches(field, pattern) for pattern in patterns)
+        and not any(_matches(field, pattern) for pattern in NEUTRAL_FIELDS)
+    }
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _matches(field: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(field, pattern) or field.startswith(pattern + ".")
+
+
+def changed_fields(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"<field>: <recorded> -> <current>"`` for each field both hold with different values (a field only one of
+    them has came or went with a change of the code, not of the run's config)."""
+    return [
+        f"{field}: {recorded[field]!r} -> {current[field]!r}"
+        for field in sorted(set(recorded) & set(current))
+        if recorded[field] != current[field]
+    ]
+
+
+def _force_stages(config: ml_collections.ConfigDict, stages: list[str]) -> list[str]:
+    forced = _stage_names(config.get("force_stages", ()))
+    if forced:
+        check_stages(forced, "config.force_stages")
+    outside = [name for name in forced if name not in stages]
+    if outside:
+        raise config_checks.ConfigError(
+            f"config.force_stages={forced!r}: {outside} are not in config.stages={stages!r}; a stage is started "
+            "afresh only when it runs."
+        )
+    return forced
+
+
+def _has_outputs(layout: Workdir, stage: str) -> bool:
+    """Whether a stage's folder holds anything besides its record (a stage that failed before writing has none)."""
+    folder = layout.stage_dir(stage)
+    return os.path.isdir(folder) and any(name != "stage_config.json" for name in os.listdir(folder))
+
+
+def _recorded_stage_config(layout: Workdir, stage: str) -> dict[str, Any] | None:
+    path = layout.stage_config_path(stage)
+    return fileio.read_json(path) if os.path.exists(path) else None
+
+
+def check_stage_configs(
+    config: ml_collections.ConfigDict, layout: Workdir, stages: list[str], forced: list[str]
+) -> dict[str, list[str]]:
+    """Compares each stage's recorded config with ``config``; raises for the stages with outputs that would be kept
+    or resumed with other values and are not forced.
+
+    Returns:
+      stage -> its changed fields (``changed_fields``), for every stage whose outputs were made with other values.
+
+    Raises:
+      config_checks.ConfigError: naming each such stage that is not in ``forced``, its changed fields, and the
+        ``--config.force_stages`` value (or a new workdir) that starts them afresh.
+    """
+    changes = {}
+    for stage in stages:
+        recorded = _recorded_stage_config(layout, stage)
+        if recorded is None or not _has_outputs(layout, stage):
+            continue
+        differences = changed_fields(recorded, stage_config(config, stage))
+        if differences:
+            changes[stage] = differences
+    refused = [stage for stage in changes if stage not in forced]
+    if refused:
+        lines = [f"  {stage} ({layout.stage_dir(stage)}): " + "; ".join(changes[stage]) for stage in refused]
+        restart = ",".join(dict.fromkeys([*forced, *refused]))
+        raise config_checks.ConfigError(
+            "These stages have outputs made with another config (recorded -> now), which a rerun would keep or "
+            "resume:\n" + "\n".join(lines) + f"\nTo delete their outputs and run them afresh, add "
+            f"--config.force_stages={restart}; to keep them, restore those values or use a new --workdir."
+        )
+    return changes
+
+
 def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
-    """Runs ``config.stages`` in order and writes each stage's summary; returns the summaries."""
+    """Runs ``config.stages`` in order and writes each stage's summary; returns the summaries.
+
+    Raises:
+      config_checks.ConfigError: before any stage runs, for an invalid config (``config_checks``) or a stage whose
+        outputs were made with another config (``check_stage_configs``).
+    """
     stages = check_stages(config.stages)
+    config_checks.check_config(config)
+    forced = _force_stages(config, stages)
     layout = Workdir(workdir)
+    changes = check_stage_configs(config, layout, stages, forced)
     os.makedirs(layout.root, exist_ok=True)
     if jax.process_index() == 0:
         fileio.write_text(layout.config_file(), str(config))
+        fileio.write_text(_new_history_path(layout), str(config))
     summaries = {}
     for name in stages:
+        if jax.process_index() == 0:
+            if name in forced and (name in changes or _recorded_stage_config(layout, name) is None):
+                _announce(f"[{name}] force_stages: deleting {layout.stage_dir(name)}")
+                shutil.rmtree(layout.stage_dir(name), ignore_errors=True)
+            fileio.write_json(layout.stage_config_path(name), stage_config(config, name))
+        # No process starts a stage before its folder is deleted and its record written.
+        sharding.wait_for_all_processes(f"puzzle_jax stage {name} recorded")
         _announce(f"[{name}] starting (workdir {layout.root})")
         started = time.time()
         module = importlib.import_module(STAGES[name])
@@ -160,6 +355,13 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dic
         # next stage may read all of them, so no process starts it before every process has finished this one.
         sharding.wait_for_all_processes(f"puzzle_jax stage {name} done")
     return summaries
+
+
+def _new_history_path(layout: Workdir) -> str:
+    """``config_history/<run number>-<UTC start time>.txt``: numbered, so the names sort in the order of the runs."""
+    folder = layout.config_history_dir()
+    number = len(os.listdir(folder)) + 1 if os.path.isdir(folder) else 1
+    return os.path.join(folder, f"{number:04d}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.txt")
 
 
 def _announce(message: str) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from puzzle_jax import checkpointing, sharding
+from puzzle_jax import checkpointing, fileio, sharding
 
 LossFunction = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 
@@ -153,17 +153,24 @@ def step_memory_bytes(compiled) -> int | None:
 
 
 class MetricsWriter:
-    """Writes scalar metrics as JSON lines (appended to ``metrics_path``) and TensorBoard events (process 0 only)."""
+    """Writes scalar metrics as JSON lines (appended to ``metrics_path``) and TensorBoard events (process 0 only).
 
-    def __init__(self, metrics_path: str, tensorboard_dir: str):
+    A run that resumes at ``resume_step`` first drops the records after that step (steps a killed run logged after
+    its last checkpoint, which the resumed run logs again), so every step appears once in ``metrics_path``; the
+    TensorBoard writer is opened with ``purge_step`` so that TensorBoard discards the same steps of earlier event
+    files.
+    """
+
+    def __init__(self, metrics_path: str, tensorboard_dir: str, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
+        truncated = _truncate_metrics(metrics_path, resume_step)
         self._jsonl = open(metrics_path, "a")
         from tensorboardX import SummaryWriter  # Imported lazily: only process 0 writes events.
 
-        self._tensorboard = SummaryWriter(logdir=tensorboard_dir)
+        self._tensorboard = SummaryWriter(logdir=tensorboard_dir, purge_step=resume_step + 1 if truncated else None)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -180,8 +187,36 @@ class MetricsWriter:
             self._tensorboard.close()
 
 
+def _truncate_metrics(metrics_path: str, last_step: int) -> bool:
+    """Keeps only the records of steps up to ``last_step`` in ``metrics_path`` (rewritten atomically); returns
+    whether the file held records of earlier runs at all. A line a kill cut short is dropped too."""
+    if not os.path.exists(metrics_path):
+        return False
+    kept = []
+    with open(metrics_path) as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    fileio.write_text(metrics_path, "".join(kept))
+    return True
+
+
 class Preempted(Exception):
-    """Raised after a checkpoint was saved because the job was asked to stop (SIGTERM or a cluster preemption)."""
+    """Raised after a checkpoint was saved because the job was asked to stop (SIGTERM or a cluster preemption).
+
+    Attributes:
+      description: the run's label (the stage's name).
+      step: the step whose checkpoint was saved, where a rerun resumes.
+      total_steps: the run's length.
+    """
+
+    def __init__(self, description: str, step: int, total_steps: int):
+        super().__init__(f"{description}: stopped at step {step} of {total_steps}; checkpoint saved.")
+        self.description, self.step, self.total_steps = description, step, total_steps
 
 
 @contextlib.contextmanager
@@ -231,7 +266,8 @@ def fit(
         mesh: the data-parallel mesh.
         paths: where checkpoints, metrics and TensorBoard events go (``paths.export`` is not written here).
         checkpoint_every_steps: checkpoint period; the last step is always saved.
-        log_every_steps: how often metrics are fetched from the device and written.
+        log_every_steps: how often metrics are fetched from the device and written; records of steps after the
+            restored checkpoint, which a killed run had written, are dropped first.
         description: progress-bar label.
         scalar_schedules: extra host-side scalars to log per step (e.g. the learning rate).
         max_to_keep: checkpoints kept.
@@ -244,7 +280,9 @@ def fit(
 
     Raises:
         Preempted: when a stop was requested; the state was saved first.
-        FloatingPointError: when the loss becomes NaN or infinite (the message names the step).
+        FloatingPointError: when the loss or the gradient norm becomes NaN or infinite (the message names the step
+            and the newest checkpoint). The check runs on every step that is logged and, before each save, on the
+            steps since the last check (their scalars are fetched then), so no non-finite state is ever saved.
     """
     from tqdm import tqdm
 
@@ -262,7 +300,7 @@ def fit(
         if data_state and "iterator" in data_state:
             iterator.set_state(data_state["iterator"].encode())
     train_step = make_train_step(graphdef, optimizer, compute_loss, mesh)
-    writer = MetricsWriter(paths.metrics, paths.tensorboard)
+    writer = MetricsWriter(paths.metrics, paths.tensorboard, resume_step=start_step)
     schedules = scalar_schedules or {}
     summary: dict = {"start_step": start_step, "total_steps": total_steps}
     progress = tqdm(
@@ -276,6 +314,8 @@ def fit(
     last_tenth: collections.deque = collections.deque(maxlen=max(1, math.ceil(total_steps / 10)))
     images_seen, window_start = 0, time.perf_counter()
     step = start_step
+    # The newest step saved (None: no checkpoint yet); named in the message when the loss becomes NaN.
+    saved_step = start_step if restored is not None else None
     try:
         with _stop_requests() as stop:
             while step < total_steps:
@@ -288,7 +328,7 @@ def fit(
                 progress.update(1)
                 if step % log_every_steps == 0 or step == total_steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    records = _write_metrics(writer, pending, schedules, images_seen / elapsed)
+                    records = _write_metrics(writer, pending, schedules, images_seen / elapsed, saved_step)
                     last_tenth.extend(records)
                     last = records[-1]
                     progress.set_postfix({k: f"{last[k]:.4f}" for k in ("loss",) if k in last})
@@ -298,12 +338,17 @@ def fit(
                 stopping = preempt or (stop_after_steps is not None and step >= stop_after_steps)
                 force = stopping or step == total_steps
                 if force or checkpointer.should_save(step):
+                    # A state is saved only when every step since the last check had a finite loss and gradient (the
+                    # logged steps were checked when they were written): a NaN never reaches a checkpoint, so the
+                    # retention policy cannot rotate the last good one out.
+                    _check_finite(jax.device_get([(s, _checked(m)) for s, m in pending]), saved_step)
                     # The iterator state is serialised only for the steps that are saved.
                     data_state = {"iterator": iterator.get_state().decode()}
-                    checkpointer.save(step, state, data_state, force=force)
+                    if checkpointer.save(step, state, data_state, force=force):
+                        saved_step = step
                 if stopping and step < total_steps:
                     checkpointer.wait_until_finished()
-                    raise Preempted(f"{description}: stopped at step {step} of {total_steps}; checkpoint saved.")
+                    raise Preempted(description, step, total_steps)
     finally:
         progress.close()
         writer.close()
@@ -321,20 +366,49 @@ def _write_metrics(
     pending: list[tuple[int, dict]],
     schedules: dict[str, Callable[[int], float]],
     images_per_second: float,
+    saved_step: int | None,
 ) -> list[dict[str, float]]:
     """Fetches buffered device metrics, checks them for NaN, and writes and returns one record per step."""
     host = jax.device_get(pending)
+    _check_finite([(step, _checked(metrics)) for step, metrics in host], saved_step)
     records: list[dict[str, float]] = []
     for step, metrics in host:
         scalars = {name: float(np.asarray(value)) for name, value in metrics.items()}
-        if not math.isfinite(scalars["loss"]):
-            raise FloatingPointError(
-                f"The loss became {scalars['loss']} at step {step} (metrics: {scalars}). Lower the learning rate "
-                "or check the input data; the last checkpoint is still on disk."
-            )
         for name, schedule in schedules.items():
             scalars[name] = float(schedule(step - 1))
         scalars["images_per_second"] = images_per_second
         writer.write(step, scalars)
         records.append(scalars)
     return records
+
+
+# The scalars whose finiteness says a step's state is sound: a NaN or infinite loss or gradient norm spreads into
+# the parameters (and the optimizer state) at that very update.
+_CHECKED_METRICS = ("loss", "grad_norm")
+
+
+def _checked(metrics: dict) -> dict:
+    return {name: metrics[name] for name in _CHECKED_METRICS if name in metrics}
+
+
+def _check_finite(steps: list[tuple[int, dict]], saved_step: int | None) -> None:
+    """Raises ``FloatingPointError`` at the first step whose loss or gradient norm is NaN or infinite.
+
+    Args:
+      steps: ``(step, {name: scalar})`` in step order, on the host.
+      saved_step: the newest step saved so far (None: none), where a rerun resumes.
+    """
+    for step, scalars in steps:
+        bad = {name: float(np.asarray(value)) for name, value in scalars.items()}
+        bad = {name: value for name, value in bad.items() if not math.isfinite(value)}
+        if bad:
+            resume = (
+                f"every checkpoint kept has a finite loss, and a rerun resumes from the newest (step {saved_step})"
+                if saved_step is not None
+                else "no checkpoint was saved, so a rerun starts from step 0"
+            )
+            name, value = next(iter(bad.items()))
+            raise FloatingPointError(
+                f"The {name.replace('_', ' ')} became {value} at step {step}; the state of that step was not "
+                f"saved: {resume}."
+            )

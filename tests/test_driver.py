@@ -154,3 +154,18 @@ def test_initialisation_from_an_export_reaches_the_trained_model(tmp_path, monke
     np.testing.assert_array_equal(trained["model"]["conv1"]["kernel"], params["model"]["conv1"]["kernel"])
     assert not np.array_equal(trained["classifier"]["kernel"], params["classifier"]["kernel"])
     assert jnp.all(jnp.isfinite(trained["classifier"]["kernel"]))
+
+
+def test_a_nan_names_the_stage_s_fields_that_fix_it(tmp_path, monkeypatch):
+    config = _tiny_demo_config(tmp_path)
+
+    def nan(**kwargs):
+        raise FloatingPointError("The loss became nan at step 3; ... resumes from the newest (step 2).")
+
+    monkeypatch.setattr(training, "fit", nan)
+    paths = pipeline.Workdir(str(tmp_path / "run")).training("train_cam")
+    with pytest.raises(FloatingPointError) as raised:
+        driver.train_and_export(_puzzle_task(config), config, "train_cam", paths, init_from="", seed=0)
+    message = str(raised.value)
+    assert message.startswith("[train_cam] The loss became nan at step 3; ... resumes from the newest (step 2).")
+    assert "Lower train_cam.learning_rate" in message and "--config.force_stages=train_cam" in message

@@ -1,5 +1,6 @@
 """Tests of the generic training loop: sharded step, resume after a kill, preemption, NaN detection."""
 
+import json
 import os
 import signal
 
@@ -8,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tensorboardX.proto import event_pb2
 
 from configs import default
-from puzzle_jax import models, objectives, optim, pipeline, sharding, training
+from puzzle_jax import checkpointing, models, objectives, optim, pipeline, sharding, training
 from puzzle_jax.data import input_pipeline
 
 NUM_CLASSES = 3
@@ -165,7 +167,10 @@ class _FakeSource:
         return f"_FakeSource({len(self.records)})"
 
 
-def _fit(workdir, *, total_steps, stop_after_steps=None, loader_hook=None, compute_loss=None):
+def _fit(
+    workdir, *, total_steps, stop_after_steps=None, loader_hook=None, compute_loss=None, checkpoint_every_steps=4,
+    log_every_steps=1,
+):
     mesh = sharding.create_mesh(1)
     model = _SmallCamModel(seed=3)
     model.train()
@@ -185,19 +190,20 @@ def _fit(workdir, *, total_steps, stop_after_steps=None, loader_hook=None, compu
         total_steps=total_steps,
         mesh=mesh,
         paths=pipeline.Workdir(workdir).training("test"),
-        checkpoint_every_steps=4,
-        log_every_steps=1,
+        checkpoint_every_steps=checkpoint_every_steps,
+        log_every_steps=log_every_steps,
         description="test",
         stop_after_steps=stop_after_steps,
     )
 
 
-def _metrics_by_step(workdir):
-    import json
-
+def _metric_records(workdir):
     with open(pipeline.Workdir(workdir).training("test").metrics) as handle:
-        records = [json.loads(line) for line in handle]
-    return {record["step"]: record for record in records}
+        return [json.loads(line) for line in handle]
+
+
+def _metrics_by_step(workdir):
+    return {record["step"]: record for record in _metric_records(workdir)}
 
 
 def test_killed_run_resumes_with_same_state_lr_alpha_and_data(tmp_path):
@@ -266,6 +272,107 @@ def test_nan_loss_names_the_step(tmp_path):
 
     with pytest.raises(FloatingPointError, match="step 2"):
         _fit(str(tmp_path / "nan"), total_steps=4, compute_loss=nan_after_first_step)
+
+
+def _saved_steps(workdir):
+    checkpoints = pipeline.Workdir(workdir).training("test").checkpoints
+    return sorted(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+
+
+def test_a_nan_between_log_steps_never_reaches_a_checkpoint(tmp_path):
+    """Checkpoints every 2 steps, metrics every 100: the loss turns NaN at step 5. No state from step 5 on is saved,
+    so the retention policy (2 kept) still holds finite checkpoints, the message names the newest one, and a rerun
+    with a sound objective resumes from it."""
+
+    def nan_from_step_5(model, batch, step):
+        logits, _ = model(objectives.batch_images(batch))
+        return jnp.mean(logits) + jnp.where(step >= 4, jnp.nan, 1.0), {}
+
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError) as raised:
+        _fit(workdir, total_steps=10, compute_loss=nan_from_step_5, checkpoint_every_steps=2, log_every_steps=100)
+    assert _saved_steps(workdir) == [2, 4]  # before: 6 and 8, NaN weights, with 2 and 4 rotated out
+    assert "loss became nan at step 5" in str(raised.value)
+    assert "a rerun resumes from the newest (step 4)" in str(raised.value)
+    checkpointer = checkpointing.TrainingCheckpointer(
+        pipeline.Workdir(workdir).training("test").checkpoints, save_every_steps=2
+    )
+    for step in (2, 4):
+        restored = checkpointer._manager.restore(step)  # noqa: SLF001 (the raw arrays, whatever their structure)
+        leaves = jax.tree.leaves(restored["state"])
+        assert leaves and all(np.all(np.isfinite(leaf)) for leaf in leaves if np.issubdtype(leaf.dtype, np.floating))
+    checkpointer.close()
+
+    def finite(model, batch, step):
+        logits, _ = model(objectives.batch_images(batch))
+        return jnp.mean(logits) ** 2, {}
+
+    _, state, summary = _fit(workdir, total_steps=6, compute_loss=finite, checkpoint_every_steps=2)
+    assert summary["start_step"] == 4 and int(state.step) == 6
+
+
+def test_an_infinite_gradient_with_a_finite_loss_is_not_saved(tmp_path):
+    @jax.custom_vjp
+    def gradient_times(value, factor):
+        return value
+
+    def forward(value, factor):
+        return value, factor
+
+    def backward(factor, cotangent):
+        return cotangent * factor, jnp.zeros_like(factor)
+
+    gradient_times.defvjp(forward, backward)
+
+    def infinite_gradient(model, batch, step):
+        logits, _ = model(objectives.batch_images(batch))
+        # A finite loss whose gradient is infinite from the third step on.
+        return gradient_times(jnp.mean(logits), jnp.where(step >= 2, jnp.inf, 1.0)), {}
+
+    workdir = str(tmp_path / "inf")
+    with pytest.raises(FloatingPointError, match="grad norm became .* at step 3"):
+        _fit(workdir, total_steps=10, compute_loss=infinite_gradient, checkpoint_every_steps=3, log_every_steps=100)
+    assert _saved_steps(workdir) == [1]
+
+
+def test_a_resumed_run_logs_every_step_once(tmp_path):
+    """A run killed after its step-4 checkpoint had logged steps 5 and 6; the resumed run logs them again, and the
+    metrics file holds each step once (the earlier records of 5 and 6 are dropped, as is a line the kill cut short)."""
+    workdir = str(tmp_path / "run")
+    with pytest.raises(training.Preempted):
+        _fit(workdir, total_steps=8, stop_after_steps=4)
+    metrics = pipeline.Workdir(workdir).training("test").metrics
+    with open(metrics, "a") as handle:  # what the killed run wrote after its last checkpoint
+        handle.write(json.dumps({"step": 5, "loss": 99.0}) + "\n" + json.dumps({"step": 6, "loss": 99.0}) + "\n")
+        handle.write('{"step": 7, "lo')
+    _fit(workdir, total_steps=8)
+    steps = [record["step"] for record in _metric_records(workdir)]
+    assert steps == list(range(1, 9))
+    assert all(record["loss"] != 99.0 for record in _metric_records(workdir))
+    # TensorBoard: the resumed run's event file starts with a SessionLog START at step 5, which makes TensorBoard
+    # discard the earlier files' events from step 5 on (its purge rule).
+    tensorboard = pipeline.Workdir(workdir).training("test").tensorboard
+    files = sorted(os.listdir(tensorboard), key=lambda name: os.path.getmtime(os.path.join(tensorboard, name)))
+    assert len(files) == 2
+    starts = [(event.step, event.session_log.status) for event in _events(os.path.join(tensorboard, files[1]))
+              if event.HasField("session_log")]
+    assert starts == [(5, event_pb2.SessionLog.START)]
+
+
+def _events(path):
+    """The records of a TensorBoard event file (TFRecord framing: length, its CRC, the bytes, their CRC)."""
+    import struct
+
+    with open(path, "rb") as handle:
+        payload = handle.read()
+    offset, events = 0, []
+    while offset < len(payload):
+        (length,) = struct.unpack("<Q", payload[offset : offset + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(payload[offset + 12 : offset + 12 + length])
+        events.append(event)
+        offset += 12 + length + 4
+    return events
 
 
 def test_step_memory_bytes_is_xla_s_static_estimate():
