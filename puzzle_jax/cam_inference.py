@@ -59,8 +59,10 @@ def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _scaled_input(image: np.ndarray, scale: float) -> np.ndarray:
-    """The image resized by ``scale`` (PIL bicubic): uint8 ``(round(H*s), round(W*s), 3)``."""
-    height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
+    """The image resized by ``scale`` (PIL bicubic): uint8 ``(round(H*s), round(W*s), 3)``, each side at least 1
+    (``batched_inference.scaled_size``: an image 1 pixel high stays 1 pixel high at scale 0.5; its CAMs are still
+    resized to the image's own size)."""
+    height, width = batched_inference.scaled_size(image.shape[0], image.shape[1], scale)
     return transforms.resize_image(image, height, width)
 
 
@@ -144,6 +146,7 @@ def iterate_cams(
     images_per_call: int,
     batch_multiple: int = 1,
     host_threads: int = 0,
+    max_pixels_per_call: int = 0,
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """``compute_cams`` for a stream of images, batching inputs of the same padded size across images.
 
@@ -154,6 +157,7 @@ def iterate_cams(
       images_per_call: inputs (images at one scale, with their flips) per forward call.
       batch_multiple: the call's batch size is rounded up to a multiple of this (the number of devices).
       host_threads: threads that resize the next images' inputs; 0 = the CPU cores, at most 8.
+      max_pixels_per_call: padded input pixels per call (``batched_inference.iterate_batched``); 0 = no budget.
 
     Yields:
       ``(id, payload)`` with the payload of ``compute_cams``, in completion order.
@@ -181,6 +185,7 @@ def iterate_cams(
         pad_multiple=max(pad_multiple, output_stride),
         batch_multiple=batch_multiple,
         host_threads=host_threads,
+        max_pixels_per_call=max_pixels_per_call,
     )
 
 
@@ -261,7 +266,7 @@ def write_cams(
       model_config: its model config (for the output stride).
       source: the split's records (``id``, ``image``, ``labels``).
       cam_dir: the output folder.
-      infer: ``config.infer`` (scales, flip, padding, inputs per call, host threads).
+      infer: ``config.infer`` (scales, flip, padding, inputs and pixels per call, host threads).
       num_devices: devices of this process that each call is split over (0 = all).
 
     Returns:
@@ -282,6 +287,7 @@ def write_cams(
             images_per_call=int(infer.images_per_call),
             batch_multiple=mesh.devices.size,
             host_threads=int(infer.host_threads),
+            max_pixels_per_call=int(infer.max_pixels_per_call),
         )
 
     def write(path, payload):
