@@ -180,7 +180,8 @@ def test_a_pixel_budget_runs_a_huge_input_alone_with_the_same_results():
 def test_an_input_over_the_budget_even_alone_names_the_image_and_the_field():
     rng = np.random.default_rng(5)
     items = [("fine", _images(rng, [(10, 10)])), ("IMG_6000x4000", _images(rng, [(40, 40)]))]
-    with pytest.raises(batched_inference.InputOverBudgetError, match="'IMG_6000x4000'.*infer.max_pixels_per_call=2,000"):
+    expected = "'IMG_6000x4000'.*infer.max_pixels_per_call=2,000"
+    with pytest.raises(batched_inference.InputOverBudgetError, match=expected):
         _run(items, max_pixels_per_call=2000)
 
 
