@@ -2,8 +2,9 @@
 
 ``infer_cam`` (and the refinement and segmentation stages) compute something per image and write it to
 ``output_path(id)``. ``write_per_image`` gives each process every N-th image (every image exactly once over the
-processes), skips images whose file exists (an interrupted run resumes where it stopped), writes each file through
-the caller's atomic writer, and draws a progress bar with images/s on process 0.
+processes), skips images whose file exists (an interrupted run resumes where it stopped), removes the temporaries a
+killed run left in the output folder (``fileio.remove_leftover_temporaries``), writes each file through the caller's
+atomic writer, names the image and its file in any failure, and reports progress with images/s on process 0.
 
 Host-CPU work (the dense CRF of the label stages) runs in a process pool: ``compute_in_processes`` turns a picklable
 per-image function into a ``compute`` for ``write_per_image``. Its workers are started with "spawn": the parent has
@@ -26,6 +27,8 @@ from typing import Any
 
 import jax
 from tqdm import tqdm
+
+from puzzle_jax import fileio
 
 
 def write_per_image(
@@ -57,6 +60,7 @@ def write_per_image(
     # A split that lists its ids without decoding (datasets.DecodedRecords) lets a resumed run skip finished images
     # without decoding them; listing costs a read of the split, so only when the output folder holds something.
     output_dir = os.path.dirname(output_path("any"))
+    fileio.remove_leftover_temporaries(output_dir)
     resuming = os.path.isdir(output_dir) and any(True for _ in os.scandir(output_dir))
     ids = source.ids() if resuming and hasattr(source, "ids") else None
 
@@ -76,7 +80,11 @@ def write_per_image(
     started = time.perf_counter()
     try:
         for image_id, result in compute(pending_records()):
-            write(output_path(image_id), result)
+            try:
+                write(output_path(image_id), result)
+            except Exception as error:
+                error.add_note(f"(while writing image {image_id!r} to {output_path(image_id)})")
+                raise
             counts["written"] += 1
             progress.update(1)
             progress.set_postfix(
