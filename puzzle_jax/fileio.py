@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-
 # The marker between an output's name and its writer in a temporary's name.
 TEMPORARY_MARKER = ".tmp-"
-# A temporary's name: "." + the output's name + the marker + host + "-" + pid (older versions: ".<stem>.tmp-<pid><ext>").
+# A temporary's name: "." + the output's name + the marker + host + "-" + pid (older versions wrote
+# ".<stem>.tmp-<pid><ext>").
 _TEMPORARY_NAME = re.compile(r"^\.(?P<output>.+)\.tmp-(?:(?P<host>.*)-)?(?P<pid>\d+)(?P<extension>\.[^.]*)?$")
 
 

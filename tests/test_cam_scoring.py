@@ -47,7 +47,8 @@ def test_missing_and_mismatched_cam_files_are_named(tmp_path):
     split = _split_with_perfect_cams(str(tmp_path), count=4)
     (tmp_path / "im1.npz").unlink()
     (tmp_path / "im3.npz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"2 of 4 CAM files are missing in .* \(first: im1\.npz, im3\.npz\); run infer_cam"):
+    expected = r"2 of 4 CAM files are missing in .* \(first: im1\.npz, im3\.npz\); run infer_cam"
+    with pytest.raises(FileNotFoundError, match=expected):
         cam_scoring.sweep_split(
             split, str(tmp_path), num_classes=4, thresholds=[0.5], produced_by="infer_cam", show_progress=False
         )
