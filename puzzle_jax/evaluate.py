@@ -31,9 +31,8 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
-from puzzle_jax import fileio
+from puzzle_jax import fileio, progress
 from puzzle_jax.data import records, voc
 from puzzle_jax.evaluation import cam_scoring, miou, report
 from puzzle_jax.labels import read_label_png
@@ -176,7 +175,7 @@ def evaluate_folders(
             **report.parts_for_json(result),
         }
     confusion = np.zeros((num_classes, num_classes + 1), np.int64)
-    for stem in tqdm(stems, desc="evaluate", disable=not show_progress):
+    for stem in progress.track(stems, description="evaluate", enabled=show_progress):
         ground_truth = read_label_png(ground_truths[stem], num_classes - 1)
         prediction = read_label_png(predictions[stem], num_classes - 1)
         if prediction.shape != ground_truth.shape:

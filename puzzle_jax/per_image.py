@@ -26,9 +26,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import jax
-from tqdm import tqdm
 
-from puzzle_jax import fileio
+from puzzle_jax import fileio, progress
 
 
 def write_per_image(
@@ -54,7 +53,7 @@ def write_per_image(
       ``{"written": ..., "skipped_existing": ...}`` for this process.
     """
     indices = range(jax.process_index(), len(source), jax.process_count())
-    progress = tqdm(total=len(indices), desc=description, disable=jax.process_index() != 0, dynamic_ncols=True)
+    shown = progress.Progress(len(indices), description=description, enabled=jax.process_index() == 0)
     counts = {"written": 0, "skipped_existing": 0}
 
     # A split that lists its ids without decoding (datasets.DecodedRecords) lets a resumed run skip finished images
@@ -68,12 +67,12 @@ def write_per_image(
         for index in indices:
             if ids is not None and os.path.exists(output_path(ids[index])):
                 counts["skipped_existing"] += 1  # complete from an earlier run
-                progress.update(1)
+                shown.update(1)
                 continue
             record = source[index]
             if ids is None and os.path.exists(output_path(record["id"])):
                 counts["skipped_existing"] += 1
-                progress.update(1)
+                shown.update(1)
                 continue
             yield record
 
@@ -86,12 +85,10 @@ def write_per_image(
                 error.add_note(f"(while writing image {image_id!r} to {output_path(image_id)})")
                 raise
             counts["written"] += 1
-            progress.update(1)
-            progress.set_postfix(
-                images_per_second=f"{counts['written'] / (time.perf_counter() - started):.1f}", refresh=False
-            )
+            shown.update(1)
+            shown.set_postfix(images_per_second=f"{counts['written'] / (time.perf_counter() - started):.1f}")
     finally:
-        progress.close()
+        shown.close()
     return counts
 
 

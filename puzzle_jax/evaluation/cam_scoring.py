@@ -12,9 +12,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
-from puzzle_jax import cam_files
+from puzzle_jax import cam_files, progress
 from puzzle_jax.evaluation import miou
 
 
@@ -59,7 +58,7 @@ def sweep_cam_files(
         part map of another size than its ground truth.
     """
     sweep = miou.ThresholdSweep(num_classes, thresholds)
-    for item in tqdm(pairs, total=total, desc=description, disable=not show_progress):
+    for item in progress.track(pairs, total=total, description=description, enabled=show_progress):
         cam_path, ground_truth, ground_truth_source, parts = ScoredImage(*item)
         cams, keys = cam_files.read_score_maps(cam_path)
         if cams.shape[1:] != ground_truth.shape:

@@ -19,9 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from puzzle_jax import cam_files, labels, per_image
+from puzzle_jax import cam_files, labels, per_image, progress
 from puzzle_jax.evaluation import miou
 
 
@@ -126,7 +125,7 @@ def score_label_folder(
         )
     confusion = np.zeros((num_classes, num_classes + 1), np.int64)
     void_pixels = pixels = without_foreground = 0
-    for record in tqdm(source, desc=description, disable=not show_progress, dynamic_ncols=True):
+    for record in progress.track(source, description=description, enabled=show_progress):
         path = label_path(label_dir, record["id"])
         label_map = labels.read_label_png(path, num_classes - 1)
         mask = record["mask"]
