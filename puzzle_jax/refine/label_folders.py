@@ -111,7 +111,8 @@ def score_label_folder(
       pixels of the label maps), ``images``, ``images_without_foreground``.
 
     Raises:
-      ValueError: a label PNG whose size differs from its mask (both named), or with values that are not a class.
+      ValueError: a label PNG whose size differs from its mask (both named), or with values that are not a class; a
+        mask value that is not a class (the image named).
       FileNotFoundError: some images have no label PNG (the count and the first are named).
       labels.BadExampleError: an unreadable label PNG.
     """
@@ -131,7 +132,10 @@ def score_label_folder(
         mask = record["mask"]
         if label_map.shape != mask.shape:
             raise ValueError(f"{path}: size {label_map.shape} differs from image {record['id']!r}'s mask {mask.shape}.")
-        confusion += miou.confusion_matrix(label_map, mask, num_classes)
+        try:
+            confusion += miou.confusion_matrix(label_map, mask, num_classes)
+        except ValueError as error:  # a mask value beyond the classes: name the image
+            raise ValueError(f"{path} against the mask of image {record['id']!r}: {error}") from error
         void_pixels += int(np.count_nonzero(label_map == labels.IGNORE_LABEL))
         pixels += label_map.size
         score_path = cam_files.path_of(score_dir, record["id"])
