@@ -238,6 +238,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Threads that resize the next images' inputs while the device runs (PIL releases the GIL; the inputs travel as
     # uint8 and the device normalises them); 0 = the CPU cores, at most 8. The CAMs do not depend on it.
     config.infer.host_threads = 0
+    # Padded input pixels one forward call may hold (inputs x flips x bucket height x width), for every inference
+    # stage (infer_cam, infer_rw, infer_seg): calls of large size buckets carry fewer inputs, so a huge image runs alone instead
+    # of in a batch of huge slots (which exhausted host memory and aborted the process). A ResNet-50 classifier at
+    # output stride 16 peaks at about 300 bytes per input pixel on the CPU (float32), so the default is ~10 GB: it
+    # admits images_per_call=8 VOC or COCO images (up to 640x640) at scale 2.0 with their flips (26M) unchanged. An
+    # input over it even alone (a 6000x4000 photo at scale 1.0 with its flip: 48.5M) fails the stage naming the image
+    # and this field: raise it if the device has the memory. 0 = no limit. The results do not depend on it.
+    config.infer.max_pixels_per_call = 32_000_000
 
     config.eval = ml_collections.ConfigDict()
     # Split whose images eval_cam and the refinement stages score against ground truth; "" = infer.split. Its images

@@ -12,9 +12,19 @@ edge maps, DeepLab's multi-scale logits):
   call to call (the boxes, not the stale pixels, say what is padding), which is cheaper than faulting in new pages;
 * **host work ahead of the device**: ``prepare`` (resizing, flipping) runs for the next images on a thread pool
   (PIL and OpenCV release the GIL), and **one call stays in flight**: the next call is dispatched before the
-  previous call's outputs are fetched and accumulated, so the device does not wait for the host in between.
+  previous call's outputs are fetched and accumulated, so the device does not wait for the host in between;
+* **a memory budget**: a call holds at most ``max_pixels_per_call`` padded input pixels (slots x bucket height x
+  width), so the calls of a large bucket carry fewer inputs than ``images_per_call`` and a huge image runs alone
+  rather than in a batch of huge slots (what exhausted the host's memory and aborted the process). An input over the
+  budget even alone is not tiled (tiles would change what the network sees at their borders, so the result would
+  differ from the untiled one): it fails with ``InputOverBudgetError``, naming the image, its input size and the
+  config field to raise, before anything is allocated for it;
+* **named failures**: an exception raised while preparing, running or accumulating an image carries a note naming
+  the image id(s), so a failure in a stage of thousands of images says which one.
 
-An image's result is yielded once all its inputs are accumulated. Results do not depend on the number of threads.
+An image's result is yielded once all its inputs are accumulated. Results do not depend on the number of threads; the
+budget changes only which inputs share a call, so an input's outputs are the same, and an accumulator that sums its
+inputs may add them in another order (float rounding).
 """
 
 from __future__ import annotations
@@ -50,6 +60,36 @@ class Accumulator(Protocol):
         """The image's result, once every input was added."""
 
 
+class InputOverBudgetError(ValueError):
+    """One input of an image holds more padded pixels than a call may (``max_pixels_per_call``), even alone."""
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The size of an image resized by ``scale``: each side ``round(side * scale)``, at least 1.
+
+    A side that would round to 0 (an image 1 pixel high at scale 0.5) is kept at 1 pixel, so every input has pixels;
+    the accumulators resize their outputs back to the image's own size, so the result still has the image's size.
+    """
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def inputs_per_call(bucket: tuple[int, int], *, group_size: int, images_per_call: int, max_pixels_per_call: int) -> int:
+    """Inputs (groups) per call of a size bucket: ``images_per_call``, fewer where that many would hold more than
+    ``max_pixels_per_call`` padded pixels (0 = no budget), at least 1."""
+    if max_pixels_per_call <= 0:
+        return images_per_call
+    pixels_per_input = group_size * bucket[0] * bucket[1]
+    return max(1, min(images_per_call, max_pixels_per_call // pixels_per_input))
+
+
+def _note_images(error: BaseException, image_ids: Sequence[str], what: str) -> None:
+    """Adds a note naming the images to an exception on its way out (once per exception)."""
+    if not getattr(error, "_puzzle_images_noted", False):
+        names = ", ".join(repr(image_id) for image_id in image_ids[:8]) + (" ..." if len(image_ids) > 8 else "")
+        error.add_note(f"(while {what} image(s) {names})")
+        error._puzzle_images_noted = True
+
+
 def create_forward(
     model: nnx.Module, apply: Callable[[nnx.Module, jax.Array], jax.Array], mesh: jax.sharding.Mesh | None = None
 ) -> Forward:
@@ -80,8 +120,9 @@ def create_forward(
 
 
 def scaled_input(image: np.ndarray, scale: float) -> np.ndarray:
-    """The image resized by ``scale`` (PIL bicubic, as the authors): uint8 ``(round(H*s), round(W*s), 3)``."""
-    height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
+    """The image resized by ``scale`` (PIL bicubic, as the authors): uint8 ``(round(H*s), round(W*s), 3)``, each side
+    at least 1 (``scaled_size``)."""
+    height, width = scaled_size(image.shape[0], image.shape[1], scale)
     return transforms.resize_image(image, height, width)
 
 
@@ -135,6 +176,8 @@ def iterate_batched(
     pad_multiple: int,
     batch_multiple: int = 1,
     host_threads: int = 0,
+    max_pixels_per_call: int = 0,
+    budget_field: str = "infer.max_pixels_per_call",
 ) -> Iterator[tuple[str, Any]]:
     """Runs every input of every item through ``forward`` in batches and yields each item's accumulated result.
 
@@ -151,11 +194,29 @@ def iterate_batched(
       batch_multiple: a call's batch size (``images_per_call * group_size``) is rounded up to a multiple of this
         (the number of devices the call is split over).
       host_threads: threads that run ``prepare`` ahead; 0 = ``default_host_threads()``.
+      max_pixels_per_call: padded input pixels one call may hold (``inputs_per_call``); 0 = no budget. The call's
+        batch is still rounded up to ``batch_multiple``, so each device has at least one slot.
+      budget_field: the config field that sets ``max_pixels_per_call``, named in ``InputOverBudgetError``.
 
     Yields:
       ``(id, accumulator.result())``, in completion order.
+
+    Raises:
+      InputOverBudgetError: an input over ``max_pixels_per_call`` even alone (names the image and the field).
+      ValueError: a repeated id, an input group of the wrong size or an empty input (names the image).
+      Exception: whatever ``prepare``, ``forward`` or an accumulator raised, with a note naming the image(s).
     """
-    batch_size = -(-images_per_call * group_size // batch_multiple) * batch_multiple
+    # Per size bucket: the inputs (groups) of a call and its batch size.
+    capacity: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def bucket_capacity(bucket: tuple[int, int]) -> tuple[int, int]:
+        if bucket not in capacity:
+            inputs = inputs_per_call(
+                bucket, group_size=group_size, images_per_call=images_per_call, max_pixels_per_call=max_pixels_per_call
+            )
+            capacity[bucket] = (inputs, -(-inputs * group_size // batch_multiple) * batch_multiple)
+        return capacity[bucket]
+
     # Per size bucket: the uint8 batch being filled and the box of each slot ((0, 0, height, width); empty for unused
     # slots), the (id, input size) of each group in it, and a spent batch and boxes to fill again.
     batches: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -167,38 +228,74 @@ def iterate_batched(
 
     def dispatch(bucket) -> Iterator[tuple[str, Any]]:
         images, boxes = batches.pop(bucket)
-        in_flight.append((bucket, images, boxes, entries.pop(bucket), forward(images, boxes)))
+        call_entries = entries.pop(bucket)
+        try:
+            outputs = forward(images, boxes)
+        except Exception as error:
+            _note_images(error, [item_id for item_id, _ in call_entries], f"running a {bucket[0]}x{bucket[1]} call of")
+            raise
+        in_flight.append((bucket, images, boxes, call_entries, outputs))
         if len(in_flight) > 1:
             yield from collect(in_flight.pop(0))
 
     def collect(call) -> Iterator[tuple[str, Any]]:
         bucket, images, boxes, call_entries, pending_outputs = call
-        outputs = np.asarray(pending_outputs)
+        try:
+            outputs = np.asarray(pending_outputs)
+        except Exception as error:
+            _note_images(error, [item_id for item_id, _ in call_entries], f"running a {bucket[0]}x{bucket[1]} call of")
+            raise
         # Only now, with the call's outputs fetched, may its input buffers be filled again.
         spent[bucket] = (images, boxes)
         for position, (item_id, input_size) in enumerate(call_entries):
-            accumulators[item_id].add(outputs[position * group_size : (position + 1) * group_size], input_size)
-            remaining[item_id] -= 1
+            try:
+                accumulators[item_id].add(outputs[position * group_size : (position + 1) * group_size], input_size)
+                remaining[item_id] -= 1
+                result = accumulators.pop(item_id).result() if remaining[item_id] == 0 else None
+            except Exception as error:
+                _note_images(error, [item_id], "accumulating the outputs of")
+                raise
             if remaining[item_id] == 0:
                 del remaining[item_id]
-                yield item_id, accumulators.pop(item_id).result()
+                yield item_id, result
 
     def prepare_item(pair):
-        return prepare(pair[1])
+        try:
+            return prepare(pair[1])
+        except Exception as error:
+            _note_images(error, [pair[0]], "preparing the inputs of")
+            raise
 
     for (item_id, item), inputs in _prefetched(prepare_item, items, host_threads or default_host_threads()):
         if item_id in accumulators:
             raise ValueError(f"Image id {item_id!r} appears twice in the inference stream.")
-        accumulators[item_id] = create_accumulator(item)
+        for group in inputs:
+            if len(group) != group_size:
+                raise ValueError(f"Image {item_id!r}: an input group has {len(group)} arrays, expected {group_size}.")
+            height, width = group[0].shape[:2]
+            if height < 1 or width < 1:
+                raise ValueError(f"Image {item_id!r}: an input of size {height}x{width} has no pixels.")
+            bucket = puzzle.padded_size(height, width, pad_multiple)
+            if max_pixels_per_call > 0 and group_size * bucket[0] * bucket[1] > max_pixels_per_call:
+                raise InputOverBudgetError(
+                    f"Image {item_id!r}: an input of {height}x{width} ({group_size} array(s) padded to "
+                    f"{bucket[0]}x{bucket[1]}: {group_size * bucket[0] * bucket[1]:,} pixels) exceeds "
+                    f"{budget_field}={max_pixels_per_call:,} even alone. Raise {budget_field} if the device has the "
+                    "memory, or resize the image (or use smaller scales)."
+                )
+        try:
+            accumulators[item_id] = create_accumulator(item)
+        except Exception as error:
+            _note_images(error, [item_id], "starting the accumulator of")
+            raise
         remaining[item_id] = len(inputs)
         if not inputs:
             del remaining[item_id]
             yield item_id, accumulators.pop(item_id).result()
         for group in inputs:
-            if len(group) != group_size:
-                raise ValueError(f"Image {item_id!r}: an input group has {len(group)} arrays, expected {group_size}.")
             height, width = group[0].shape[:2]
             bucket = puzzle.padded_size(height, width, pad_multiple)
+            call_inputs, batch_size = bucket_capacity(bucket)
             if bucket not in batches:
                 if bucket in spent:
                     batches[bucket] = spent.pop(bucket)
@@ -215,7 +312,7 @@ def iterate_batched(
                 images[slot + offset, :height, :width] = array
                 boxes[slot + offset] = (0, 0, height, width)
             entries[bucket].append((item_id, (height, width)))
-            if len(entries[bucket]) == images_per_call:
+            if len(entries[bucket]) == call_inputs:
                 yield from dispatch(bucket)
     for bucket in list(batches):
         yield from dispatch(bucket)

@@ -16,7 +16,6 @@ them. Files are numpy ``.npz`` (the authors pickled torch tensors), written atom
 from __future__ import annotations
 
 import os
-import zipfile
 
 import numpy as np
 
@@ -91,8 +90,14 @@ def _read(path: str, choose_fields) -> dict[str, np.ndarray]:
             if missing:
                 raise ValueError(f"expected {['keys', *fields]}, found {sorted(payload.keys())}")
             contents = {field: np.asarray(payload[field]) for field in ("keys", *fields)}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path}: not a readable CAM file: {error}") from error
+    except Exception as error:
+        # numpy and zipfile raise many types for a damaged file (BadZipFile, EOFError, zlib.error, KeyError, a
+        # header's SyntaxError, ...); this reader owns the format, so every one becomes a ValueError naming the file.
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise ValueError(
+            f"{path}: not a readable CAM file ({reason}); it is damaged (a killed copy, a full disk): delete it and "
+            "rerun the stage that wrote it."
+        ) from error
     keys = contents["keys"]
     if keys.ndim != 1 or not np.issubdtype(keys.dtype, np.integer) or len(keys) == 0 or keys[0] != 0:
         raise ValueError(f"{path}: 'keys' must be [0, class + 1, ...]; found {keys!r}.")

@@ -122,6 +122,7 @@ def iterate_cams(
     images_per_call: int,
     batch_multiple: int = 1,
     host_threads: int = 0,
+    max_pixels_per_call: int = 0,
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """``compute_cams`` for a stream of images, batching inputs of the same padded size across images.
 
@@ -132,6 +133,7 @@ def iterate_cams(
       images_per_call: inputs (images at one scale, with their flips) per forward call.
       batch_multiple: the call's batch size is rounded up to a multiple of this (the number of devices).
       host_threads: threads that resize the next images' inputs; 0 = the CPU cores, at most 8.
+      max_pixels_per_call: padded input pixels per call (``batched_inference.iterate_batched``); 0 = no budget.
 
     Yields:
       ``(id, payload)`` with the payload of ``compute_cams``, in completion order.
@@ -159,6 +161,7 @@ def iterate_cams(
         pad_multiple=max(pad_multiple, output_stride),
         batch_multiple=batch_multiple,
         host_threads=host_threads,
+        max_pixels_per_call=max_pixels_per_call,
     )
 
 
@@ -239,7 +242,7 @@ def write_cams(
       model_config: its model config (for the output stride).
       source: the split's records (``id``, ``image``, ``labels``).
       cam_dir: the output folder.
-      infer: ``config.infer`` (scales, flip, padding, inputs per call, host threads).
+      infer: ``config.infer`` (scales, flip, padding, inputs and pixels per call, host threads).
       num_devices: devices of this process that each call is split over (0 = all).
 
     Returns:
@@ -260,6 +263,7 @@ def write_cams(
             images_per_call=int(infer.images_per_call),
             batch_multiple=mesh.devices.size,
             host_threads=int(infer.host_threads),
+            max_pixels_per_call=int(infer.max_pixels_per_call),
         )
 
     def write(path, payload):

@@ -64,6 +64,10 @@ def _one_of(allowed: Sequence[Any]) -> Rule:
     return (lambda value: value in tuple(allowed)), f"one of {list(allowed)}"
 
 
+def _non_empty_text() -> Rule:
+    return (lambda value: isinstance(value, str) and bool(value.strip())), "a non-empty string"
+
+
 def _boolean() -> Rule:
     return (lambda value: isinstance(value, bool)), "True or False"
 
@@ -141,6 +145,7 @@ SECTION_RULES: dict[str, dict[str, Rule]] = {
         "pad_multiple": _at_least(1),
         "images_per_call": _at_least(1),
         "host_threads": _at_least(0),
+        "max_pixels_per_call": _at_least(0),
     },
     "eval": {"threshold_range": _threshold_range(), "gallery_images": _at_least(0)},
     "refine": {
@@ -154,6 +159,17 @@ SECTION_RULES: dict[str, dict[str, Rule]] = {
         "rw_radius": _at_least(1),
         "rw_beta": _positive_number(),
         "rw_exp_times": _at_least(0),
+    },
+    "seg": {
+        "labels": _non_empty_text(),
+        "use_gn": _boolean(),
+        "head_features": _at_least(1),
+        "low_level_features": _at_least(1),
+        "split": _non_empty_text(),
+        "scales": _scales(),
+        "flip": _boolean(),
+        "crf_iterations": _at_least(0),
+        "workers": _at_least(0),
     },
 }
 

@@ -2,8 +2,9 @@
 
 ``infer_cam`` (and the refinement and segmentation stages) compute something per image and write it to
 ``output_path(id)``. ``write_per_image`` gives each process every N-th image (every image exactly once over the
-processes), skips images whose file exists (an interrupted run resumes where it stopped), writes each file through
-the caller's atomic writer, and draws a progress bar with images/s on process 0.
+processes), skips images whose file exists (an interrupted run resumes where it stopped), removes the temporaries a
+killed run left in the output folder (``fileio.remove_leftover_temporaries``), writes each file through the caller's
+atomic writer, names the image and its file in any failure, and reports progress with images/s on process 0.
 
 Host-CPU work (the dense CRF of the label stages) runs in a process pool: ``compute_in_processes`` turns a picklable
 per-image function into a ``compute`` for ``write_per_image``. Its workers are started with "spawn": the parent has
@@ -25,7 +26,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import jax
-from tqdm import tqdm
+
+from puzzle_jax import fileio, progress
 
 
 def write_per_image(
@@ -51,12 +53,13 @@ def write_per_image(
       ``{"written": ..., "skipped_existing": ...}`` for this process.
     """
     indices = range(jax.process_index(), len(source), jax.process_count())
-    progress = tqdm(total=len(indices), desc=description, disable=jax.process_index() != 0, dynamic_ncols=True)
+    shown = progress.Progress(len(indices), description=description, enabled=jax.process_index() == 0)
     counts = {"written": 0, "skipped_existing": 0}
 
     # A split that lists its ids without decoding (datasets.DecodedRecords) lets a resumed run skip finished images
     # without decoding them; listing costs a read of the split, so only when the output folder holds something.
     output_dir = os.path.dirname(output_path("any"))
+    fileio.remove_leftover_temporaries(output_dir)
     resuming = os.path.isdir(output_dir) and any(True for _ in os.scandir(output_dir))
     ids = source.ids() if resuming and hasattr(source, "ids") else None
 
@@ -64,26 +67,28 @@ def write_per_image(
         for index in indices:
             if ids is not None and os.path.exists(output_path(ids[index])):
                 counts["skipped_existing"] += 1  # complete from an earlier run
-                progress.update(1)
+                shown.update(1)
                 continue
             record = source[index]
             if ids is None and os.path.exists(output_path(record["id"])):
                 counts["skipped_existing"] += 1
-                progress.update(1)
+                shown.update(1)
                 continue
             yield record
 
     started = time.perf_counter()
     try:
         for image_id, result in compute(pending_records()):
-            write(output_path(image_id), result)
+            try:
+                write(output_path(image_id), result)
+            except Exception as error:
+                error.add_note(f"(while writing image {image_id!r} to {output_path(image_id)})")
+                raise
             counts["written"] += 1
-            progress.update(1)
-            progress.set_postfix(
-                images_per_second=f"{counts['written'] / (time.perf_counter() - started):.1f}", refresh=False
-            )
+            shown.update(1)
+            shown.set_postfix(images_per_second=f"{counts['written'] / (time.perf_counter() - started):.1f}")
     finally:
-        progress.close()
+        shown.close()
     return counts
 
 

@@ -81,6 +81,16 @@ STAGE_CONFIG: dict[str, StageConfig] = {
     "pseudo_labels": StageConfig(
         fields=(*_DATA, "infer.split", "refine.rw_threshold", "refine.pseudo_crf_iterations"), inputs=("infer_rw",)
     ),
+    # The pseudo labels' fields count even when seg.labels names another source: harmless, they rarely change.
+    "train_seg": StageConfig(
+        fields=(*_DATA, "model", "train_seg", "seed", "seg.labels", "seg.use_gn", "seg.*_features"),
+        inputs=("pseudo_labels",),
+    ),
+    "infer_seg": StageConfig(
+        fields=(*_DATA, "seg.split", "seg.scales", "seg.flip", "seg.crf_iterations", "infer.pad_multiple"),
+        inputs=("train_seg",),
+    ),
+    "eval_seg": StageConfig(fields=(), inputs=("infer_seg",)),
 }
 
 # Fields that never change a stage's results, so a rerun or resume may change them: how often a training stage logs

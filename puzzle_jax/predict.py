@@ -125,6 +125,7 @@ def predict_segmenter(
         pad_multiple=options.pad_multiple,
         images_per_call=options.images_per_call,
         batch_multiple=mesh.devices.size,
+        max_pixels_per_call=options.max_pixels_per_call,
     )
     written = 0
     for name, label_map in seg_inference.label_maps(probabilities, crf_iterations=crf_iterations, workers=workers):
@@ -165,6 +166,7 @@ def predict_classifier(
             output_stride=output_stride,
             images_per_call=options.images_per_call,
             batch_multiple=mesh.devices.size,
+            max_pixels_per_call=options.max_pixels_per_call,
         )
         for name, payload in cams:
             cam_files.write_cam_file(os.path.join(out_dir, f"{name}.npz"), **payload)
@@ -205,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=int, default=0, help="devices each call is split over (0 = all)")
     parser.add_argument("--images-per-call", type=int, default=8, help="inputs per device call")
     parser.add_argument("--pad-multiple", type=int, default=64, help="inputs are padded to a multiple of this side")
+    parser.add_argument(
+        "--max-pixels-per-call",
+        type=int,
+        default=32_000_000,
+        help="padded input pixels per device call (bounds memory; a larger image stops with its name); 0 = no limit",
+    )
     parser.add_argument("--workers", type=int, default=0, help="CRF worker processes (0 = the CPU cores)")
     return parser
 

@@ -119,6 +119,7 @@ def iterate_walks(
     images_per_call: int,
     batch_multiple: int = 1,
     host_threads: int = 0,
+    max_pixels_per_call: int = 0,
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """The ``rw`` payload of a stream of ``(id, uint8 image, CAM file contents)``; see the module docstring."""
     settings = {"radius": int(radius), "beta": float(beta), "exp_times": int(exp_times)}
@@ -141,6 +142,7 @@ def iterate_walks(
         pad_multiple=edge_canvas,
         batch_multiple=batch_multiple,
         host_threads=host_threads,
+        max_pixels_per_call=max_pixels_per_call,
     )
 
 
@@ -176,8 +178,10 @@ def write_walks(
     num_devices: int,
     images_per_call: int,
     host_threads: int,
+    max_pixels_per_call: int = 0,
 ) -> dict[str, int]:
-    """Writes ``rw`` files (``cam_files``) for this process's share of ``source`` that has none; resumable."""
+    """Writes ``rw`` files (``cam_files``) for this process's share of ``source`` that has none; resumable.
+    ``max_pixels_per_call`` bounds the padded input pixels of one edge call (``batched_inference``)."""
     mesh = sharding.create_local_mesh(num_devices)
     forward = create_forward(model, mesh)
 
@@ -193,6 +197,7 @@ def write_walks(
             images_per_call=images_per_call,
             batch_multiple=mesh.devices.size,
             host_threads=host_threads,
+            max_pixels_per_call=max_pixels_per_call,
         )
 
     return per_image.write_per_image(

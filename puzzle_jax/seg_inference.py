@@ -26,7 +26,6 @@ import numpy as np
 from flax import nnx
 
 from puzzle_jax import batched_inference, labels, per_image, sharding
-from puzzle_jax.data import transforms
 from puzzle_jax.refine import crf, label_folders
 
 Forward = batched_inference.Forward
@@ -81,6 +80,7 @@ def iterate_probabilities(
     images_per_call: int,
     batch_multiple: int = 1,
     host_threads: int = 0,
+    max_pixels_per_call: int = 0,
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """The class probabilities of a stream of images, inputs of one padded size batched across images.
 
@@ -93,6 +93,7 @@ def iterate_probabilities(
       images_per_call: inputs (an image at one scale, with its flip) per forward call.
       batch_multiple: the call's batch size is rounded up to a multiple of this (the number of devices).
       host_threads: threads that resize the next images' inputs; 0 = the CPU cores, at most 8.
+      max_pixels_per_call: padded input pixels per call (``batched_inference.iterate_batched``); 0 = no budget.
 
     Yields:
       ``(id, {"image": image, "probabilities": float32 (H, W, C)})`` in completion order.
@@ -103,7 +104,7 @@ def iterate_probabilities(
     def prepare(image):
         inputs = []
         for scale in scales:
-            scaled = _scaled_at_least_one_pixel(image, scale)
+            scaled = batched_inference.scaled_input(image, scale)
             inputs.append((scaled, scaled[:, ::-1]) if flip else (scaled,))
         return inputs
 
@@ -117,13 +118,8 @@ def iterate_probabilities(
         pad_multiple=pad_multiple,
         batch_multiple=batch_multiple,
         host_threads=host_threads,
+        max_pixels_per_call=max_pixels_per_call,
     )
-
-
-def _scaled_at_least_one_pixel(image: np.ndarray, scale: float) -> np.ndarray:
-    """``batched_inference.scaled_input``, with no side rounded down to 0 pixels."""
-    height, width = (max(1, round(side * scale)) for side in image.shape[:2])
-    return transforms.resize_image(image, height, width)
 
 
 def crf_labels(job: tuple[np.ndarray, np.ndarray, int]) -> np.ndarray:
@@ -174,7 +170,7 @@ def write_segmentation(
       scales, flip: as in ``iterate_probabilities``.
       crf_iterations: mean-field steps of the dense CRF; 0 = the argmax of the probabilities.
       workers: CRF worker processes (0 = the CPU cores).
-      infer: ``config.infer`` (padding, inputs per call, host threads).
+      infer: ``config.infer`` (padding, inputs and pixels per call, host threads).
       num_devices: devices of this process that each call is split over (0 = all).
       description: the progress bar's label.
     """
@@ -191,6 +187,7 @@ def write_segmentation(
             images_per_call=int(infer.images_per_call),
             batch_multiple=mesh.devices.size,
             host_threads=int(infer.host_threads),
+            max_pixels_per_call=int(infer.max_pixels_per_call),
         )
         return label_maps(probabilities, crf_iterations=crf_iterations, workers=workers)
 

@@ -143,3 +143,89 @@ class _Sum:
 
     def result(self):
         return self.total
+
+
+def test_a_pixel_budget_runs_a_huge_input_alone_with_the_same_results():
+    """Issue 17: one huge image aborted the process, its bucket's batch holding images_per_call huge slots. With a
+    budget, a call of a large bucket holds fewer inputs (here one), and the results are those of the unbudgeted run."""
+    calls = []
+
+    def recording(images, boxes):
+        calls.append(images.shape)
+        return _echo(images, boxes)
+
+    rng = np.random.default_rng(4)
+    # Two 64x64-bucket inputs ("huge"), three 16x16-bucket ones; 3 inputs (6 slots) per call without a budget.
+    items = [("huge", _images(rng, [(60, 50)])), ("huge2", _images(rng, [(49, 64)]))]
+    items += [(str(i), _images(rng, [(10, 12)])) for i in range(3)]
+    unbudgeted = _run(items, forward=recording, images_per_call=3)
+    assert sorted(calls) == [(6, 16, 16, 3), (6, 64, 64, 3)]
+    calls.clear()
+    # 2 slots of 64x64 = 8192 pixels: one huge input (with its flip) per call; the small ones stay 3 per call.
+    budgeted = _run(items, forward=recording, images_per_call=3, max_pixels_per_call=8192)
+    assert sorted(calls) == [(2, 64, 64, 3), (2, 64, 64, 3), (6, 16, 16, 3)]
+    assert batched_inference.inputs_per_call((64, 64), group_size=2, images_per_call=3, max_pixels_per_call=8192) == 1
+    assert batched_inference.inputs_per_call((16, 16), group_size=2, images_per_call=3, max_pixels_per_call=8192) == 3
+    assert budgeted.keys() == unbudgeted.keys()
+    for image_id in budgeted:
+        for (a, size_a), (b, size_b) in zip(budgeted[image_id][1], unbudgeted[image_id][1], strict=True):
+            np.testing.assert_array_equal(a, b)
+            assert size_a == size_b
+    # Rounded up to the devices: each of 4 devices still gets a slot.
+    calls.clear()
+    _run(items[:1], forward=recording, images_per_call=3, max_pixels_per_call=8192, batch_multiple=4)
+    assert calls == [(4, 64, 64, 3)]
+
+
+def test_an_input_over_the_budget_even_alone_names_the_image_and_the_field():
+    rng = np.random.default_rng(5)
+    items = [("fine", _images(rng, [(10, 10)])), ("IMG_6000x4000", _images(rng, [(40, 40)]))]
+    expected = "'IMG_6000x4000'.*infer.max_pixels_per_call=2,000"
+    with pytest.raises(batched_inference.InputOverBudgetError, match=expected):
+        _run(items, max_pixels_per_call=2000)
+
+
+def test_failures_inside_the_engine_name_the_image():
+    rng = np.random.default_rng(6)
+    items = [("good", _images(rng, [(10, 10)])), ("bad", _images(rng, [(12, 10)]))]
+
+    def failing_prepare(item):
+        if item[0].shape[0] == 12:
+            raise OSError("cannot decode")
+        return _with_flips(item)
+
+    for threads in (1, 2):
+        with pytest.raises(OSError, match="cannot decode") as error:
+            list(batched_inference.iterate_batched(
+                _echo, items, prepare=failing_prepare, create_accumulator=_Collect, group_size=2, images_per_call=1,
+                pad_multiple=16, host_threads=threads,
+            ))
+        assert "'bad'" in "\n".join(error.value.__notes__)
+
+    class Failing(_Collect):
+        def add(self, outputs, input_size):
+            if input_size == (12, 10):
+                raise FloatingPointError("overflow")
+            super().add(outputs, input_size)
+
+    with pytest.raises(FloatingPointError) as error:
+        list(batched_inference.iterate_batched(
+            _echo, items, prepare=_with_flips, create_accumulator=Failing, group_size=2, images_per_call=1,
+            pad_multiple=16, host_threads=1,
+        ))
+    assert "'bad'" in "\n".join(error.value.__notes__) and "'good'" not in "\n".join(error.value.__notes__)
+
+    def out_of_memory(images, boxes):
+        raise MemoryError("RESOURCE_EXHAUSTED")
+
+    with pytest.raises(MemoryError) as error:
+        _run(items, forward=out_of_memory, images_per_call=2)
+    assert "'good', 'bad'" in "\n".join(error.value.__notes__)
+    with pytest.raises(ValueError, match="'empty': an input of size 0x10 has no pixels"):
+        _run([("empty", [np.zeros((0, 10, 3), np.uint8)])])
+
+
+def test_scaled_sizes_keep_at_least_one_pixel_a_side():
+    assert batched_inference.scaled_size(1, 37, 0.5) == (1, 18)
+    assert batched_inference.scaled_size(3, 5, 0.1) == (1, 1)
+    assert batched_inference.scaled_size(375, 500, 1.5) == (562, 750)  # round half to even, as Python's round

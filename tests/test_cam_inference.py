@@ -244,3 +244,52 @@ def test_classify_gives_the_classifiers_own_logits_on_unpadded_images():
         expected = np.asarray(model(normalised)[0])[0]
         np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(label_row, record["labels"])
+
+
+def test_an_image_one_pixel_high_gets_cams_of_its_own_size():
+    """Issue 17: scale 0.5 rounded its height to 0 and PIL failed without naming the image. Each side is kept at
+    one pixel (the torch transcription with that size as the scaled input), and the CAMs have the image's size."""
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 256, (1, 37, 3), dtype=np.uint8)
+    image[:, :10] = 255
+    labels = np.array([1.0, 1.0, 0.0])
+    ((image_id, result),) = cam_inference.iterate_cams(
+        _cell_sums, [("thin", image, labels)], scales=(0.5, 1.0), flip=True, pad_multiple=64,
+        output_stride=STRIDE, images_per_call=2,
+    )
+    assert image_id == "thin"
+    assert result["hr_cam"].shape == (2, 1, 37) and result["cam"].shape == (2, 1, 10)
+    # The reference: the authors' arithmetic on the image at scale 1.0 and at the clamped 1x18 for scale 0.5.
+    inputs = [image, np.asarray(Image.fromarray(image).resize((18, 1), Image.BICUBIC))]
+    np.testing.assert_allclose(result["hr_cam"], _torch_high_of_inputs(inputs, labels, 1, 37), rtol=1e-4, atol=1e-5)
+
+
+def _torch_high_of_inputs(inputs, labels, height, width):
+    """The full-resolution CAMs of ``_torch_reference`` from already resized uint8 inputs."""
+    up_size = (math.ceil(height / 16) * 16, math.ceil(width / 16) * 16)
+    high = []
+    for resized in inputs:
+        normalised = (resized.astype(np.float32) / 255.0 - MEAN) / STD
+        x = torch.from_numpy(normalised.astype(np.float32)).permute(2, 0, 1)[None]
+        maps = torch.from_numpy(_normalised_cell_sums(torch.cat([x, x.flip(-1)]).permute(0, 2, 3, 1).numpy()))
+        maps = maps.permute(0, 3, 1, 2)
+        maps = maps[0:1] + maps[1:2].flip(-1)
+        high.append(F.interpolate(maps, up_size, mode="bilinear", align_corners=False)[0, :, :height, :width])
+    high = torch.stack(high).sum(0)[np.nonzero(labels)[0]]
+    return (high / (F.adaptive_max_pool2d(high, (1, 1)) + 1e-5)).numpy()
+
+
+def test_a_pixel_budget_leaves_the_cams_unchanged():
+    rng = np.random.default_rng(12)
+    sizes = [(60, 50), (20, 30), (33, 41)]
+    records = [(str(i), rng.integers(0, 256, (*size, 3), np.uint8), np.array([1.0, 0.0, 1.0]))
+               for i, size in enumerate(sizes)]
+    settings = dict(scales=(0.5, 1.0), flip=True, pad_multiple=16, output_stride=STRIDE, images_per_call=3)
+    unbudgeted = dict(cam_inference.iterate_cams(_cell_sums, records, **settings))
+    # The largest input (60x50, padded to 64x64) runs alone within the budget; smaller buckets hold 2 or more.
+    budgeted = dict(cam_inference.iterate_cams(_cell_sums, records, max_pixels_per_call=2 * 64 * 64, **settings))
+    for image_id, payload in unbudgeted.items():
+        np.testing.assert_array_equal(budgeted[image_id]["keys"], payload["keys"])
+        for field in ("cam", "hr_cam"):
+            # Equal up to float32 rounding: the calls' order, hence the order an image's scales are summed in, differs.
+            np.testing.assert_allclose(budgeted[image_id][field], payload[field], rtol=1e-6, atol=1e-7)

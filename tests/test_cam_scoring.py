@@ -47,7 +47,8 @@ def test_missing_and_mismatched_cam_files_are_named(tmp_path):
     split = _split_with_perfect_cams(str(tmp_path), count=4)
     (tmp_path / "im1.npz").unlink()
     (tmp_path / "im3.npz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"2 of 4 CAM files are missing \(first: .*im1\.npz\); run infer_cam"):
+    expected = r"2 of 4 CAM files are missing in .* \(first: im1\.npz, im3\.npz\); run infer_cam"
+    with pytest.raises(FileNotFoundError, match=expected):
         cam_scoring.sweep_split(
             split, str(tmp_path), num_classes=4, thresholds=[0.5], produced_by="infer_cam", show_progress=False
         )
@@ -76,6 +77,33 @@ def test_part_maps_of_the_records_are_scored_and_records_without_them_add_nothin
     assert result["part_recall"] == {"body": 1.0, "part": 1.0}
     split[0]["parts"] = split[0]["parts"][:, :4]
     with pytest.raises(ValueError, match=r"im0\.npz: the part map of size \(12, 4\) differs .*'im0'"):
+        cam_scoring.sweep_split(
+            split, str(tmp_path), num_classes=4, thresholds=[0.5], produced_by="infer_cam", show_progress=False
+        )
+
+
+def test_out_of_range_class_ids_name_the_cam_file_and_the_ground_truth(tmp_path):
+    """Issue 17: a mask value or a CAM key beyond the classes failed without naming the image or the file."""
+    split = _split_with_perfect_cams(str(tmp_path), count=2)
+    split[1]["mask"] = split[1]["mask"].copy()
+    split[1]["mask"][5, 5] = 7
+    with pytest.raises(ValueError, match=r"im1\.npz against \(the mask of image 'im1'\): .*values \[7\]"):
+        cam_scoring.sweep_split(
+            split, str(tmp_path), num_classes=4, thresholds=[0.5], produced_by="infer_cam", show_progress=False
+        )
+    split = _split_with_perfect_cams(str(tmp_path), count=2)
+    with pytest.raises(ValueError, match=r"im0\.npz against \(the mask of image 'im0'\): keys \[1, 3\] hold a class"):
+        cam_scoring.sweep_split(
+            split, str(tmp_path), num_classes=3, thresholds=[0.5], produced_by="infer_cam", show_progress=False
+        )
+
+
+def test_a_cam_file_with_nan_fails_naming_it(tmp_path):
+    split = _split_with_perfect_cams(str(tmp_path), count=2)
+    cams = np.zeros((2, 12, 16), np.float32)
+    cams[1, 3, 3] = np.nan
+    np.savez(tmp_path / "im1.npz", keys=np.array([0, 1, 3]), hr_cam=cams)
+    with pytest.raises(ValueError, match=r"im1\.npz: 'hr_cam' holds NaN"):
         cam_scoring.sweep_split(
             split, str(tmp_path), num_classes=4, thresholds=[0.5], produced_by="infer_cam", show_progress=False
         )

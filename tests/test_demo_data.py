@@ -337,3 +337,17 @@ def test_unknown_dataset_split_and_option_are_clear_errors(data_dir):
         datasets.load_split("puzzle_demo", "train", data_dir=data_dir, num_objects=3)
     with pytest.raises(ValueError, match="num_classes=9"):
         datasets.load_split("puzzle_demo", "train", data_dir=data_dir, num_classes=9)
+
+
+def test_generating_says_generating_not_downloading(tmp_path, capfd):
+    """Issue 17: tfds announced 'Downloading and preparing dataset Unknown size (download: Unknown size ...)' for
+    data that is generated; the line now says what happens, and tfds' bars stay out of a non-terminal output."""
+    datasets.load_split("puzzle_demo", "val", data_dir=str(tmp_path), seed=5, num_pretrain=1, num_train=1, num_val=2)
+    output = capfd.readouterr()
+    text = output.out + output.err
+    assert "Generating the demo dataset (4 images: pretrain 1, train 1, val 2; nothing is downloaded) into" in text
+    assert "is ready in" in text
+    assert "Downloading" not in text and "downloaded and prepared" not in text and "\r" not in text
+    # A second load reads the prepared copy silently.
+    datasets.load_split("puzzle_demo", "val", data_dir=str(tmp_path), seed=5, num_pretrain=1, num_train=1, num_val=2)
+    assert "Generating" not in capfd.readouterr().out

@@ -207,3 +207,86 @@ def test_errors_name_the_file(tmp_path, capsys):
     np.savez(pred_dir / "lonely.npz", something=np.zeros(3))
     with pytest.raises(ValueError, match="not a readable CAM file"):
         evaluate.evaluate_folders(str(pred_dir), str(gt_dir), class_names=NAMES, thresholds=[0.1], show_progress=False)
+
+
+def _cam_folders(tmp_path, count):
+    """``count`` ground-truth PNGs and a CAM file for each; returns (pred_dir, gt_dir, brute-force CAM labels)."""
+    from puzzle_jax import cam_files
+
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    rng = np.random.default_rng(7)
+    for index in range(count):
+        truth = _random_truth(rng, (6, 7))
+        _write_png(gt_dir / f"im{index:02d}.png", truth)
+        cam_files.write_cam_file(
+            str(pred_dir / f"im{index:02d}.npz"), keys=np.array([0, 1, 2]), hr_cam=rng.random((2, 6, 7)).astype(
+                np.float32)
+        )
+    return pred_dir, gt_dir
+
+
+def test_missing_predictions_are_an_error_unless_allowed(tmp_path, capsys):
+    """Issue 17: with 10 of 24 predictions missing the evaluator exited 0 without a word, scoring the 14 found."""
+    pred_dir, gt_dir = _cam_folders(tmp_path, 24)
+    for index in range(0, 20, 2):
+        os.remove(pred_dir / f"im{index:02d}.npz")
+    arguments = ["--pred", str(pred_dir), "--gt", str(gt_dir), "--threshold", "0.3"]
+    assert evaluate.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "10 of 24 images have no prediction" in error and "im00.npz, im02.npz" in error
+    assert "--allow-missing" in error and "--ids" in error
+    assert evaluate.main([*arguments, "--allow-missing", "--json", str(tmp_path / "r.json")]) == 0
+    captured = capsys.readouterr()
+    assert "warning: 10 of 24 images have no prediction" in captured.err and "scored the 14 found" in captured.err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["num_images"] == 14 and result["num_missing"] == 10 and result["missing_ids"][:2] == ["im00", "im02"]
+    # The same 14 scored with an id list naming exactly them: the same numbers, nothing missing.
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"im{index:02d}\n" for index in range(24) if index >= 20 or index % 2))
+    assert evaluate.main([*arguments, "--ids", str(ids), "--json", str(tmp_path / "s.json")]) == 0
+    listed = json.loads((tmp_path / "s.json").read_text())
+    assert listed["num_missing"] == 0 and listed["miou"] == result["miou"]
+    ids.write_text("im01\nnot_there\n")
+    assert evaluate.main([*arguments, "--ids", str(ids)]) == 2
+    assert "1 listed id(s) have no ground truth" in capsys.readouterr().err
+
+
+def test_a_killed_writers_temporary_and_other_files_are_not_read(tmp_path, capsys):
+    """Issue 17: a hidden temporary .npz left by a kill -9 was counted as a prediction and the folder refused."""
+    pred_dir, gt_dir = _cam_folders(tmp_path, 3)
+    arguments = ["--pred", str(pred_dir), "--gt", str(gt_dir), "--threshold", "0.3", "--json", str(tmp_path / "a.json")]
+    assert evaluate.main(arguments) == 0
+    clean = json.loads((tmp_path / "a.json").read_text())
+    (pred_dir / ".im01.tmp-4242.npz").write_bytes(b"PK\x03")  # an older writer's temporary name
+    (pred_dir / ".im01.npz.tmp-host-4242").write_bytes(b"PK\x03")  # today's
+    (pred_dir / ".DS_Store.npz").write_bytes(b"junk")
+    (gt_dir / ".im01.png").write_bytes(b"junk")
+    assert evaluate.main([*arguments[:-1], str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text()) == clean
+
+
+def test_out_of_range_classes_and_nan_maps_name_the_file(tmp_path, capsys):
+    from puzzle_jax import cam_files
+
+    pred_dir, gt_dir = _cam_folders(tmp_path, 2)
+    arguments = ["--pred", str(pred_dir), "--gt", str(gt_dir), "--threshold", "0.3", "--classes"]
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\n")  # 2 classes with background: key 2 (class "b") is out of range
+    assert evaluate.main([*arguments, str(classes)]) == 2
+    assert "im00.png" in capsys.readouterr().err  # the ground truth holds classes 2 and 3 too: named
+    _write_png(gt_dir / "im00.png", np.zeros((6, 7)))
+    _write_png(gt_dir / "im01.png", np.zeros((6, 7)))
+    assert evaluate.main([*arguments, str(classes)]) == 2
+    error = capsys.readouterr().err
+    assert "im00.npz against" in error and "keys [1, 2] hold a class id >= num_classes=2" in error
+    hr_cam = np.ones((2, 6, 7), np.float32)
+    hr_cam[0, 2, 2] = np.nan
+    np.savez(pred_dir / "im01.npz", keys=np.array([0, 1, 2]), hr_cam=hr_cam)
+    classes.write_text("a\nb\n")
+    assert evaluate.main([*arguments, str(classes)]) == 2
+    assert "im01.npz: 'hr_cam' holds NaN or infinite values" in capsys.readouterr().err
+    cam_files.write_cam_file(str(pred_dir / "im01.npz"), keys=np.array([0, 1, 2]), hr_cam=np.ones((2, 6, 7)))
+    (pred_dir / "im01.npz").write_bytes((pred_dir / "im01.npz").read_bytes()[:-30])
+    assert evaluate.main([*arguments, str(classes)]) == 2
+    assert "im01.npz: not a readable CAM file" in capsys.readouterr().err

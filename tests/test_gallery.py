@@ -298,6 +298,11 @@ def test_chain_gallery_spreads_over_the_split_and_notes_missing_files(tmp_path):
     assert sections[-1][0] == "img_2"
     assert "pseudo labels: no file" in sections[-1][2] and sections[-1][1][-1].endswith("img_2_rw_labels.png")
     assert "no file" not in sections[0][2] + sections[1][2]
+    # Issue 17: the header read as "the 3 worst images"; it says they are a sample of the split, sorted worst first.
+    assert "A sample of 3 of the split&#x27;s 5 images, spread evenly over it in split order (not the split&#x27;s " \
+        "worst images), sorted worst pseudo labels IoU first." in page
+    page = open(_chain_gallery(tmp_path / "all", workdir, records, count=9), encoding="utf-8").read()
+    assert "All 5 images of the split, sorted worst pseudo labels IoU first." in page
 
 
 def test_chain_gallery_names_a_label_png_of_the_wrong_size(tmp_path):

@@ -336,3 +336,73 @@ def test_multiprocess_loader_visits_every_record_and_resumes_exactly(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == "ok"
+
+
+_ORPHAN_SCRIPT = """
+import sys, time
+from absl import app
+
+sys.path.insert(0, sys.argv[1])
+from tests.test_input_pipeline import loader_kwargs, make_fake_source
+from puzzle_jax.data import input_pipeline
+
+
+def main(_):
+    loader = input_pipeline.create_train_loader(make_fake_source(12), worker_count=2, **loader_kwargs())
+    iterator = iter(loader)
+    next(iterator)
+    next(iterator)  # both workers have made a batch
+    print("ready", flush=True)
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    app.run(main, argv=["orphan"])
+"""
+
+
+def _alive(pid):
+    """Whether a process exists and is not a zombie (an exited child that nobody reaped yet)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_grain_workers_die_with_a_killed_parent(tmp_path):
+    """Issue 17: after kill -9 of a training stage its grain workers (and multiprocessing's resource tracker) stayed
+    alive for minutes, ~270 MB each. Each worker now exits within a second or so of its parent's death."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), repo], stdout=subprocess.PIPE, text=True, cwd=repo)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        children = [child.pid for child in psutil.Process(parent.pid).children(recursive=True)]
+        assert len(children) >= 2  # the two workers (and the resource tracker)
+    finally:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 30  # a bound on waiting, not a timing: they go within ~1 s of polling
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [pid for pid in children if _alive(pid)]
+    for pid in survivors:  # do not leave them behind on failure
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors
+
+
+def test_the_parent_watch_does_nothing_in_the_main_process():
+    import threading
+
+    input_pipeline.exit_with_parent()
+    assert not any(thread.name == "exit-with-parent" for thread in threading.enumerate())

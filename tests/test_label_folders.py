@@ -88,3 +88,16 @@ def test_images_without_a_score_file_are_named_before_any_work(tmp_path):
             produced_by="infer_cam",
             description="test",
         )
+
+
+def test_a_mask_value_beyond_the_classes_names_the_image(tmp_path):
+    records = _records(str(tmp_path / "cams"), count=2)
+    for record in records:
+        labels.write_label_png(label_folders.label_path(str(tmp_path / "labels"), record["id"]), record["mask"])
+    records[1]["mask"] = records[1]["mask"].copy()
+    records[1]["mask"][0, 0] = 9
+    with pytest.raises(ValueError, match=r"im1\.png against the mask of image 'im1': .*values \[9\]"):
+        label_folders.score_label_folder(
+            records, label_dir=str(tmp_path / "labels"), score_dir=str(tmp_path / "cams"), num_classes=3,
+            show_progress=False,
+        )

@@ -144,3 +144,26 @@ def test_a_source_with_ids_is_not_decoded_for_finished_images(tmp_path):
     assert _stage(tmp_path, source, computed) == {"written": 4, "skipped_existing": 2}
     assert source.decoded == 4 and computed == ["img0", "img2", "img3", "img5"]
     assert fileio.read_json(str(tmp_path / "img1.json")) == {"square": "old"}
+
+
+def test_a_run_removes_the_temporaries_a_killed_run_left_even_of_finished_images(tmp_path):
+    source, computed = _records(3), []
+    _stage(tmp_path, source, computed)
+    leftovers = [".img1.json.tmp-somehost-1", f".img2.json.tmp-{__import__('socket').gethostname()}-999999999"]
+    for name in leftovers:
+        (tmp_path / name).write_text("{")
+    assert _stage(tmp_path, source, computed) == {"written": 0, "skipped_existing": 3}
+    # This host's dead writer's leftover goes; another host's is left to that host.
+    assert sorted(os.listdir(tmp_path)) == [leftovers[0], "img0.json", "img1.json", "img2.json"]
+
+
+def test_a_failed_write_names_the_image_and_its_file(tmp_path):
+    def failing_write(path, payload):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space") as error:
+        per_image.write_per_image(
+            _records(2), output_path=lambda image_id: str(tmp_path / f"{image_id}.json"),
+            compute=lambda records: ((record["id"], 1) for record in records), write=failing_write, description="t",
+        )
+    assert f"image 'img0' to {tmp_path / 'img0.json'}" in "\n".join(error.value.__notes__)

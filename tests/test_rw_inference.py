@@ -127,3 +127,30 @@ def test_a_killed_infer_rw_resumes_without_recomputing_and_leaves_no_partial_fil
     # Every output is there, and the rerun removed what the killed writer left.
     assert len(os.listdir(workdir.random_walk_dir())) == count
     assert {name: os.stat(os.path.join(workdir.random_walk_dir(), name)).st_mtime_ns for name in first} == mtimes
+
+
+def test_the_edge_calls_keep_to_the_pixel_budget():
+    """The walk's edge inference goes through the same budget as the CAMs (issue 17): a canvas-sized pair per call
+    when the budget holds only one, and an image over it even alone is named with the field."""
+    calls = []
+
+    def edge_logits(images, boxes):
+        calls.append(images.shape)
+        return np.zeros((len(images), images.shape[1] // 4, images.shape[2] // 4), np.float32)
+
+    rng = np.random.default_rng(1)
+    records = []
+    for index in range(3):
+        image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        cam_file = {"keys": np.array([0, 2]), "cam": rng.random((1, 5, 6)).astype(np.float32)}
+        records.append((f"im{index}", image, cam_file))
+    settings = dict(edge_canvas=32, flip=True, radius=2, beta=10.0, exp_times=2, images_per_call=4, host_threads=1)
+    unbudgeted = dict(rw_inference.iterate_walks(edge_logits, records, **settings))
+    assert calls == [(8, 32, 32, 3)]
+    calls.clear()
+    budgeted = dict(rw_inference.iterate_walks(edge_logits, records, max_pixels_per_call=2 * 32 * 32, **settings))
+    assert calls == [(2, 32, 32, 3)] * 3
+    for image_id, payload in unbudgeted.items():
+        np.testing.assert_array_equal(budgeted[image_id]["rw"], payload["rw"])
+    with pytest.raises(ValueError, match="'im0'.*infer.max_pixels_per_call=2,000"):
+        list(rw_inference.iterate_walks(edge_logits, records, max_pixels_per_call=2000, **settings))

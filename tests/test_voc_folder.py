@@ -317,3 +317,12 @@ def test_source_is_picklable_for_grain_workers(folder_splits):
     restored = pickle.loads(pickle.dumps(source))
     np.testing.assert_array_equal(restored[1]["image"], source[1]["image"])
     np.testing.assert_array_equal(restored[0]["mask"], source[0]["mask"])
+
+
+def test_preparing_a_folder_says_preparing_from_the_folder_not_downloading(tmp_path, capfd):
+    """Issue 17: tfds' 'Downloading and preparing dataset Unknown size' banner for a local folder."""
+    tree = FakeFolder(tmp_path / "mine")
+    datasets.load_split("voc_folder", "val", data_dir=str(tmp_path / "tfds"), root=tree.root)
+    text = "".join(capfd.readouterr())
+    assert "Preparing voc_folder (splits " in text and f"from the files in {tree.root} (nothing is downloaded)" in text
+    assert "Downloading" not in text and "is ready in" in text

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from puzzle_jax.data import records
+from puzzle_jax.data import announce, records
 from puzzle_jax.labels import IGNORE_LABEL
 
 # --------------------------------------------------------------------------------------------------
@@ -510,8 +510,16 @@ def create_demo_config(**overrides) -> PuzzleDemoConfig:
     return _DEFAULT_CONFIG if config.name == _DEFAULT_CONFIG.name else config
 
 
-class PuzzleDemo(tfds.core.GeneratorBasedBuilder):
+class PuzzleDemo(announce.AnnouncedPreparation, tfds.core.GeneratorBasedBuilder):
     """The procedurally generated demo dataset (tfds name "puzzle_demo")."""
+
+    def _preparation_message(self) -> str:
+        config = self.builder_config
+        total = config.num_pretrain + config.num_train + config.num_val
+        return (
+            f"Generating the demo dataset ({total:,} images: pretrain {config.num_pretrain}, train {config.num_train}, "
+            f"val {config.num_val}; nothing is downloaded) into {self.data_dir}"
+        )
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}

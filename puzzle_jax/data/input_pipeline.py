@@ -14,6 +14,12 @@ This module owns how records of a split (see `datasets.load_split`) become what 
 * `iterate_eval`: single images, normalised but unpadded, sharded so that every example is seen by
   exactly one process.
 
+Grain's worker processes die with the process that started them: a daemon thread in each worker (started with its
+first batch, `_ExitWithParent`) ends it within a second of its parent's death. Without it, a `kill -9` of a
+training stage left every worker (and multiprocessing's resource tracker, which exits once they are gone) running
+with hundreds of MB each; grain 0.2's `DataLoader` offers no worker-init hook, so the watch rides on the last
+operation, which changes no element and no random stream (it follows the transform and the batching).
+
 The images stay uint8 up to the device: normalising on the host would make every batch four times
 larger to stack, to hand from a worker process to the main one and to copy to the device, and cost
 the workers a float pass over every pixel.
@@ -21,6 +27,10 @@ the workers a float pass over every pixel.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -86,6 +96,41 @@ class AffinityAugmentation(SegmentationAugmentation):
         example = super().random_map(element, rng)
         example["mask"] = transforms.downscale_labels(example["mask"], self.label_stride)
         return example
+
+
+# How often a worker checks that its parent is alive (seconds).
+_PARENT_POLL_SECONDS = 0.5
+# The process whose parent watch runs (a worker starts it once; a forked child starts its own).
+_watching_pid: int | None = None
+
+
+def exit_with_parent() -> None:
+    """In a process started by `multiprocessing` (a grain worker), starts once a daemon thread that ends the process
+    as soon as its parent is gone (it is then re-parented, so `os.getppid()` changes). Does nothing in a process that
+    `multiprocessing` did not start (the main process), so the stage itself never exits because its shell did."""
+    global _watching_pid
+    if _watching_pid == os.getpid():
+        return
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    _watching_pid = os.getpid()
+    parent_pid = parent.pid
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(1)  # the parent was killed: nothing of this worker's is worth finishing
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+class _ExitWithParent(grain.MapTransform):
+    """Passes batches through unchanged; in a worker process, starts `exit_with_parent`'s watch."""
+
+    def map(self, element: Any) -> Any:
+        exit_with_parent()
+        return element
 
 
 def _validate_process(process_index: int, process_count: int) -> None:
@@ -168,6 +213,7 @@ def create_train_loader(
     operations = [
         transform,
         grain.Batch(batch_size=per_process_batch, drop_remainder=drop_remainder),
+        _ExitWithParent(),
     ]
     return grain.DataLoader(
         data_source=source,

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from puzzle_jax.data import records
+from puzzle_jax.data import announce, records
 from puzzle_jax.labels import IGNORE_LABEL, BadExampleError
 
 # What a builder does with an example whose files are missing or invalid.
@@ -224,11 +224,18 @@ class ManualDataConfig(tfds.core.BuilderConfig):
     parts: bool = False
 
 
-class ManualDataBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class ManualDataBuilder(announce.AnnouncedPreparation, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the builders that read a manual `root` and prepare it to array_record.
 
     Subclasses define `_split_generators` and call `_generate_split` for each split.
     """
+
+    def _preparation_message(self) -> str:
+        splits = ", ".join(self.builder_config.splits)
+        return (
+            f"Preparing {self.name} (splits {splits}) from the files in {self.builder_config.root} (nothing is "
+            f"downloaded) into {self.data_dir}"
+        )
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}

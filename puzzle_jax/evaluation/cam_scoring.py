@@ -12,9 +12,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
-from puzzle_jax import cam_files
+from puzzle_jax import cam_files, progress
 from puzzle_jax.evaluation import miou
 
 
@@ -54,11 +53,12 @@ def sweep_cam_files(
       ``miou.ThresholdSweep.result()`` (with the part recall when some image had a part map).
 
     Raises:
-      ValueError: an unreadable CAM file, maps whose size differs from their ground truth (both named), or a part
-        map of another size than its ground truth.
+      ValueError: an unreadable CAM file or one with NaN/Inf values, maps whose size differs from their ground truth,
+        a class id out of range in its keys or its ground truth (the CAM file and the ground truth named), or a
+        part map of another size than its ground truth.
     """
     sweep = miou.ThresholdSweep(num_classes, thresholds)
-    for item in tqdm(pairs, total=total, desc=description, disable=not show_progress):
+    for item in progress.track(pairs, total=total, description=description, enabled=show_progress):
         cam_path, ground_truth, ground_truth_source, parts = ScoredImage(*item)
         cams, keys = cam_files.read_score_maps(cam_path)
         if cams.shape[1:] != ground_truth.shape:
@@ -71,7 +71,11 @@ def sweep_cam_files(
                 f"{cam_path}: the part map of size {parts.shape} differs from its ground truth {ground_truth_source} "
                 f"{ground_truth.shape}."
             )
-        sweep.update(cams, keys, ground_truth, parts)
+        try:
+            sweep.update(cams, keys, ground_truth, parts)
+        except ValueError as error:
+            # Out-of-range class ids in the keys or the ground truth: name both sources.
+            raise ValueError(f"{cam_path} against {ground_truth_source}: {error}") from error
     return sweep.result()
 
 
@@ -95,8 +99,10 @@ def sweep_split(
     paths = [cam_files.path_of(cam_dir, image_id) for image_id in source.ids()]
     missing = [path for path in paths if not os.path.exists(path)]
     if missing:
+        first = ", ".join(os.path.basename(path) for path in missing[:5])
         raise FileNotFoundError(
-            f"{len(missing)} of {len(source)} CAM files are missing (first: {missing[0]}); run {produced_by} first."
+            f"{len(missing)} of {len(source)} CAM files are missing in {cam_dir} (first: {first}); run {produced_by} "
+            "first."
         )
     pairs = (
         ScoredImage(

@@ -19,9 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from puzzle_jax import cam_files, labels, per_image
+from puzzle_jax import cam_files, labels, per_image, progress
 from puzzle_jax.evaluation import miou
 
 
@@ -113,7 +112,8 @@ def score_label_folder(
       pixels of the label maps), ``images``, ``images_without_foreground``.
 
     Raises:
-      ValueError: a label PNG whose size differs from its mask (both named), or with values that are not a class.
+      ValueError: a label PNG whose size differs from its mask (both named), or with values that are not a class; a
+        mask value that is not a class (the image named).
       FileNotFoundError: some images have no label PNG (the count and the first are named).
       labels.BadExampleError: an unreadable label PNG.
     """
@@ -127,13 +127,16 @@ def score_label_folder(
         )
     confusion = np.zeros((num_classes, num_classes + 1), np.int64)
     void_pixels = pixels = without_foreground = 0
-    for record in tqdm(source, desc=description, disable=not show_progress, dynamic_ncols=True):
+    for record in progress.track(source, description=description, enabled=show_progress):
         path = label_path(label_dir, record["id"])
         label_map = labels.read_label_png(path, num_classes - 1)
         mask = record["mask"]
         if label_map.shape != mask.shape:
             raise ValueError(f"{path}: size {label_map.shape} differs from image {record['id']!r}'s mask {mask.shape}.")
-        confusion += miou.confusion_matrix(label_map, mask, num_classes)
+        try:
+            confusion += miou.confusion_matrix(label_map, mask, num_classes)
+        except ValueError as error:  # a mask value beyond the classes: name the image
+            raise ValueError(f"{path} against the mask of image {record['id']!r}: {error}") from error
         void_pixels += int(np.count_nonzero(label_map == labels.IGNORE_LABEL))
         pixels += label_map.size
         score_path = cam_files.path_of(score_dir, record["id"]) if score_dir else None

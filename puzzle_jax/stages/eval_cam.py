@@ -43,7 +43,8 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
             run_name=os.path.basename(workdir.root), compare_dir=compare and compare.cam_dir(),
             compare_name=compare and os.path.basename(compare.root),
         )
-        print(f"CAM gallery (worst image first): {gallery_path}", flush=True)
+        drawn = min(config.eval.gallery_images, len(source))
+        print(f"CAM gallery ({drawn} of the split's {len(source)} images, worst first): {gallery_path}", flush=True)
     return {
         **report.sweep_summary(class_names, result),
         "split": split,

@@ -23,7 +23,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
     counts = rw_inference.write_walks(
         model, source, workdir.cam_dir(), workdir.random_walk_dir(), config.refine,
         num_devices=config.mesh.num_devices, images_per_call=config.infer.images_per_call,
-        host_threads=config.infer.host_threads,
+        host_threads=config.infer.host_threads, max_pixels_per_call=config.infer.max_pixels_per_call,
     )
     class_names = ["background", *info.class_names]
     scored, _ = datasets.load_split_from_config(config.data, scored_split(config), field="eval.split")

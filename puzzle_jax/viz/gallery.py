@@ -144,6 +144,18 @@ def _write_png(path: str, rgb: np.ndarray) -> None:
         Image.fromarray(np.ascontiguousarray(rgb)).save(temporary, format="PNG")
 
 
+def _selection(drawn: int, total: int | None, order: str) -> str:
+    """What a gallery shows: the whole split, or a sample of it (not its worst images), and in which order."""
+    if total is None:
+        return f"{drawn} images, {order}"
+    if drawn >= total:
+        return f"All {total} images of the split, {order}"
+    return (
+        f"A sample of {drawn} of the split's {total} images, spread evenly over it in split order (not the split's "
+        f"worst images), {order}"
+    )
+
+
 def _format_iou(iou: float) -> str:
     return "n/a" if math.isnan(iou) else f"{iou:.1f}%"
 
@@ -238,6 +250,7 @@ def write_gallery(
     title: str,
     compare_name: str | None = None,
     run_name: str = "CAM",
+    split_size: int | None = None,
 ) -> str:
     """Writes the PNGs and ``index.html`` of a CAM gallery, worst image first.
 
@@ -255,6 +268,8 @@ def write_gallery(
       compare_name: name of the second run, shown beside its row (default ``"compare"`` when entries carry compare
         CAMs).
       run_name: name of the main run, shown beside its row.
+      split_size: the number of images of the split the entries were drawn from, for the header (which then says
+        whether they are all of it or a sample); None: not said.
 
     Returns:
       The path of ``index.html``.
@@ -321,7 +336,10 @@ def write_gallery(
             + "</section>"
         )
 
-    summary = f"{len(scored)} images, worst IoU first. IoU: mean over the classes in the image's GT or prediction."
+    summary = (
+        f"{_selection(len(scored), split_size, 'sorted worst IoU first')}. IoU: mean over the classes in the image's "
+        "GT or prediction."
+    )
     finite = [iou for iou in run_ious if not math.isnan(iou)]
     if finite:
         summary += f" Mean per-image IoU, {run_name}: {np.mean(finite):.1f}%"
@@ -367,7 +385,8 @@ def write_cam_gallery(
             entry.update(compare_cams=other["hr_cam"], compare_keys=other["keys"])
         entries.append(entry)
     return write_gallery(
-        output_dir, entries, class_names=class_names, title=title, compare_name=compare_name, run_name=run_name
+        output_dir, entries, class_names=class_names, title=title, compare_name=compare_name, run_name=run_name,
+        split_size=len(source),
     )
 
 
@@ -497,16 +516,18 @@ def _chain_section(
     )
 
 
-def _chain_summary(rows: Sequence[_ChainRow], steps: Sequence[_ChainStep]) -> str:
+def _chain_summary(rows: Sequence[_ChainRow], steps: Sequence[_ChainStep], split_size: int) -> str:
     if not steps:
-        return f"{len(rows)} images; no step of the refinement chain has an output folder yet."
+        selection = _selection(len(rows), split_size, "in split order")
+        return f"{selection}; no step of the refinement chain has an output folder yet."
     means = []
     for index, step in enumerate(steps):
         ious = [row.views[index].iou for row in rows if row.views[index] is not None]
         ious = [iou for iou in ious if not math.isnan(iou)]
         means.append(f"{step.name} {np.mean(ious):.1f}%" if ious else f"{step.name} n/a")
     return (
-        f"{len(rows)} images, worst {steps[-1].name} IoU first. IoU: mean over the classes in the image's GT or "
+        f"{_selection(len(rows), split_size, f'sorted worst {steps[-1].name} IoU first')}. IoU: mean over the "
+        "classes in the image's GT or "
         f"prediction, predicted void counted as wrong. Mean per-image IoU: {'; '.join(means)}."
     )
 
@@ -613,4 +634,4 @@ def _write_steps_gallery(
         rows.append(_ChainRow(image_id, _claim_stem(stems, image_id), record, views))
     rows.sort(key=_ChainRow.sort_key)
     sections = [_chain_section(output_dir, rank, row, steps, class_names) for rank, row in enumerate(rows, start=1)]
-    return _write_index(output_dir, title, _chain_summary(rows, steps), sections, class_names)
+    return _write_index(output_dir, title, _chain_summary(rows, steps, len(source)), sections, class_names)
