@@ -21,8 +21,9 @@ def get_config():
     config.train_aff.split = "train"
     # The segmenter learns from the pseudo labels of the same images ...
     config.train_seg.split = "train"
-    # ... in 10 epochs (82k images: 25.6k steps, 1.5x the VOC schedule's 16.5k) and is scored on val2014.
+    # ... in 10 epochs (82k images: 25.6k steps, 1.5x the VOC schedule's 16.5k) ...
     config.train_seg.epochs = 10
+    # ... and segments and scores val2014.
     config.seg.split = "val"
     # The backbone of the README command (and of the preprint's best VOC numbers after ResNeSt-269).
     config.model.arch = "resnest101"

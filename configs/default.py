@@ -28,6 +28,9 @@ def training_section(
     # Split whose image-level labels score the trained model (the classifier: mAP, class loss against the label
     # prior; a warning when training learned next to nothing); "" = none. Pixel labels are never used.
     section.validation_split = validation_split
+    # Also score validation_split every this many epochs during training (<stage>/validation.jsonl, TensorBoard's
+    # validation/, a printed line): for the log only, never to choose a checkpoint; 0 = once, after training.
+    section.validate_every_epochs = 0
     # Exported model (folder) whose backbone initialises training: converted ImageNet weights
     # (python -m puzzle_jax.weights.convert) or an earlier stage's export; "pretrain" is this workdir's
     # pretrain/model (train_cam only). Empty = random initialisation.
@@ -196,6 +199,7 @@ def get_config() -> ml_collections.ConfigDict:
         rescale_range=(256, 1024),
         validation_split="val",
     )
+    # The authors' DeepLab weight decay.
     config.train_seg.weight_decay = 4e-5
 
     # The segmenter (train_seg, infer_seg, eval_seg): its labels, head and inference.
@@ -238,13 +242,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Threads that resize the next images' inputs while the device runs (PIL releases the GIL; the inputs travel as
     # uint8 and the device normalises them); 0 = the CPU cores, at most 8. The CAMs do not depend on it.
     config.infer.host_threads = 0
-    # Padded input pixels one forward call may hold (inputs x flips x bucket height x width), for every inference
-    # stage (infer_cam, infer_rw, infer_seg): calls of large size buckets carry fewer inputs, so a huge image runs alone instead
-    # of in a batch of huge slots (which exhausted host memory and aborted the process). A ResNet-50 classifier at
-    # output stride 16 peaks at about 300 bytes per input pixel on the CPU (float32), so the default is ~10 GB: it
-    # admits images_per_call=8 VOC or COCO images (up to 640x640) at scale 2.0 with their flips (26M) unchanged. An
-    # input over it even alone (a 6000x4000 photo at scale 1.0 with its flip: 48.5M) fails the stage naming the image
-    # and this field: raise it if the device has the memory. 0 = no limit. The results do not depend on it.
+    # Padded input pixels one forward call may hold (inputs x flips x bucket height x width), for every inference stage
+    # (infer_cam, infer_rw, infer_seg; and predict): calls of large size buckets carry fewer inputs, so a huge image
+    # runs alone instead of in a batch of huge slots (which exhausted host memory and aborted the process). A ResNet-50
+    # classifier at output stride 16 peaks at about 300 bytes per input pixel on the CPU (float32), so the default is
+    # ~10 GB: it admits images_per_call=8 VOC or COCO images (up to 640x640) at scale 2.0 with their flips (26M)
+    # unchanged. An input over it even alone (a 6000x4000 photo at scale 1.0 with its flip: 48.5M) fails the stage
+    # naming the image and this field: raise it if the device has the memory. 0 = no limit. The results do not depend on
+    # it.
     config.infer.max_pixels_per_call = 32_000_000
 
     config.eval = ml_collections.ConfigDict()

@@ -107,12 +107,16 @@ def get_config():
         init_from="pretrain",
         validation_split="val",
     )
+    # The authors' DeepLab weight decay.
     config.train_seg.weight_decay = 4e-5
     # A checkpoint every 100 steps.
     config.train_seg.checkpoint_every_steps = 100
+    # Scored on val every 5 epochs too (train_seg/validation.jsonl; for the log only).
+    config.train_seg.validate_every_epochs = 5
     # A head as narrow as the backbone (widths 16..128): the authors' 256-channel decoder at stride 4 would cost the
     # 2-core CPU 8x the time of the whole backbone.
     config.seg.head_features = 32
+    # The decoder's projection of the stride-4 features, scaled as the head (the authors' 48).
     config.seg.low_level_features = 12
     # The segmenter labels and is scored on the 200 "val" images, which no stage trained on.
     config.seg.split = "val"

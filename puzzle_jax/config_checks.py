@@ -102,6 +102,7 @@ def _sequence(value: Any, length: int | None = None) -> bool:
 
 TRAINING_RULES: dict[str, Rule] = {
     "batch_size": _at_least(1),
+    "validate_every_epochs": _at_least(0),
     "epochs": _at_least(1),
     "learning_rate": _positive_number(),
     "weight_decay": _non_negative_number(),

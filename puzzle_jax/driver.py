@@ -98,7 +98,16 @@ def train_and_export(
     )
     try:
         graphdef, state, summary = _fit(
-            section, stage, total_steps, model, optimizer, compute_loss, loader, mesh, paths
+            section,
+            stage,
+            total_steps,
+            model,
+            optimizer,
+            compute_loss,
+            loader,
+            mesh,
+            paths,
+            validate=None if validation is None else lambda model: task.validation_scores(model, validation),
         )
     except FloatingPointError as error:
         raise FloatingPointError(
@@ -123,8 +132,16 @@ def train_and_export(
     return summary
 
 
-def _fit(section, stage, total_steps, model, optimizer, compute_loss, loader, mesh, paths):
-    """``training.fit`` with the settings of the training section ``section``."""
+def _fit(section, stage, total_steps, model, optimizer, compute_loss, loader, mesh, paths, *, validate=None):
+    """``training.fit`` with the settings of the training section ``section``; ``validate(model)`` (None: none)
+    scores the model in evaluation mode every ``section.validate_every_epochs`` epochs."""
+    every = section.get("validate_every_epochs", 0) if validate is not None else 0
+
+    def validate_state(graphdef, state):
+        model = training.merge_model(graphdef, *jax.device_get((state.params, state.batch_stats)))
+        model.eval()
+        return validate(model)
+
     return training.fit(
         model=model,
         optimizer=optimizer,
@@ -142,6 +159,8 @@ def _fit(section, stage, total_steps, model, optimizer, compute_loss, loader, me
             )
         },
         max_to_keep=section.max_to_keep,
+        validate=validate_state if every > 0 else None,
+        validate_every_steps=every * total_steps // section.epochs if every > 0 else 0,
     )
 
 

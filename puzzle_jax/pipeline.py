@@ -97,7 +97,14 @@ STAGE_CONFIG: dict[str, StageConfig] = {
 # and saves and how many checkpoints it keeps, the split that only scores the trained model, and activation
 # recomputation (which recomputes the same values). Worker and thread counts, device counts and folders of caches
 # are in no StageConfig to begin with.
-NEUTRAL_FIELDS = ("*.log_every_steps", "*.checkpoint_every_steps", "*.max_to_keep", "*.validation_split", "model.remat")
+NEUTRAL_FIELDS = (
+    "*.log_every_steps",
+    "*.checkpoint_every_steps",
+    "*.max_to_keep",
+    "*.validation_split",
+    "*.validate_every_epochs",
+    "model.remat",
+)
 
 
 class Workdir:

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from puzzle_jax import checkpointing, fileio, sharding
+from puzzle_jax import progress as progress_lib
 
 LossFunction = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 
@@ -49,6 +50,11 @@ class TrainingPaths:
     metrics: str
     tensorboard: str
     export: str
+
+    @property
+    def validation_metrics(self) -> str:
+        """The JSON-lines file of the periodic validation scores (``fit``'s ``validate``), beside ``metrics``."""
+        return os.path.join(os.path.dirname(self.metrics), "validation.jsonl")
 
 
 @flax.struct.dataclass
@@ -254,6 +260,8 @@ def fit(
     scalar_schedules: dict[str, Callable[[int], float]] | None = None,
     max_to_keep: int = 2,
     stop_after_steps: int | None = None,
+    validate: Callable[[nnx.GraphDef, TrainState], dict[str, float]] | None = None,
+    validate_every_steps: int = 0,
 ) -> tuple[nnx.GraphDef, TrainState, dict]:
     """Trains ``model`` for ``total_steps``, resuming from ``paths.checkpoints`` when a checkpoint is there.
 
@@ -272,6 +280,9 @@ def fit(
         scalar_schedules: extra host-side scalars to log per step (e.g. the learning rate).
         max_to_keep: checkpoints kept.
         stop_after_steps: stop (after saving) once this step is reached, as if preempted. For tests and time-boxed jobs.
+        validate: ``(graphdef, state) -> {name: score}``, called every ``validate_every_steps`` steps (0: never); the
+            scores are logged (``paths.validation_metrics``, TensorBoard under ``validation/``, a printed line) and
+            never steer training.
 
     Returns:
         ``(graphdef, final_state, summary)``; the summary holds the last logged metrics and throughput
@@ -284,8 +295,6 @@ def fit(
             and the newest checkpoint). The check runs on every step that is logged and, before each save, on the
             steps since the last check (their scalars are fetched then), so no non-finite state is ever saved.
     """
-    from tqdm import tqdm
-
     graphdef, state = create_train_state(model, optimizer, mesh)
     checkpointer = checkpointing.TrainingCheckpointer(
         paths.checkpoints,
@@ -301,14 +310,15 @@ def fit(
             iterator.set_state(data_state["iterator"].encode())
     train_step = make_train_step(graphdef, optimizer, compute_loss, mesh)
     writer = MetricsWriter(paths.metrics, paths.tensorboard, resume_step=start_step)
+    validation_writer = None
+    if validate is not None and validate_every_steps > 0:
+        validation_writer = MetricsWriter(
+            paths.validation_metrics, os.path.join(paths.tensorboard, "validation"), resume_step=start_step
+        )
     schedules = scalar_schedules or {}
     summary: dict = {"start_step": start_step, "total_steps": total_steps}
-    progress = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc=description,
-        disable=jax.process_index() != 0,
-        dynamic_ncols=True,
+    progress = progress_lib.Progress(
+        total_steps, initial=start_step, description=description, unit="steps", enabled=jax.process_index() == 0
     )
     pending: list[tuple[int, dict]] = []
     last_tenth: collections.deque = collections.deque(maxlen=max(1, math.ceil(total_steps / 10)))
@@ -334,6 +344,12 @@ def fit(
                     progress.set_postfix({k: f"{last[k]:.4f}" for k in ("loss",) if k in last})
                     summary["last_metrics"] = last
                     pending, images_seen, window_start = [], 0, time.perf_counter()
+                if validation_writer is not None and step % validate_every_steps == 0:
+                    scores = validate(graphdef, state)
+                    validation_writer.write(step, scores)
+                    if jax.process_index() == 0:
+                        shown = ", ".join(f"{name} {value:.2f}" for name, value in scores.items())
+                        print(f"[{description}] step {step}: validation {shown}", flush=True)
                 preempt = stop["stop"] or checkpointer.reached_preemption(step)
                 stopping = preempt or (stop_after_steps is not None and step >= stop_after_steps)
                 force = stopping or step == total_steps
@@ -352,6 +368,8 @@ def fit(
     finally:
         progress.close()
         writer.close()
+        if validation_writer is not None:
+            validation_writer.close()
         checkpointer.close()
     summary["final_step"] = step
     if last_tenth:

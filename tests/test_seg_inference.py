@@ -117,7 +117,7 @@ def test_labels_are_the_argmax_without_crf_and_the_crf_labels_with_it():
 def test_write_segmentation_writes_palette_pngs_and_resumes(tmp_path):
     images = _images()
     source = [{"id": image_id, "image": image} for image_id, image in images]
-    infer = ml_collections.ConfigDict(dict(pad_multiple=32, images_per_call=2, host_threads=1))
+    infer = ml_collections.ConfigDict(dict(pad_multiple=32, images_per_call=2, host_threads=1, max_pixels_per_call=0))
     options = dict(scales=(1.0,), flip=True, crf_iterations=0, workers=1, infer=infer, num_devices=1)
     output_dir = str(tmp_path / "predictions")
     counts = seg_inference.write_segmentation(PixelwiseSegmenter(), source, output_dir, **options)

@@ -132,7 +132,7 @@ def test_train_infer_and_eval_seg_learn_from_the_labels_and_score_val(tmp_path):
     """Trained on a label folder (the split's ground truth written as PNGs, as the pseudo labels would be), the loss
     falls, the export is a segmenter, infer_seg writes a label PNG per val image, eval_seg scores them with the chain
     and the gallery."""
-    config = _tiny_config(tmp_path, epochs=15)
+    config = _tiny_config(tmp_path, epochs=15, validate_every_epochs=5)
     workdir = pipeline.Workdir(str(tmp_path / "run"))
     records, _ = datasets.load_split_from_config(config.data, "train")
     label_dir = str(tmp_path / "labels")
@@ -144,17 +144,22 @@ def test_train_infer_and_eval_seg_learn_from_the_labels_and_score_val(tmp_path):
     losses = np.array([json.loads(line)["loss"] for line in open(workdir.training("train_seg").metrics)])
     assert losses[-3:].mean() < 0.8 * losses[:3].mean(), losses
     assert 0 <= summary["validation_miou"] <= 100 and summary["validation_images"] == 4
+    # Scored every 5 epochs (one step each) for the log; the last equals the assessment after training.
+    validation = [json.loads(line) for line in open(workdir.training("train_seg").validation_metrics)]
+    assert [record["step"] for record in validation] == [5, 10, 15]
+    assert validation[-1]["miou"] == pytest.approx(summary["validation_miou"], abs=1e-6)
     model, model_config = checkpointing.load_exported(workdir.exported_model("train_seg"), family="segmentation")
-    assert model_config["num_classes"] == 4 and model(np.zeros((1, 45, 61, 3), np.float32)).shape == (1, 45, 61, 4)
+    # The demo's 5 classes and background.
+    assert model_config["num_classes"] == 6 and model(np.zeros((1, 45, 61, 3), np.float32)).shape == (1, 45, 61, 6)
 
     inferred = infer_seg.run(config, workdir)
     assert (inferred["written"], inferred["split"]) == (4, "val")
     val, _ = datasets.load_split_from_config(config.data, "val")
     for record in val:
-        prediction = labels.read_label_png(os.path.join(workdir.segmentation_dir("val"), f"{record['id']}.png"), 3)
+        prediction = labels.read_label_png(os.path.join(workdir.segmentation_dir("val"), f"{record['id']}.png"), 5)
         assert prediction.shape == record["mask"].shape
     scored = eval_seg.run(config, workdir)
-    assert scored["num_images"] == 4 and 0 <= scored["miou"] <= 100 and len(scored["per_class_iou"]) == 4
+    assert scored["num_images"] == 4 and 0 <= scored["miou"] <= 100 and len(scored["per_class_iou"]) == 6
     assert scored["chain"][-1][:2] == ("segmentation", scored["miou"])
     assert os.path.exists(scored["gallery"])
 
@@ -162,7 +167,7 @@ def test_train_infer_and_eval_seg_learn_from_the_labels_and_score_val(tmp_path):
 def test_a_resumed_train_seg_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     """Stopped after 2 of 4 steps and run again, the stage exports the model an uninterrupted run exports: the
     dropout masks are a function of the step, so the resumed steps draw the same ones."""
-    config = _tiny_config(tmp_path, epochs=4, validation_split="")
+    config = _tiny_config(tmp_path, epochs=4, validate_every_epochs=1)
     uninterrupted, resumed = (pipeline.Workdir(str(tmp_path / name)) for name in ("uninterrupted", "resumed"))
     train_seg.run(config, uninterrupted)
     fit = training.fit
@@ -172,6 +177,13 @@ def test_a_resumed_train_seg_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     monkeypatch.undo()
     summary = train_seg.run(config, resumed)
     assert (summary["start_step"], summary["final_step"]) == (2, 4)
+    # Each step's validation score appears once, and as the uninterrupted run's.
+    scores = [
+        [json.loads(line) for line in open(workdir.training("train_seg").validation_metrics)]
+        for workdir in (uninterrupted, resumed)
+    ]
+    assert [record["step"] for record in scores[1]] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["miou"] for r in scores[1]], [r["miou"] for r in scores[0]], atol=1e-4)
     expected, _ = checkpointing.load_exported(uninterrupted.exported_model("train_seg"), family="segmentation")
     actual, _ = checkpointing.load_exported(resumed.exported_model("train_seg"), family="segmentation")
     for a, b in zip(jax.tree.leaves(nnx.state(actual)), jax.tree.leaves(nnx.state(expected)), strict=True):

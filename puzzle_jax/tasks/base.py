@@ -64,6 +64,11 @@ class Task(abc.ABC):
         split) and ``"warnings"``, sentences the driver prints. The default says nothing."""
         return {}
 
+    def validation_scores(self, model: Any, validation_records: Any) -> dict[str, float]:
+        """The scores of the model (in evaluation mode) on the validation records that the driver logs every
+        ``<stage>.validate_every_epochs`` epochs, for the log only (the default: none)."""
+        return {}
+
     def create_optimizer(self, params: Any, section: Any, total_steps: int) -> optax.GradientTransformation:
         """The authors' four-group poly SGD (``optim``) with the section's settings."""
         return optim.create_optimizer(params, total_steps=total_steps, **optimizer_settings(section))

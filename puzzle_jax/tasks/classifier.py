@@ -72,6 +72,14 @@ class ClassifierTask(base.Task):
             self.cam_section, total_steps, int(self.model_section.output_stride)
         )
 
+    def validation_scores(self, model, validation_records):
+        """The validation split's mAP (%) from its image-level labels (for the log only)."""
+        logits, labels = cam_inference.classify(
+            model, validation_records, output_stride=int(self.model_section.output_stride)
+        )
+        mean_ap, _ = classification.mean_average_precision(logits, labels)
+        return {"map": float(mean_ap)}
+
     def assess(self, model, summary, train_records, validation_records):
         """The label prior of the training split against the class loss of the last tenth of training and, on the
         validation split, mAP, class loss and label prior; a warning where a loss stays near its prior."""

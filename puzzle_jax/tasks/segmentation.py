@@ -81,6 +81,10 @@ class SegmentationTask(base.Task):
             crop_size=section.crop_size, rescale_range=tuple(section.rescale_range)
         )
 
+    def validation_scores(self, model, validation_records):
+        """The single-scale mIoU on the validation split against its ground truth (for the log only)."""
+        return {"miou": float(miou.mean_iou(validation_confusion(model, validation_records)))}
+
     def assess(self, model, summary, train_records, validation_records):
         """Without a validation split, nothing; with one, its mIoU (one scale, no flip, no CRF; for the log, never
         for choosing a checkpoint) and a warning when the segmenter predicts a single class on every image."""
