@@ -126,6 +126,16 @@ def scaled_input(image: np.ndarray, scale: float) -> np.ndarray:
     return transforms.resize_image(image, height, width)
 
 
+def scaled_inputs(image: np.ndarray, scales: Sequence[float], flip: bool) -> list[tuple[np.ndarray, ...]]:
+    """The multi-scale inputs of an image (``iterate_batched``'s ``prepare``): per scale, the scaled image and, with
+    ``flip``, its horizontal flip."""
+    inputs = []
+    for scale in scales:
+        scaled = scaled_input(image, scale)
+        inputs.append((scaled, scaled[:, ::-1]) if flip else (scaled,))
+    return inputs
+
+
 def resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear, half-pixel centres (PyTorch align_corners=False), no antialiasing; ``maps`` is (h, w, C)."""
     if maps.shape[:2] == (height, width):

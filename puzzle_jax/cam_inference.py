@@ -141,11 +141,7 @@ def iterate_cams(
 
     def prepare(item):
         image, _ = item
-        inputs = []
-        for scale in scales:
-            scaled = batched_inference.scaled_input(image, scale)
-            inputs.append((scaled, scaled[:, ::-1]) if flip else (scaled,))
-        return inputs
+        return batched_inference.scaled_inputs(image, scales, flip)
 
     def create_accumulator(item):
         image, labels = item

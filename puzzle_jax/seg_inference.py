@@ -101,17 +101,10 @@ def iterate_probabilities(
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be positive and at least one; got {tuple(scales)}.")
 
-    def prepare(image):
-        inputs = []
-        for scale in scales:
-            scaled = batched_inference.scaled_input(image, scale)
-            inputs.append((scaled, scaled[:, ::-1]) if flip else (scaled,))
-        return inputs
-
     return batched_inference.iterate_batched(
         forward,
         images,
-        prepare=prepare,
+        prepare=lambda image: batched_inference.scaled_inputs(image, scales, flip),
         create_accumulator=lambda image: ProbabilityAccumulator(image, flip=flip),
         group_size=2 if flip else 1,
         images_per_call=images_per_call,
