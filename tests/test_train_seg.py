@@ -188,3 +188,18 @@ def test_a_resumed_train_seg_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     actual, _ = checkpointing.load_exported(resumed.exported_model("train_seg"), family="segmentation")
     for a, b in zip(jax.tree.leaves(nnx.state(actual)), jax.tree.leaves(nnx.state(expected)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_voc_test_predictions_are_laid_out_for_the_evaluation_server(tmp_path):
+    """The server takes results/VOC2012/Segmentation/comp6_test_cls/<id>.png in a tar archive."""
+    import tarfile
+
+    predictions = tmp_path / "infer_seg" / "test"
+    for image_id in ("2008_000001", "2008_000002"):
+        labels.write_label_png(str(predictions / f"{image_id}.png"), np.full((5, 7), 3, np.uint8))
+    archive = infer_seg.write_voc_submission(str(predictions), str(tmp_path / "submission"))
+    with tarfile.open(archive) as tar:
+        names = sorted(name for name in tar.getnames() if name.endswith(".png"))
+        assert names == [f"results/VOC2012/Segmentation/comp6_test_cls/2008_00000{i}.png" for i in (1, 2)]
+        extracted = tar.extractfile(names[0]).read()
+    assert extracted == (predictions / "2008_000001.png").read_bytes()
