@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 # The marker between an output's name and its writer in a temporary's name.
 TEMPORARY_MARKER = ".tmp-"
@@ -118,6 +119,13 @@ def write_text(path: str, text: str) -> None:
 def read_json(path: str) -> Any:
     with open(path) as handle:
         return json.load(handle)
+
+
+def write_rgb_png(path: str, rgb: np.ndarray) -> None:
+    """Writes an ``(H, W, 3)`` uint8 RGB array as a PNG, atomically (the format is named: the temporary has no
+    extension to infer it from)."""
+    with atomic_path(path) as temporary:
+        Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(temporary, format="PNG")
 
 
 def write_npz(path: str, **arrays: np.ndarray) -> None:

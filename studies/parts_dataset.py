@@ -648,8 +648,7 @@ def write_folder(
         for index in range(count):
             identifier = example_id(split, index)
             example = generate_example(example_rng(seed, split, index), params)
-            with fileio.atomic_path(os.path.join(folders["JPEGImages"], f"{identifier}.png")) as temporary:
-                cv2.imwrite(temporary, cv2.cvtColor(example.image, cv2.COLOR_RGB2BGR))
+            fileio.write_rgb_png(os.path.join(folders["JPEGImages"], f"{identifier}.png"), example.image)
             write_label_png(os.path.join(folders["SegmentationClass"], f"{identifier}.png"), example.mask)
             with fileio.atomic_path(os.path.join(folders["SegmentationParts"], f"{identifier}.png")) as temporary:
                 Image.fromarray(example.parts).save(temporary, format="PNG")
@@ -732,8 +731,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"parts dataset in {args.out}: {json.dumps(description['sizes'])}, design {description['fingerprint']}")
     if args.preview:
         sheet = render_preview(args.seed, args.preview_split, args.preview_count)
-        with fileio.atomic_path(args.preview) as temporary:
-            cv2.imwrite(temporary, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+        fileio.write_rgb_png(args.preview, sheet)
         print(f"preview: {args.preview}")
 
 

@@ -76,3 +76,14 @@ def test_only_temporaries_of_dead_writers_of_this_host_are_removed(tmp_path):
     fileio.remove_leftover_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted(name for name, kept in names.items() if kept)
     assert fileio.remove_leftover_temporaries(str(tmp_path / "absent")) == []
+
+
+def test_write_rgb_png_round_trips_without_an_extension_to_infer_the_format_from(tmp_path):
+    # The temporary has no '.png' ending: an encoder that infers the format from the name (cv2.imwrite) fails on it.
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    path = tmp_path / "picture.png"
+    fileio.write_rgb_png(str(path), rgb)
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), rgb)
+    assert os.listdir(tmp_path) == ["picture.png"]

@@ -34,7 +34,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from puzzle_jax import cam_files, fileio
 from puzzle_jax.evaluation import miou
@@ -139,11 +138,6 @@ def _spread(source: Sequence[Mapping[str, Any]], count: int) -> list[Mapping[str
     return [source[int(index)] for index in np.linspace(0, len(source) - 1, count).round().astype(int)]
 
 
-def _write_png(path: str, rgb: np.ndarray) -> None:
-    with fileio.atomic_path(path) as temporary:
-        Image.fromarray(np.ascontiguousarray(rgb)).save(temporary, format="PNG")
-
-
 def _selection(drawn: int, total: int | None, order: str) -> str:
     """What a gallery shows: the whole split, or a sample of it (not its worst images), and in which order."""
     if total is None:
@@ -179,11 +173,11 @@ def _write_run_row(
     """Writes one run's prediction and CAM overlays of an image; returns the HTML row showing them."""
     figures = []
     relative = f"{IMAGES_DIR}/{stem}_{prefix}pred.png"
-    _write_png(os.path.join(output_dir, relative), palette.colorize_labels(view.prediction))
+    fileio.write_rgb_png(os.path.join(output_dir, relative), palette.colorize_labels(view.prediction))
     figures.append(_figure(relative, f"{run_label}: label map"))
     for cam, key in zip(view.cams, view.foreground_keys):
         relative = f"{IMAGES_DIR}/{stem}_{prefix}cam{int(key)}.png"
-        _write_png(os.path.join(output_dir, relative), overlays.cam_overlay(image, cam))
+        fileio.write_rgb_png(os.path.join(output_dir, relative), overlays.cam_overlay(image, cam))
         figures.append(_figure(relative, f"{run_label}: CAM {_class_name(int(key), class_names)}"))
     name = f"{html.escape(run_label)}<br><span>IoU {_format_iou(view.iou)}</span>"
     return f'<div class="run"><div class="run-name">{name}</div>{"".join(figures)}</div>'
@@ -212,9 +206,9 @@ def _input_figures(
 ) -> tuple[str, str]:
     """Writes an image and its ground truth (VOC palette); returns their figures' HTML and the GT classes' names."""
     image_path = f"{IMAGES_DIR}/{stem}_image.png"
-    _write_png(os.path.join(output_dir, image_path), np.asarray(image).astype(np.uint8))
+    fileio.write_rgb_png(os.path.join(output_dir, image_path), np.asarray(image).astype(np.uint8))
     gt_path = f"{IMAGES_DIR}/{stem}_gt.png"
-    _write_png(os.path.join(output_dir, gt_path), palette.colorize_labels(ground_truth))
+    fileio.write_rgb_png(os.path.join(output_dir, gt_path), palette.colorize_labels(ground_truth))
     gt_classes = [int(label) for label in np.unique(ground_truth) if 0 < label <= len(class_names)]
     gt_caption = ", ".join(_class_name(label, class_names) for label in gt_classes) or "background only"
     return _figure(image_path, f"image {image_id}") + _figure(gt_path, f"ground truth: {gt_caption}"), gt_caption
@@ -505,7 +499,7 @@ def _chain_section(
             figures += f'<figure><figcaption class="muted">{html.escape(step.name)}: no file</figcaption></figure>'
             continue
         relative = f"{IMAGES_DIR}/{row.stem}_{step.suffix}.png"
-        _write_png(os.path.join(output_dir, relative), palette.colorize_labels(view.prediction))
+        fileio.write_rgb_png(os.path.join(output_dir, relative), palette.colorize_labels(view.prediction))
         figures += _figure(relative, _step_caption(step.name, view))
     heading = f"#{rank} {html.escape(row.image_id)}"
     if steps and row.views[-1] is not None:
