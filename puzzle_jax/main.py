@@ -26,6 +26,16 @@ CONFIG_ERROR_EXIT_CODE = 2
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the run's artefacts (default: runs/<config file name>).")
+# A multi-process run described on the command line (the names of jax.distributed.initialize's arguments); without
+# them, TPU pods and Slurm jobs are detected from their environment.
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's coordinator, for a multi-process run (with the next two)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", None, "CPU devices this process exposes (a CPU-only run; default: JAX's, one)."
+)
 
 
 # Config fields that moved when each training stage got its own section (old -> new), so that an old command line
@@ -64,14 +74,48 @@ def default_workdir(config_path: str) -> str:
     return os.path.join("runs", f"{name}-{argument}" if argument else name)
 
 
-def _initialize_distributed() -> None:
-    """Joins a multi-process run when the environment describes one (TPU pods, Slurm); a no-op otherwise."""
+def distributed_arguments(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> dict | None:
+    """``jax.distributed.initialize``'s arguments from the command line, or None when none was given.
+
+    Raises:
+      app.UsageError: some of the three flags given but not all, or inconsistent values.
+    """
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    if all(value is None for value in given.values()):
+        return None
+    missing = sorted(f"--{name}" for name, value in given.items() if value is None)
+    if missing:
+        raise app.UsageError(
+            f"a multi-process run needs --coordinator_address, --num_processes and --process_id together; missing "
+            f"{', '.join(missing)}."
+        )
+    if ":" not in coordinator_address:
+        raise app.UsageError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT, e.g. 10.0.0.1:1234.")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise app.UsageError(
+            f"need --num_processes >= 1 and 0 <= --process_id < --num_processes; got --num_processes={num_processes} "
+            f"--process_id={process_id}."
+        )
+    return given
+
+
+def _initialize_distributed(arguments: dict | None, num_cpu_devices: int | None) -> None:
+    """Joins a multi-process run: the one the flags describe, else the one the environment describes (TPU pods,
+    Slurm); a no-op otherwise."""
     import jax
 
+    if num_cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", num_cpu_devices)
     multi_host_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     multi_task_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if multi_host_tpu or multi_task_slurm or "JAX_COORDINATOR_ADDRESS" in os.environ:
-        jax.distributed.initialize()
+    if arguments is None and not (multi_host_tpu or multi_task_slurm or "JAX_COORDINATOR_ADDRESS" in os.environ):
+        return
+    # Collectives between the processes' CPU devices need an implementation (the default has none); gloo needs no
+    # setup. The setting concerns the CPU client only, so GPU and TPU runs are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**(arguments or {}))
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -99,7 +143,10 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         # Orbax and tfds log every file they touch at INFO; keep the console to progress bars and results.
         logging.set_verbosity(logging.WARNING)
-    _initialize_distributed()
+    _initialize_distributed(
+        distributed_arguments(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value),
+        _NUM_CPU_DEVICES.value,
+    )
     enable_compilation_cache(_CONFIG.value.get("compilation_cache_dir", ""))
     # After distributed init: importing stages may touch devices.
     from puzzle_jax import config_checks, pipeline, training
