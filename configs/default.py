@@ -99,6 +99,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Devices of the ('data',) mesh; 0 uses every visible device. Training spans the devices of all processes;
     # inference, which the processes split between them, uses this many of each process's own devices.
     config.mesh.num_devices = 0
+    # Multi-process runs: how long a process waits for the others where they meet (the end of each stage, process
+    # 0 preparing a missing dataset, each checkpoint) before it fails with a message naming the place, instead of
+    # hanging when another process has failed or is gone.
+    config.mesh.barrier_timeout_minutes = 60.0
 
     config.data = ml_collections.ConfigDict()
     # Dataset name: "voc2012_aug" (VOC 2012 + SBD), "coco2014", "voc_folder" (your own data in VOC layout) or
@@ -115,9 +119,13 @@ def get_config() -> ml_collections.ConfigDict:
     # 120 images per CPU-second at 512x512 (README, "Host input pipeline throughput") while one H100 trains
     # ResNeSt-101 at 150-170 images/s and ResNet-50 at ~400 (BENCHMARKS.md), so an accelerator host needs several;
     # 8 feeds one GPU with room to spare (lower it on a host with fewer free cores, raise it for several fast chips
-    # per host). Killed-and-resumed runs continue the same data order for the same value; another value gives
-    # another (equally shuffled) order.
+    # per host). The data order (every global batch and its augmentation) is the same for any number of workers
+    # and of processes.
     config.data.worker_count = 8
+    # A training stage resumed with another number of processes than it was saved with: False stops with a message
+    # (each process continues its own place in the data stream, saved per process); True resumes the model,
+    # optimizer and schedules at the saved step with the data stream started again from its beginning.
+    config.data.reshuffle_on_process_change = False
 
     config.model = ml_collections.ConfigDict()
     # Backbone: resnet50, resnet101, resnest50, resnest101, resnest200, resnest269, or the narrow CPU ones resnet_tiny

@@ -124,9 +124,11 @@ class TrainingCheckpointer:
 
 
 def _as_abstract(leaf: Any) -> Any:
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        return leaf
-    return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=getattr(leaf, "sharding", None))
+    """The restore target of ``leaf``. A leaf without a placement goes to this process's first device: Orbax would
+    otherwise take the placement it was saved with, which names devices of the saving run (a pod's export loaded
+    on one machine would fail)."""
+    sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
 
 
 def export_model(directory: str, params: Any, batch_stats: Any, model_config: dict) -> None:

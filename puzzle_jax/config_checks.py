@@ -121,8 +121,8 @@ TRAINING_RULES: dict[str, Rule] = {
 }
 
 SECTION_RULES: dict[str, dict[str, Rule]] = {
-    "mesh": {"num_devices": _at_least(0)},
-    "data": {"worker_count": _at_least(0)},
+    "mesh": {"num_devices": _at_least(0), "barrier_timeout_minutes": _positive_number()},
+    "data": {"worker_count": _at_least(0), "reshuffle_on_process_change": _boolean()},
     "model": {
         "arch": _one_of(models.ARCHITECTURES),
         "output_stride": _one_of(models.OUTPUT_STRIDES),

@@ -108,6 +108,7 @@ def train_and_export(
             mesh,
             paths,
             validate=None if validation is None else lambda model: task.validation_scores(model, validation),
+            reshuffle_on_process_change=config.data.get("reshuffle_on_process_change", False),
         )
     except FloatingPointError as error:
         raise FloatingPointError(
@@ -132,7 +133,20 @@ def train_and_export(
     return summary
 
 
-def _fit(section, stage, total_steps, model, optimizer, compute_loss, loader, mesh, paths, *, validate=None):
+def _fit(
+    section,
+    stage,
+    total_steps,
+    model,
+    optimizer,
+    compute_loss,
+    loader,
+    mesh,
+    paths,
+    *,
+    validate=None,
+    reshuffle_on_process_change=False,
+):
     """``training.fit`` with the settings of the training section ``section``; ``validate(model)`` (None: none)
     scores the model in evaluation mode every ``section.validate_every_epochs`` epochs."""
     every = section.get("validate_every_epochs", 0) if validate is not None else 0
@@ -161,6 +175,7 @@ def _fit(section, stage, total_steps, model, optimizer, compute_loss, loader, me
         max_to_keep=section.max_to_keep,
         validate=validate_state if every > 0 else None,
         validate_every_steps=every * total_steps // section.epochs if every > 0 else 0,
+        reshuffle_on_process_change=reshuffle_on_process_change,
     )
 
 

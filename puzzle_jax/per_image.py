@@ -18,6 +18,7 @@ of the images that were in flight; a rerun finishes the rest.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import multiprocessing
 import os
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 import jax
 
-from puzzle_jax import fileio, progress
+from puzzle_jax import fileio, progress, sharding
 
 
 def write_per_image(
@@ -50,7 +51,8 @@ def write_per_image(
       description: the progress bar's label.
 
     Returns:
-      ``{"written": ..., "skipped_existing": ...}`` for this process.
+      ``{"written": ..., "skipped_existing": ...}`` summed over the processes; with several processes also
+      ``"written_by_process"``, each process's count.
     """
     indices = range(jax.process_index(), len(source), jax.process_count())
     shown = progress.Progress(len(indices), description=description, enabled=jax.process_index() == 0)
@@ -89,7 +91,14 @@ def write_per_image(
             shown.set_postfix(images_per_second=f"{counts['written'] / (time.perf_counter() - started):.1f}")
     finally:
         shown.close()
-    return counts
+    if jax.process_count() == 1:
+        return counts
+    by_process = [json.loads(text) for text in sharding.gather_texts(f"{description} counts", json.dumps(counts))]
+    return {
+        "written": sum(each["written"] for each in by_process),
+        "skipped_existing": sum(each["skipped_existing"] for each in by_process),
+        "written_by_process": [each["written"] for each in by_process],
+    }
 
 
 # Jobs in flight per worker: one running and one queued keeps every worker busy while the parent prepares the next.

@@ -4,11 +4,18 @@ devices and how the processes of a multi-host run keep in step.
 Data parallelism over a 1-D mesh whose only axis is ``'data'``: batches are split along their first axis, the
 training state is replicated. Each process hands in only its own slice of the global batch
 (``jax.make_array_from_process_local_data``), so the same code runs on one CPU, one GPU, or a TPU pod.
+
+Between processes, barriers, process 0's outcome and small texts go through JAX's coordination service (its
+key-value store and barriers, which take timeouts) rather than through device collectives, which wait forever: a
+process that fails or is gone makes the others fail with a message naming the place, after at most
+``barrier_timeout_s`` (``configure_barriers``), instead of hanging.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import collections
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -83,13 +90,110 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
+# How long a process waits for the others (a barrier, process 0's outcome, the others' texts) before failing.
+_BARRIER_TIMEOUT_S = [3600.0]
+# Uses of each name so far: every process makes the same calls in the same order, so name + count is one key for
+# all of them, and a name can be used again (each stage's barrier, each checkpoint's gather).
+_USES: collections.Counter = collections.Counter()
+
+_Result = TypeVar("_Result")
+
+
+class ProcessesOutOfStepError(RuntimeError):
+    """Another process failed, or did not reach a meeting point within the barrier timeout."""
+
+
+def configure_barriers(timeout_s: float) -> None:
+    """Sets how long a process waits for the others at every meeting point (``config.barrier_timeout_minutes``)."""
+    if not timeout_s > 0:
+        raise ValueError(f"the barrier timeout must be > 0 seconds; got {timeout_s}.")
+    _BARRIER_TIMEOUT_S[0] = float(timeout_s)
+
+
+def _coordination_client() -> Any:
+    """JAX's distributed-runtime client. Not public API (pinned JAX versions), so it is reached here only."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("a multi-process run without jax.distributed.initialize()")
+    return client
+
+
+def _key(name: str) -> str:
+    _USES[name] += 1
+    return f"puzzle_jax/{name}/{_USES[name]}"
+
+
+def _out_of_step(name: str, what: str, error: Exception) -> ProcessesOutOfStepError:
+    return ProcessesOutOfStepError(
+        f"process {jax.process_index()} of {jax.process_count()} waited {_BARRIER_TIMEOUT_S[0]:.0f} s at "
+        f"'{name}' for {what}: another process failed or is gone (see its log), or is slower than "
+        f"config.barrier_timeout_minutes allows. ({type(error).__name__}: {str(error).splitlines()[0][:300]})"
+    )
+
+
 def wait_for_all_processes(name: str) -> None:
     """Blocks until every JAX process of the run has reached the barrier ``name``; returns at once in a one-process
-    run. Use it where one process's files must be complete before another reads them."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    run. Use it where one process's files must be complete before another reads them.
 
-        multihost_utils.sync_global_devices(name)
+    Raises:
+      ProcessesOutOfStepError: not every process arrived within the barrier timeout.
+    """
+    if jax.process_count() == 1:
+        return
+    key = _key(name)
+    try:
+        _coordination_client().wait_at_barrier(key, int(_BARRIER_TIMEOUT_S[0] * 1000))
+    except Exception as error:  # jax's XlaRuntimeError (DEADLINE_EXCEEDED, a process that left), by message
+        raise _out_of_step(name, "every process", error) from error
+
+
+def first_on_process_zero(name: str, function: Callable[[], _Result]) -> _Result:
+    """Runs ``function`` on process 0, then on the others once it has succeeded there (preparing a dataset that
+    every process then opens: concurrent preparations of one shared folder would race).
+
+    Raises:
+      whatever ``function`` raised, on process 0; on the others ``ProcessesOutOfStepError`` with the same
+      message, or after the barrier timeout.
+    """
+    if jax.process_count() == 1:
+        return function()
+    key, client = _key(name), _coordination_client()
+    if jax.process_index() == 0:
+        try:
+            result = function()
+        except BaseException as error:
+            client.key_value_set(key, f"{type(error).__name__}: {error}")
+            raise
+        client.key_value_set(key, "")
+        return result
+    try:
+        failure = client.blocking_key_value_get(key, int(_BARRIER_TIMEOUT_S[0] * 1000))
+    except Exception as error:
+        raise _out_of_step(name, "process 0", error) from error
+    if failure:
+        raise ProcessesOutOfStepError(f"process 0 failed at '{name}': {failure}")
+    return function()
+
+
+def gather_texts(name: str, text: str) -> list[str]:
+    """Every process's ``text``, in process order (each process's data-iterator state, for process 0 to save).
+
+    Raises:
+      ProcessesOutOfStepError: some process did not contribute within the barrier timeout.
+    """
+    if jax.process_count() == 1:
+        return [text]
+    key, client = _key(name), _coordination_client()
+    client.key_value_set(f"{key}/{jax.process_index()}", text)
+    try:
+        return [
+            client.blocking_key_value_get(f"{key}/{index}", int(_BARRIER_TIMEOUT_S[0] * 1000))
+            for index in range(jax.process_count())
+        ]
+    except Exception as error:
+        raise _out_of_step(name, "the other processes' states", error) from error
 
 
 def device_memory_limit() -> int | None:

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from puzzle_jax import checkpointing, fileio, sharding
+from puzzle_jax import checkpointing, config_checks, fileio, sharding
 from puzzle_jax import progress as progress_lib
 
 LossFunction = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
@@ -227,17 +227,24 @@ class Preempted(Exception):
 
 @contextlib.contextmanager
 def _stop_requests():
-    """Turns SIGTERM into a flag the loop polls, so a preempted job saves before it exits."""
+    """Turns SIGTERM into a flag the loop polls, so a preempted job saves before it exits.
+
+    Only in a one-process run: with several, JAX's distributed runtime catches SIGTERM itself and makes it a
+    preemption notice that every process learns of, and Orbax's ``reached_preemption`` names the same step on all
+    of them (a flag of this process alone would make it save and stop while the others wait in the next step's
+    collectives). A handler here would replace the runtime's.
+    """
     requested = {"stop": False}
 
     def handler(signum, frame):  # noqa: ARG001 (signal handler signature)
         requested["stop"] = True
 
     previous = None
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # Not the main thread (e.g. inside some test runners): no handler, nothing to restore.
-        previous = None
+    if jax.process_count() == 1:
+        try:
+            previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # Not the main thread (e.g. inside some test runners): no handler, nothing to restore.
+            previous = None
     try:
         yield requested
     finally:
@@ -262,6 +269,7 @@ def fit(
     stop_after_steps: int | None = None,
     validate: Callable[[nnx.GraphDef, TrainState], dict[str, float]] | None = None,
     validate_every_steps: int = 0,
+    reshuffle_on_process_change: bool = False,
 ) -> tuple[nnx.GraphDef, TrainState, dict]:
     """Trains ``model`` for ``total_steps``, resuming from ``paths.checkpoints`` when a checkpoint is there.
 
@@ -283,6 +291,8 @@ def fit(
         validate: ``(graphdef, state) -> {name: score}``, called every ``validate_every_steps`` steps (0: never); the
             scores are logged (``paths.validation_metrics``, TensorBoard under ``validation/``, a printed line) and
             never steer training.
+        reshuffle_on_process_change: resuming a checkpoint saved by another number of processes restarts the data
+            stream instead of failing (``config.data.reshuffle_on_process_change``).
 
     Returns:
         ``(graphdef, final_state, summary)``; the summary holds the last logged metrics and throughput
@@ -290,7 +300,10 @@ def fit(
         (``last_tenth_metrics``: less noisy than one batch).
 
     Raises:
-        Preempted: when a stop was requested; the state was saved first.
+        Preempted: when a stop was requested (SIGTERM; in a multi-process run, a preemption notice that any
+            process received): every process saved the same step first.
+        config_checks.ConfigError: the checkpoint was saved by another number of processes (and
+            ``reshuffle_on_process_change`` is off).
         FloatingPointError: when the loss or the gradient norm becomes NaN or infinite (the message names the step
             and the newest checkpoint). The check runs on every step that is logged and, before each save, on the
             steps since the last check (their scalars are fetched then), so no non-finite state is ever saved.
@@ -306,8 +319,11 @@ def fit(
     start_step = 0
     if restored is not None:
         state, data_state, start_step = restored
-        if data_state and "iterator" in data_state:
-            iterator.set_state(data_state["iterator"].encode())
+        _restore_data_state(
+            iterator, data_state, step=start_step, checkpoints=paths.checkpoints, reshuffle=reshuffle_on_process_change
+        )
+        if jax.process_index() == 0:
+            print(f"[{description}] resuming at step {start_step} of {total_steps} ({paths.checkpoints})", flush=True)
     train_step = make_train_step(graphdef, optimizer, compute_loss, mesh)
     writer = MetricsWriter(paths.metrics, paths.tensorboard, resume_step=start_step)
     validation_writer = None
@@ -358,8 +374,8 @@ def fit(
                     # logged steps were checked when they were written): a NaN never reaches a checkpoint, so the
                     # retention policy cannot rotate the last good one out.
                     _check_finite(jax.device_get([(s, _checked(m)) for s, m in pending]), saved_step)
-                    # The iterator state is serialised only for the steps that are saved.
-                    data_state = {"iterator": iterator.get_state().decode()}
+                    # The iterator states are serialised only for the steps that are saved.
+                    data_state = _data_state(iterator)
                     if checkpointer.save(step, state, data_state, force=force):
                         saved_step = step
                 if stopping and step < total_steps:
@@ -377,6 +393,50 @@ def fit(
             name: float(np.mean([record[name] for record in last_tenth if name in record])) for name in last_tenth[-1]
         }
     return graphdef, state, summary
+
+
+def _data_state(iterator: Any) -> dict:
+    """Every process's data-iterator state, in process order: each reads its own place in the data stream, and
+    process 0 writes the checkpoint's JSON."""
+    return {"iterators": sharding.gather_texts("data iterator state", iterator.get_state().decode())}
+
+
+def _restore_data_state(
+    iterator: Any, data_state: dict | None, *, step: int, checkpoints: str, reshuffle: bool
+) -> None:
+    """Puts this process's iterator where the checkpoint's same-numbered process was.
+
+    Raises:
+      config_checks.ConfigError: the checkpoint holds another number of processes' states (and not ``reshuffle``).
+    """
+    if not data_state:
+        return
+    if "iterator" in data_state:
+        # Saved before per-process states: one process, and grain's own sampler, whose stream GlobalOrderSampler
+        # reproduces for a loader without workers; the loader checks the sampler's description, so it is renewed.
+        legacy = json.loads(data_state["iterator"])
+        legacy["sampler"] = json.loads(iterator.get_state())["sampler"]
+        states = [json.dumps(legacy)]
+    else:
+        states = data_state["iterators"]
+    if len(states) != jax.process_count():
+        if not reshuffle:
+            raise config_checks.ConfigError(
+                f"{checkpoints}: the checkpoint of step {step} was saved by {len(states)} process(es) and this run "
+                f"has {jax.process_count()}; each process continues its own place in the data stream, so the run "
+                f"cannot resume with another number. Run it with {len(states)} process(es), or pass "
+                "--config.data.reshuffle_on_process_change=true to resume the model, optimizer and schedules at step "
+                f"{step} with the data stream started again from its beginning."
+            )
+        if jax.process_index() == 0:
+            print(
+                f"{checkpoints}: step {step} was saved by {len(states)} process(es), this run has "
+                f"{jax.process_count()}: resuming with the data stream started again "
+                "(data.reshuffle_on_process_change).",
+                flush=True,
+            )
+        return
+    iterator.set_state(states[jax.process_index()].encode())
 
 
 def _write_metrics(

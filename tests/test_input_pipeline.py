@@ -117,6 +117,51 @@ def test_two_processes_split_the_data_exactly_once_with_half_batches():
     assert len(first | second) == 12 and (first | second) <= set(range(13))
 
 
+def test_global_batches_and_augmentations_are_those_of_one_process_for_any_process_count(worker_count=0):
+    # 14 records, global batch 4: 3 steps an epoch, so global batches straddle the epoch boundaries. (Also run with
+    # grain workers by test_multiprocess_loader_visits_every_record_and_resumes_exactly.)
+    source = make_fake_source(14)
+    steps = 8
+    single = take(iter(input_pipeline.create_train_loader(source, **loader_kwargs())), steps)
+    for process_count in (1, 2) if worker_count else (2, 4):
+        per_process = [
+            take(
+                iter(
+                    input_pipeline.create_train_loader(
+                        source,
+                        process_index=index,
+                        process_count=process_count,
+                        **loader_kwargs(worker_count=worker_count),
+                    )
+                ),
+                steps,
+            )
+            for index in range(process_count)
+        ]
+        for step in range(steps):
+            for name in ("image", "image_box", "labels"):
+                glued = np.concatenate([batches[step][name] for batches in per_process])
+                np.testing.assert_array_equal(glued, single[step][name], err_msg=f"{process_count} processes")
+
+
+def test_one_process_reads_what_grains_index_sampler_reads():
+    """The sampler is grain's IndexSampler (the reference) for one process: same records, same augmentations."""
+    import grain.python as grain
+
+    source = make_fake_source(10)
+    kwargs = loader_kwargs()
+    reference = grain.DataLoader(
+        data_source=source,
+        sampler=grain.IndexSampler(num_records=10, shuffle=True, num_epochs=None, seed=kwargs["seed"]),
+        operations=[kwargs["transform"], grain.Batch(batch_size=4, drop_remainder=True)],
+        worker_count=0,
+    )
+    ours = input_pipeline.create_train_loader(source, **kwargs)
+    for expected, batch in zip(take(iter(reference), 7), take(iter(ours), 7)):
+        np.testing.assert_array_equal(batch["image"], expected["image"])
+        np.testing.assert_array_equal(batch["image_box"], expected["image_box"])
+
+
 def test_resumed_iterator_continues_with_the_same_batches():
     source = make_fake_source(10)
     iterator = iter(input_pipeline.create_train_loader(source, **loader_kwargs()))
@@ -293,11 +338,15 @@ import numpy as np
 from absl import app
 
 sys.path.insert(0, sys.argv[1])
-from tests.test_input_pipeline import decode_indices, loader_kwargs, make_fake_source, take
+from tests.test_input_pipeline import (
+    decode_indices, loader_kwargs, make_fake_source, take,
+    test_global_batches_and_augmentations_are_those_of_one_process_for_any_process_count as same_global_batches,
+)
 from puzzle_jax.data import input_pipeline
 
 
 def main(_):
+    same_global_batches(worker_count=2)
     source = make_fake_source(12)
     def loader(**kwargs):
         return input_pipeline.create_train_loader(source, worker_count=2, **loader_kwargs(), **kwargs)

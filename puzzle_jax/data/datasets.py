@@ -23,7 +23,6 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -297,11 +296,7 @@ def load_split_from_config(
             **builder_kwargs,
         )
 
-    if jax.process_count() == 1:
-        return load()
     # Several processes (a pod, several GPU hosts): process 0 prepares a missing dataset alone, since concurrent
     # preparations of one shared data_dir would race; the others open it once process 0 is done (a data_dir local
-    # to each host is then prepared by each, one after process 0).
-    loaded = load() if jax.process_index() == 0 else None
-    sharding.wait_for_all_processes(f"puzzle_jax dataset {data_config.dataset} prepared")
-    return loaded if loaded is not None else load()
+    # to each host is then prepared by each, one after process 0), or fail with process 0's message.
+    return sharding.first_on_process_zero(f"dataset {data_config.dataset} {split} prepared", load)

@@ -5,7 +5,9 @@ This module owns how records of a split (see `datasets.load_split`) become what 
 
 * `create_train_loader`: a grain `DataLoader` that shuffles, shards across JAX processes, applies
   the training task's random transform and batches. Its iterator's state (`get_state`/`set_state`,
-  checkpointable by Orbax) makes a resumed run see exactly the data order of an uninterrupted one.
+  checkpointable by Orbax) makes a resumed run see exactly the data order of an uninterrupted one. The global
+  batches (the processes' batches side by side) are the same for any number of processes
+  (`GlobalOrderSampler`), so a pod trains on the data a single host would.
 * the transforms of the training tasks (grain random maps), all built on `transforms.train_crop`
   (spec §4: rescale, flip, crop, with uint8 crops normalised later on the device by
   `transforms.normalize_crops`): `ClassifierAugmentation` (image-level labels),
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -141,6 +144,71 @@ def _validate_process(process_index: int, process_count: int) -> None:
         )
 
 
+class GlobalOrderSampler:
+    """Grain sampler whose global batches depend on neither the number of processes nor of loader workers.
+
+    One stream of records, reshuffled every epoch, is cut into global batches of ``global_batch_size``; process
+    ``p`` of ``P`` takes the ``p``-th slice of each (the rows that ``jax.make_array_from_process_local_data``
+    places on its devices), so the global batch of every step, and each example's augmentation (seeded by its
+    position in the stream), are those of a one-process run. Grain's own ``IndexSampler`` shards first and
+    shuffles within each shard, and its workers batch strided elements, so its global batches change with both
+    counts. With one process and no workers this sampler yields exactly ``IndexSampler``'s records and random
+    streams (same shuffle, same per-position seeds).
+
+    The inverse of grain's reading order: process ``p`` asks for sampler index ``i * P + p`` for its ``i``-th
+    example; worker ``w = i % W`` reads it as its ``k = i // W``-th, puts it in row ``k % b`` of its batch
+    ``k // b`` (``b = B / P``), and the loader emits the workers' batches round robin, so it becomes row ``k % b``
+    of output batch ``j = (k // b) * W + w``: stream position ``j * B + p * b + k % b``. Within each ``W`` global
+    batches this is a permutation, so a length that is a multiple of ``W * B`` keeps every index in range.
+    """
+
+    def __init__(
+        self,
+        num_records: int,
+        *,
+        seed: int,
+        global_batch_size: int,
+        process_count: int,
+        worker_count: int,
+        num_epochs: int | None,
+    ):
+        self._seed = int(seed)
+        self._process_count = int(process_count)
+        self._workers = max(1, int(worker_count))  # 0 workers reads in the main process, as one worker would
+        self._global_batch_size = int(global_batch_size)
+        self._per_process_batch = self._global_batch_size // self._process_count
+        # Epoch e's order is a permutation of its own (grain's MapDataset.shuffle reshuffles past the first length).
+        self._record_keys = grain.MapDataset.range(num_records).shuffle(seed=self._seed)
+        positions = sys.maxsize if num_epochs is None else num_epochs * num_records
+        block = self._workers * self._global_batch_size
+        self._length = positions // block * block
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        # Grain compares a restored iterator state's repr of the sampler with the loader's.
+        return (
+            f"GlobalOrderSampler(num_records={len(self._record_keys)}, seed={self._seed}, "
+            f"global_batch_size={self._global_batch_size}, process_count={self._process_count}, "
+            f"workers={self._workers}, length={self._length})"
+        )
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < self._length:
+            raise IndexError(f"sampler index {index} outside [0, {self._length})")
+        example, process = divmod(index, self._process_count)
+        read, worker = divmod(example, self._workers)
+        worker_batch, row = divmod(read, self._per_process_batch)
+        output_batch = worker_batch * self._workers + worker
+        position = output_batch * self._global_batch_size + process * self._per_process_batch + row
+        return grain.RecordMetadata(
+            index=index,
+            record_key=self._record_keys[position],
+            rng=np.random.Generator(np.random.Philox(key=self._seed + position)),
+        )
+
+
 def create_train_loader(
     source: Sequence[dict[str, Any]],
     *,
@@ -155,10 +223,10 @@ def create_train_loader(
 ) -> grain.DataLoader:
     """Creates the shuffled, augmented, batched and process-sharded training loader.
 
-    Each process reads its own contiguous shard of the split (shards are equal: the remainder of
-    len(source) / process_count is dropped so that all processes run the same number of steps) and
-    produces batches of global_batch_size // process_count examples. Randomness (shuffle order and
-    augmentation) is a function of `seed` and the position in the stream only.
+    Each process produces its slice of every global batch, global_batch_size // process_count examples
+    (`GlobalOrderSampler`: the global batches are those of one process without workers). Randomness (shuffle
+    order and augmentation) is a function of `seed` and the position in the stream only. With `num_epochs`, the
+    stream ends at the last full global batch (of the last full group of `worker_count` batches).
 
     Args:
       source: random-access records with `image` uint8 (H, W, 3) and `labels` (C,) (and `mask`
@@ -193,22 +261,21 @@ def create_train_loader(
             f"process_count={process_count}."
         )
     per_process_batch = global_batch_size // process_count
-    records_per_process = len(source) // process_count
-    if records_per_process < per_process_batch:
+    if len(source) < global_batch_size:
         raise ValueError(
-            f"The split has {len(source)} records: {records_per_process} per process, fewer than "
-            f"one batch of {per_process_batch} (global_batch_size={global_batch_size}, "
-            f"process_count={process_count})."
+            f"The split has {len(source)} records, fewer than one global batch of {global_batch_size} "
+            f"(global_batch_size={global_batch_size}, process_count={process_count})."
         )
     shard_options = grain.ShardOptions(
         shard_index=process_index, shard_count=process_count, drop_remainder=True
     )
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=shard_options,
-        shuffle=True,
-        num_epochs=num_epochs,
+    sampler = GlobalOrderSampler(
+        len(source),
         seed=seed,
+        global_batch_size=global_batch_size,
+        process_count=process_count,
+        worker_count=worker_count,
+        num_epochs=num_epochs,
     )
     operations = [
         transform,
