@@ -89,7 +89,8 @@ def start_or_join(address: str, num_cpus: int) -> bool:
     if address:
         ray.init(address=address, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+        # "local": a new instance even where `ray start` runs a cluster or RAY_ADDRESS is set (ray.init() joins those).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
     return True
 
 

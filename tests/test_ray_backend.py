@@ -231,6 +231,35 @@ def _blurred(mask):
     return blurred
 
 
+class _RecordingRay:
+    """Stands in for the ``ray`` module: records how it is started."""
+
+    def __init__(self, initialized=False):
+        self.initialized, self.calls = initialized, []
+
+    def is_initialized(self):
+        return self.initialized
+
+    def init(self, **options):
+        self.calls.append(options)
+        self.initialized = True
+
+
+@pytest.mark.parametrize(
+    "address,options",
+    [("", {"address": "local", "num_cpus": 3, "include_dashboard": False}), ("auto", {"address": "auto"})],
+)
+def test_an_empty_address_starts_a_new_instance_and_another_joins_with_the_drivers_code(monkeypatch, address, options):
+    fake = _RecordingRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert ray_backend.start_or_join(address, num_cpus=3)
+    # "local", not ray.init()'s default, which would join a cluster that `ray start` runs here or RAY_ADDRESS names.
+    package = os.path.dirname(os.path.abspath(per_image.__file__))
+    assert fake.calls == [{**options, "runtime_env": {"py_modules": [package]}}]
+    # A process already connected keeps its connection, and the caller does not close it.
+    assert not ray_backend.start_or_join(address, num_cpus=3) and len(fake.calls) == 1
+
+
 def test_the_backend_fields_do_not_count_as_settings_of_any_stage():
     """The files are the same on either backend, so a finished or half-done stage may continue on the other."""
     config, switched = default.get_config(), default.get_config()
