@@ -116,12 +116,6 @@ def iterate_probabilities(
     )
 
 
-def crf_labels(job: tuple[np.ndarray, np.ndarray, int]) -> np.ndarray:
-    """``(image, probabilities, iterations) -> uint8 (H, W) labels`` of the segmenter's CRF (run in a worker)."""
-    image, probabilities, iterations = job
-    return crf.refine_probabilities(image, probabilities, iterations=iterations).astype(np.uint8)
-
-
 def label_maps(
     probabilities: Iterable[tuple[str, dict[str, np.ndarray]]],
     *,
@@ -137,7 +131,7 @@ def label_maps(
             yield image_id, payload["probabilities"].argmax(axis=-1).astype(np.uint8)
         return
     compute = per_image.host_compute(
-        crf_labels,
+        crf.probability_labels,
         prepare=lambda record: (record["image"], record["probabilities"], crf_iterations),
         backend=backend,
     )

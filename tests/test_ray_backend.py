@@ -231,6 +231,26 @@ def _blurred(mask):
     return blurred
 
 
+@pytest.mark.slow
+def test_the_segmenters_crf_on_ray_gives_the_local_labels(ray_instance):
+    from puzzle_jax import seg_inference
+
+    rng = np.random.default_rng(3)
+    stream = []
+    for index in range(3):
+        image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        logits = rng.normal(0, 2, (30, 40, 4)).astype(np.float32)
+        stream.append((f"im{index}", {"image": image, "probabilities": seg_inference.softmax(logits)}))
+    results = {
+        kind: dict(seg_inference.label_maps(iter(stream), crf_iterations=3, backend=backend))
+        for kind, backend in (("local", per_image.HostBackend(workers=2)), ("ray", _ray()))
+    }
+    assert sorted(results["ray"]) == ["im0", "im1", "im2"]
+    for image_id, label_map in results["ray"].items():
+        assert label_map.dtype == np.uint8
+        np.testing.assert_array_equal(label_map, results["local"][image_id])
+
+
 class _RecordingRay:
     """Stands in for the ``ray`` module: records how it is started."""
 
