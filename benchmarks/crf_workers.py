@@ -42,7 +42,11 @@ RULES = {
 }
 
 
-def _records(directory: str, field: str, count: int, size: tuple[int, int], rng: np.random.Generator) -> list[dict]:
+def synthetic_records(
+    directory: str, field: str, count: int, size: tuple[int, int], rng: np.random.Generator
+) -> list[dict]:
+    """``count`` images of ``size`` with blob score maps of 1-3 classes under ``field`` in ``directory``; their records
+    (``id``, ``image``)."""
     height, width = size
     rows, cols = np.mgrid[:height, :width]
     records = []
@@ -108,7 +112,7 @@ def main() -> None:
         for size_name, size in SIZES.items():
             count = options.images * (4 if size[0] < 200 else 1)
             with tempfile.TemporaryDirectory() as score_dir:
-                records = _records(score_dir, field, count, size, rng)
+                records = synthetic_records(score_dir, field, count, size, rng)
                 for workers in worker_counts:
                     overall, steady, cpu = _time(records, score_dir, function, workers)
                     print(

@@ -286,8 +286,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.refine.rw_threshold = 0.35
     # pseudo_labels: mean-field steps of the CRF (README --crf_iteration 1).
     config.refine.pseudo_crf_iterations = 1
-    # Worker processes running the CRF (one image each at a time); 0 = the CPU cores this process may use.
+    # Worker processes running the CRF (one image each at a time); 0 = the CPU cores this process may use. With
+    # backend "ray": the CPUs kept busy (a Ray instance started here gets this many); 0 = all of Ray's.
     config.refine.workers = 0
+    # Where the CRF of aff_labels, pseudo_labels and infer_seg runs: "local" (a pool of worker processes on this
+    # machine) or "ray" (Ray tasks on ray_address; pip install -r requirements-ray.txt). The files are the same bit for
+    # bit, so a stage may resume on the other backend; the workdir must be at the same path on every Ray node.
+    config.refine.backend = "local"
+    # backend "ray": "" starts a Ray instance on this machine (stopped at the end); "auto" (RAY_ADDRESS or the
+    # cluster started on this machine with `ray start`) or host:port joins a running cluster.
+    config.refine.ray_address = ""
+    # backend "ray": reruns of an image's task that raised or whose worker died before the stage fails naming it.
+    config.refine.max_retries = 3
     # infer_rw: each image (and its flip) is zero-padded to a canvas of this side for AffinityNet, as the authors pad
     # to 512 x 512 (VOC images are at most 500 px); larger images get the next multiple. The side branches' GroupNorm
     # takes statistics over the whole canvas, so the edges depend on it: keep the size the network was meant for.

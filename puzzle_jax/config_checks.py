@@ -14,6 +14,7 @@ known, by the stage.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from puzzle_jax import losses, models, objectives, optim
+from puzzle_jax import losses, models, objectives, optim, per_image, ray_backend
 
 # A predicate on a value and the words that say what it allows ("must be <allowed>").
 Rule = tuple[Callable[[Any], bool], str]
@@ -66,6 +67,10 @@ def _one_of(allowed: Sequence[Any]) -> Rule:
 
 def _non_empty_text() -> Rule:
     return (lambda value: isinstance(value, str) and bool(value.strip())), "a non-empty string"
+
+
+def _text() -> Rule:
+    return (lambda value: isinstance(value, str)), "a string"
 
 
 def _boolean() -> Rule:
@@ -156,6 +161,9 @@ SECTION_RULES: dict[str, dict[str, Rule]] = {
         "rw_threshold": _fraction(),
         "pseudo_crf_iterations": _at_least(0),
         "workers": _at_least(0),
+        "backend": _one_of(per_image.HOST_BACKENDS),
+        "ray_address": _text(),
+        "max_retries": _at_least(0),
         "edge_canvas": _at_least(1),
         "rw_radius": _at_least(1),
         "rw_beta": _positive_number(),
@@ -199,6 +207,9 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
                 f"refine.aff_bg_threshold={refine.aff_bg_threshold} is above refine.aff_fg_threshold="
                 f"{refine.aff_fg_threshold}: the confident-background score must not exceed the foreground one."
             )
+    # Checked here, before hours of training, not when the first label stage starts; Ray is not imported.
+    if refine is not None and refine.get("backend") == "ray" and importlib.util.find_spec("ray") is None:
+        problems.append(f"refine.backend='ray': Ray is not installed; {ray_backend.INSTALL_HINT}.")
     return problems
 
 

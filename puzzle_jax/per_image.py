@@ -13,11 +13,17 @@ worker always has the next one queued, and a split of 10k images is not submitte
 completion order and the parent writes each one atomically as soon as it arrives, so a killed run keeps every
 finished image and leaves no partial file. A worker that dies (killed, out of memory) fails the stage with the ids
 of the images that were in flight; a rerun finishes the rest.
+
+Where that work runs is the stage's choice, not its code's: ``host_compute`` gives the ``compute`` of a
+``HostBackend`` (``config.refine.backend``): ``local``, the process pool above, or ``ray``, tasks on a Ray instance
+or cluster (``ray_backend.compute_on_ray``, imported only then). Both return the function's results, so the files
+are the same whichever ran them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -179,3 +185,67 @@ def compute_in_processes(
             pool.shutdown(wait=True, cancel_futures=True)
 
     return compute
+
+
+# The values of config.refine.backend.
+HOST_BACKENDS = ("local", "ray")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostBackend:
+    """Where the host-CPU per-image work of a stage runs (``host_compute``).
+
+    Attributes:
+      kind: ``"local"`` (a pool of processes on this machine) or ``"ray"`` (Ray tasks).
+      workers: local: processes; ray: CPUs to keep busy (a started Ray instance gets this many); 0 = the CPU cores
+        (ray: all the CPUs of the instance or cluster).
+      ray_address: ray: ``""`` starts a Ray instance on this machine, ``"auto"`` or ``host:port`` joins a cluster.
+      max_retries: ray: reruns of a failed task before its image is reported.
+    """
+
+    kind: str = "local"
+    workers: int = 0
+    ray_address: str = ""
+    max_retries: int = 3
+
+    def __post_init__(self):
+        if self.kind not in HOST_BACKENDS:
+            raise ValueError(f"refine.backend must be one of {list(HOST_BACKENDS)}; got {self.kind!r}.")
+
+    @classmethod
+    def from_config(cls, refine: Any, workers: int | None = None) -> HostBackend:
+        """The backend of ``config.refine`` (``backend``, ``ray_address``, ``max_retries``, ``workers``); ``workers``
+        overrides the section's (``infer_seg`` sizes its pool with ``seg.workers``)."""
+        return cls(
+            kind=str(refine.backend),
+            workers=int(refine.workers if workers is None else workers),
+            ray_address=str(refine.ray_address),
+            max_retries=int(refine.max_retries),
+        )
+
+
+def host_compute(
+    function: Callable[[Any], Any], *, prepare: Callable[[dict[str, Any]], Any], backend: HostBackend
+) -> Callable[[Iterator[dict[str, Any]]], Iterator[tuple[str, Any]]]:
+    """A ``compute`` for ``write_per_image`` that runs ``function`` on each record where ``backend`` says.
+
+    Args:
+      function: ``job -> result``, picklable, its module importable without JAX (``compute_in_processes``).
+      prepare: ``record -> job``, run in this process.
+      backend: ``local`` (``compute_in_processes``) or ``ray`` (``ray_backend.compute_on_ray``; Ray is imported
+        only then).
+
+    Returns:
+      ``records -> (id, result)`` pairs in completion order, the same results whichever backend.
+    """
+    if backend.kind == "ray":
+        from puzzle_jax import ray_backend
+
+        return ray_backend.compute_on_ray(
+            function,
+            prepare=prepare,
+            address=backend.ray_address,
+            workers=backend.workers,
+            max_retries=backend.max_retries,
+        )
+    return compute_in_processes(function, prepare=prepare, workers=backend.workers)

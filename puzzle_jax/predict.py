@@ -29,6 +29,7 @@ from puzzle_jax import (
     checkpointing,
     fileio,
     labels,
+    per_image,
     seg_inference,
     sharding,
 )
@@ -128,7 +129,10 @@ def predict_segmenter(
         max_pixels_per_call=options.max_pixels_per_call,
     )
     written = 0
-    for name, label_map in seg_inference.label_maps(probabilities, crf_iterations=crf_iterations, workers=workers):
+    labelled = seg_inference.label_maps(
+        probabilities, crf_iterations=crf_iterations, backend=per_image.HostBackend(workers=workers)
+    )
+    for name, label_map in labelled:
         _write_outputs(out_dir, name, decoded.pop(name), label_map)
         written += 1
         print(f"{name}: {os.path.join(out_dir, name + '.png')}", flush=True)

@@ -5,7 +5,8 @@ For each scale (the authors: 0.5, 1, 1.5, 2) the image is resized on the host (P
 with its horizontal flip. The logits of the input's pixels (the segmenter upsamples to its input's size) are
 flipped back where flipped, resized bilinearly (align_corners=False) to the image's size and summed over the eight
 maps; the softmax of the sum gives the class probabilities. Labels are their argmax, or the dense CRF's
-(``refine.crf.refine_probabilities``) run in a pool of host processes.
+(``refine.crf.refine_probabilities``) run in a pool of host processes or as Ray tasks (``per_image.host_compute``;
+a Ray task gets the image and its probabilities through Ray's object store).
 
 Deviation from the authors, small: inputs are zero-padded (the mean colour after normalisation) to their size
 bucket so that XLA compiles once per bucket, not once per image (``infer.pad_multiple``); the authors run each
@@ -115,27 +116,24 @@ def iterate_probabilities(
     )
 
 
-def crf_labels(job: tuple[np.ndarray, np.ndarray, int]) -> np.ndarray:
-    """``(image, probabilities, iterations) -> uint8 (H, W) labels`` of the segmenter's CRF (run in a worker)."""
-    image, probabilities, iterations = job
-    return crf.refine_probabilities(image, probabilities, iterations=iterations).astype(np.uint8)
-
-
 def label_maps(
-    probabilities: Iterable[tuple[str, dict[str, np.ndarray]]], *, crf_iterations: int, workers: int
+    probabilities: Iterable[tuple[str, dict[str, np.ndarray]]],
+    *,
+    crf_iterations: int,
+    backend: per_image.HostBackend,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Label maps from ``iterate_probabilities``' stream: the argmax, or with ``crf_iterations`` > 0 the dense CRF's
-    labels computed in ``workers`` host processes (0 = the CPU cores)."""
+    labels computed where ``backend`` says (``per_image.host_compute``)."""
     if crf_iterations < 0:
         raise ValueError(f"crf_iterations must be >= 0 (0 = no CRF); got {crf_iterations}.")
     if crf_iterations == 0:
         for image_id, payload in probabilities:
             yield image_id, payload["probabilities"].argmax(axis=-1).astype(np.uint8)
         return
-    compute = per_image.compute_in_processes(
-        crf_labels,
+    compute = per_image.host_compute(
+        crf.probability_labels,
         prepare=lambda record: (record["image"], record["probabilities"], crf_iterations),
-        workers=workers,
+        backend=backend,
     )
     yield from compute({"id": image_id, **payload} for image_id, payload in probabilities)
 
@@ -148,7 +146,7 @@ def write_segmentation(
     scales: Sequence[float],
     flip: bool,
     crf_iterations: int,
-    workers: int,
+    backend: per_image.HostBackend,
     infer: Any,
     num_devices: int,
     description: str = "infer_seg",
@@ -162,7 +160,7 @@ def write_segmentation(
       output_dir: the folder of label PNGs.
       scales, flip: as in ``iterate_probabilities``.
       crf_iterations: mean-field steps of the dense CRF; 0 = the argmax of the probabilities.
-      workers: CRF worker processes (0 = the CPU cores).
+      backend: where the CRF runs (``per_image.HostBackend``: processes or Ray tasks).
       infer: ``config.infer`` (padding, inputs and pixels per call, host threads).
       num_devices: devices of this process that each call is split over (0 = all).
       description: the progress bar's label.
@@ -182,7 +180,7 @@ def write_segmentation(
             host_threads=int(infer.host_threads),
             max_pixels_per_call=int(infer.max_pixels_per_call),
         )
-        return label_maps(probabilities, crf_iterations=crf_iterations, workers=workers)
+        return label_maps(probabilities, crf_iterations=crf_iterations, backend=backend)
 
     return per_image.write_per_image(
         source,

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from puzzle_jax import cam_files, labels
+from puzzle_jax import cam_files, labels, per_image
 from puzzle_jax.refine import cam_labels, label_folders
 
 
@@ -46,7 +46,7 @@ def test_a_folder_written_by_workers_equals_the_rule_and_is_scored(tmp_path):
         score_dir=str(tmp_path / "cams"),
         label_dir=str(tmp_path / "labels"),
         function=function,
-        workers=2,
+        backend=per_image.HostBackend(workers=2),
         produced_by="infer_cam",
         description="test",
     )
@@ -84,7 +84,7 @@ def test_images_without_a_score_file_are_named_before_any_work(tmp_path):
             score_dir=str(tmp_path / "cams"),
             label_dir=str(tmp_path / "labels"),
             function=print,
-            workers=1,
+            backend=per_image.HostBackend(workers=1),
             produced_by="infer_cam",
             description="test",
         )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from flax import nnx
 from PIL import Image
 
-from puzzle_jax import labels, seg_inference
+from puzzle_jax import labels, per_image, seg_inference
 from puzzle_jax.refine import crf
 
 NUM_CLASSES = 3
@@ -107,9 +107,10 @@ def _probability_stream(seed=2):
 def test_labels_are_the_argmax_without_crf_and_the_crf_labels_with_it():
     image, probabilities, regions = _probability_stream()
     stream = [("a", {"image": image, "probabilities": probabilities})]
-    ((_, plain),) = seg_inference.label_maps(iter(stream), crf_iterations=0, workers=1)
+    one_process = per_image.HostBackend(workers=1)
+    ((_, plain),) = seg_inference.label_maps(iter(stream), crf_iterations=0, backend=one_process)
     np.testing.assert_array_equal(plain, probabilities.argmax(-1))
-    ((_, refined),) = seg_inference.label_maps(iter(stream), crf_iterations=5, workers=1)
+    ((_, refined),) = seg_inference.label_maps(iter(stream), crf_iterations=5, backend=one_process)
     np.testing.assert_array_equal(refined, crf.refine_probabilities(image, probabilities, iterations=5))
     assert refined.dtype == np.uint8 and (refined == regions).mean() > (plain == regions).mean()
 
@@ -118,7 +119,9 @@ def test_write_segmentation_writes_palette_pngs_and_resumes(tmp_path):
     images = _images()
     source = [{"id": image_id, "image": image} for image_id, image in images]
     infer = ml_collections.ConfigDict(dict(pad_multiple=32, images_per_call=2, host_threads=1, max_pixels_per_call=0))
-    options = dict(scales=(1.0,), flip=True, crf_iterations=0, workers=1, infer=infer, num_devices=1)
+    options = dict(
+        scales=(1.0,), flip=True, crf_iterations=0, backend=per_image.HostBackend(workers=1), infer=infer, num_devices=1
+    )
     output_dir = str(tmp_path / "predictions")
     counts = seg_inference.write_segmentation(PixelwiseSegmenter(), source, output_dir, **options)
     assert counts == {"written": 3, "skipped_existing": 0}

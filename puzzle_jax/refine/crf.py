@@ -5,10 +5,11 @@
   (``gt_prob`` 0.7 on the given label, the rest spread evenly, no "unsure" label), a Gaussian pairwise term (sxy 3,
   compat 3) and a bilateral one on the RGB image (sxy 50, srgb 5, compat 10), mean-field inference, argmax.
 * ``refine_probabilities``: the segmenter's CRF (spec §9): a unary of ``-log p`` from softmax probabilities, a
-  Gaussian term (sxy 3, compat 3) and a bilateral one (sxy 80, srgb 13, compat 10), mean-field inference, argmax.
+  Gaussian term (sxy 3, compat 3) and a bilateral one (sxy 80, srgb 13, compat 10), mean-field inference, argmax;
+  ``probability_labels`` is it as a per-image function (``infer_seg``, ``predict``).
 
-This module imports no JAX: it runs in the worker processes of ``per_image.compute_in_processes``, which should start
-quickly and never initialise an accelerator.
+This module imports no JAX: it runs in the worker processes of ``per_image.compute_in_processes`` and in Ray's
+workers (``ray_backend``), which should start quickly and never initialise an accelerator.
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def refine_probabilities(image: np.ndarray, probabilities: np.ndarray, *, iterat
     )
     marginals = np.asarray(crf.inference(iterations)).reshape(num_classes, height, width)
     return np.argmax(marginals, axis=0)
+
+
+def probability_labels(job: tuple[np.ndarray, np.ndarray, int]) -> np.ndarray:
+    """``(image, probabilities, iterations) -> uint8 (H, W) labels``: ``refine_probabilities`` as the per-image
+    function of ``infer_seg`` and ``predict`` (``seg_inference.label_maps``), run in a worker process or Ray task."""
+    image, probabilities, iterations = job
+    return refine_probabilities(image, probabilities, iterations=iterations).astype(np.uint8)
 
 
 def _check_image(image: np.ndarray) -> None:

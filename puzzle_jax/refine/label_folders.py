@@ -1,11 +1,11 @@
-"""A split's folder of label PNGs made from its score files: writing it in a process pool, and scoring it.
+"""A split's folder of label PNGs made from its score files: writing it in worker processes, and scoring it.
 
 The ``aff_labels`` and ``pseudo_labels`` stages are the same loop over different files and rules: for each image of
-the split whose ``<label_dir>/<id>.png`` does not exist yet, a worker process (``per_image.compute_in_processes``)
-reads ``<score_dir>/<id>.npz`` (``cam_files``) and applies a ``cam_labels`` rule with the CRF; the parent decodes
-the image (the split is decoded anyway; an image pickles as its pixels, while the score file is read where it is
-used, so its float maps never cross a pipe) and writes each label map atomically as it arrives
-(``labels.write_label_png``, VOC palette, 255 in the void colour).
+the split whose ``<label_dir>/<id>.png`` does not exist yet, a worker (a process of a local pool or a Ray task:
+``per_image.host_compute``, ``config.refine.backend``) reads ``<score_dir>/<id>.npz`` (``cam_files``) and applies a
+``cam_labels`` rule with the CRF; the parent decodes the image (the split is decoded anyway; an image pickles as its
+pixels, while the score file is read where it is used, so its float maps never cross a pipe) and writes each label
+map atomically as it arrives (``labels.write_label_png``, VOC palette, 255 in the void colour).
 
 Scoring reads the finished folder once at the end, so a resumed run is scored on all its images: one confusion
 matrix over the split (``miou.confusion_matrix``: GT 255 ignored, predicted 255 in the extra column), the share of
@@ -40,7 +40,7 @@ def write_label_folder(
     score_dir: str,
     label_dir: str,
     function: Callable[[tuple[str, np.ndarray]], np.ndarray],
-    workers: int,
+    backend: per_image.HostBackend,
     produced_by: str,
     description: str,
 ) -> dict[str, int]:
@@ -51,7 +51,8 @@ def write_label_folder(
       score_dir: the folder of the score files (``<id>.npz``).
       label_dir: the output folder.
       function: ``(score file path, image) -> uint8 (H, W) label map``, picklable (``cam_labels.*_from_file``).
-      workers: worker processes (0 = the CPU cores).
+      backend: where ``function`` runs (``per_image.HostBackend.from_config(config.refine)``); the files are the
+        same for each.
       produced_by: the stage that writes the score files, for the missing-file message.
       description: the progress bar's label.
 
@@ -77,10 +78,10 @@ def write_label_folder(
     return per_image.write_per_image(
         source,
         output_path=lambda image_id: label_path(label_dir, image_id),
-        compute=per_image.compute_in_processes(
+        compute=per_image.host_compute(
             function,
             prepare=lambda record: (cam_files.path_of(score_dir, record["id"]), record["image"]),
-            workers=workers,
+            backend=backend,
         ),
         write=labels.write_label_png,
         description=description,

@@ -3,9 +3,9 @@
 Reads ``infer_cam/cams/<id>.npz`` (``hr_cam``) and the split's images; writes ``aff_labels/labels/<id>.png``: class
 ids where the CAMs are confident (foreground above ``refine.aff_fg_threshold``, background below
 ``refine.aff_bg_threshold``, each refined by ``refine.aff_crf_iterations`` CRF steps), 255 between
-(``refine.cam_labels.affinity_labels``). The CRF runs in ``refine.workers`` processes; existing PNGs are skipped, so
-an interrupted run resumes. The finished folder is scored against the masks of
-``config.eval.split``'s images (default: ``infer.split``): precision of the confident
+(``refine.cam_labels.affinity_labels``). The CRF runs in ``refine.workers`` processes, or as Ray tasks
+(``refine.backend``); existing PNGs are skipped, so an interrupted run resumes. The finished folder is scored against
+the masks of ``config.eval.split``'s images (default: ``infer.split``): precision of the confident
 pixels, recall, per class, the share of 255 and the images without a foreground class.
 """
 
@@ -16,7 +16,7 @@ import functools
 import jax
 import ml_collections
 
-from puzzle_jax import sharding
+from puzzle_jax import per_image, sharding
 from puzzle_jax.data import datasets
 from puzzle_jax.pipeline import Workdir, scored_split
 from puzzle_jax.refine import cam_labels, label_folders
@@ -39,7 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
             bg_threshold=refine.aff_bg_threshold,
             iterations=refine.aff_crf_iterations,
         ),
-        workers=refine.workers,
+        backend=per_image.HostBackend.from_config(refine),
         produced_by="infer_cam",
         description="aff_labels",
     )

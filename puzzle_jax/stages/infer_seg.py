@@ -2,9 +2,10 @@
 
 Reads ``train_seg/model``; writes ``infer_seg/<split>/<id>.png`` (VOC palette): scales ``seg.scales`` each with its
 flip (``seg.flip``), logits summed at the image's size, softmax, then the dense CRF (``seg.crf_iterations`` steps, in
-``seg.workers`` host processes) or the argmax (``seg.crf_iterations=0``). Files are written atomically and existing
-ones skipped, so an interrupted run resumes; processes split the images. For VOC 2012's test split the predictions
-are also laid out for the evaluation server (``Workdir.voc_test_submission_dir``) with a ``results.tar.gz`` to upload.
+``seg.workers`` host processes, or as Ray tasks with ``refine.backend="ray"``) or the argmax
+(``seg.crf_iterations=0``). Files are written atomically and existing ones skipped, so an interrupted run resumes;
+processes split the images. For VOC 2012's test split the predictions are also laid out for the evaluation server
+(``Workdir.voc_test_submission_dir``) with a ``results.tar.gz`` to upload.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tarfile
 import jax
 import ml_collections
 
-from puzzle_jax import checkpointing, fileio, seg_inference, sharding
+from puzzle_jax import checkpointing, fileio, per_image, seg_inference, sharding
 from puzzle_jax.data import datasets
 from puzzle_jax.pipeline import Workdir
 
@@ -36,7 +37,8 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         scales=tuple(seg.scales),
         flip=bool(seg.flip),
         crf_iterations=int(seg.crf_iterations),
-        workers=int(seg.workers),
+        # The CRF runs where refine.backend says; a local pool has seg.workers processes.
+        backend=per_image.HostBackend.from_config(config.refine, workers=int(seg.workers)),
         infer=config.infer,
         num_devices=config.mesh.num_devices,
     )

@@ -2,9 +2,9 @@
 
 Reads ``infer_rw/rw/<id>.npz`` (``rw``) and the split's images; writes ``pseudo_labels/labels/<id>.png``: a background
 channel at ``refine.rw_threshold``, argmax, ``refine.pseudo_crf_iterations`` CRF steps, class ids
-(``refine.cam_labels.pseudo_labels``). The CRF runs in ``refine.workers`` processes; existing PNGs are skipped, so an
-interrupted run resumes. The finished folder is scored against the masks of
-``config.eval.split``'s images (default: ``infer.split``): mIoU with pixels predicted as 255
+(``refine.cam_labels.pseudo_labels``). The CRF runs in ``refine.workers`` processes, or as Ray tasks
+(``refine.backend``); existing PNGs are skipped, so an interrupted run resumes. The finished folder is scored against
+the masks of ``config.eval.split``'s images (default: ``infer.split``): mIoU with pixels predicted as 255
 counted as wrong (VOC devkit) and ignored (ToCo), and the authors' FP / FN; with the summaries of ``eval_cam`` and
 ``infer_rw``, the chain CAM -> random walk -> + dCRF (the paper's Table 2) is printed and summarised as ``chain``.
 ``pseudo_labels/gallery/index.html`` draws ``eval.gallery_images`` images with each step of the chain beside the ground
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
-from puzzle_jax import sharding
+from puzzle_jax import per_image, sharding
 from puzzle_jax.data import datasets
 from puzzle_jax.evaluation import report
 from puzzle_jax.pipeline import Workdir, scored_split
@@ -41,7 +41,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         function=functools.partial(
             cam_labels.pseudo_labels_from_file, threshold=refine.rw_threshold, iterations=refine.pseudo_crf_iterations
         ),
-        workers=refine.workers,
+        backend=per_image.HostBackend.from_config(refine),
         produced_by="infer_rw",
         description="pseudo_labels",
     )
