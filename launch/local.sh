@@ -137,7 +137,7 @@ process_ended() {  # $1: its pid, $2: its exit status; records it and stops the 
   if ((status != 0)) && [[ -z $first_failure ]]; then
     first_failure=$i
     echo "local.sh: process $i exited with status $status; the end of its log ($logs/process_$i.log):" >&2
-    tail -n 20 "$logs/process_$i.log" | sed 's/^/    /' >&2
+    tail -n 20 "$logs/process_$i.log" | sed 's/^/    /' >&2 || true
     if ((${#process_of_pid[@]} > 0)); then
       if ((status == 75)); then
         echo "local.sh: waiting up to ${grace_s}s for the other processes to save the same step and exit" >&2
@@ -165,7 +165,7 @@ echo "local.sh: $num_processes processes (coordinator 127.0.0.1:$port, $cpu_devi
 # Polls rather than `wait -n`: bash 5.2's `wait -n` can miss a process killed by a signal when several end at once.
 # Bash reaps each process when it ends (kill -0 then fails) and keeps its status for `wait PID`.
 while ((${#process_of_pid[@]} > 0)); do
-  sleep 0.2
+  sleep 0.2 || true  # (Ctrl-C ends this sleep too: SIGINT goes to the whole process group)
   for pid in "${!process_of_pid[@]}"; do
     if ! kill -0 "$pid" 2>/dev/null; then
       status=0

@@ -335,16 +335,20 @@ def test_local_exits_75_when_every_process_was_preempted(fakes):
     assert result.returncode == 75, result.stderr
 
 
-def test_local_passes_sigterm_to_every_process(fakes):
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+def test_local_passes_sigterm_or_ctrl_c_to_every_process(fakes, ctrl_c):
     script = subprocess.Popen(
-        ["bash", str(LAUNCH / "local.sh"), "2", "configs/demo.py", str(fakes["tmp"] / "w")],
+        ["bash", str(LAUNCH / "local.sh"), "2", "configs/demo.py", str(fakes["tmp"] / "w")], start_new_session=True,
         cwd=REPO, env=local_env(fakes, "0=sleep,1=sleep"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 30
     while not all((fakes["record"] / f"process_{i}.json").exists() for i in range(2)):
         assert time.monotonic() < deadline and script.poll() is None, "the processes did not start"
         time.sleep(0.05)
-    script.send_signal(signal.SIGTERM)
+    if ctrl_c:  # a terminal sends SIGINT to its foreground process group: the script and every process it started
+        os.killpg(script.pid, signal.SIGINT)
+    else:
+        script.send_signal(signal.SIGTERM)
     _, stderr = script.communicate(timeout=20)
     assert script.returncode == 75, stderr
     assert "exit status by process: 0:75 1:75" in stderr
