@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from puzzle_jax import checkpointing, config_checks, fileio, sharding
+from puzzle_jax import checkpointing, fileio, sharding
 from puzzle_jax import progress as progress_lib
 
 LossFunction = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
@@ -421,6 +421,8 @@ def _restore_data_state(
         states = data_state["iterators"]
     if len(states) != jax.process_count():
         if not reshuffle:
+            from puzzle_jax import config_checks  # here: config_checks imports objectives, which imports this module
+
             raise config_checks.ConfigError(
                 f"{checkpoints}: the checkpoint of step {step} was saved by {len(states)} process(es) and this run "
                 f"has {jax.process_count()}; each process continues its own place in the data stream, so the run "

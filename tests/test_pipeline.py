@@ -53,6 +53,21 @@ def test_overrides_of_moved_fields_are_named_with_their_new_place():
     assert "use --config.train_cam.init_from" in main.renamed_field_error(["--config.model.init_from=x"])
 
 
+def test_multi_process_flags_come_together_and_in_range():
+    from absl import app
+
+    assert main.distributed_arguments(None, None, None) is None
+    assert main.distributed_arguments("10.0.0.1:1234", 4, 3) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3
+    }
+    with pytest.raises(app.UsageError, match="missing --num_processes, --process_id"):
+        main.distributed_arguments("10.0.0.1:1234", None, None)
+    with pytest.raises(app.UsageError, match="must be HOST:PORT"):
+        main.distributed_arguments("10.0.0.1", 2, 0)
+    with pytest.raises(app.UsageError, match="--num_processes=2 --process_id=2"):
+        main.distributed_arguments("10.0.0.1:1234", 2, 2)
+
+
 def test_default_workdir_is_named_after_the_config():
     assert main.default_workdir("configs/resnest101.py") == "runs/resnest101"
     assert main.default_workdir("/abs/configs/demo.py") == "runs/demo"

@@ -419,3 +419,55 @@ def test_nnx_tree_mode_trains_like_graph_mode():
     for a, b in zip(jax.tree.leaves((graph_state, graph_metrics)), jax.tree.leaves((tree_state, tree_metrics)),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _fake_loader(process_count=1, process_index=0):
+    from tests.test_input_pipeline import loader_kwargs, make_fake_source
+
+    return input_pipeline.create_train_loader(
+        make_fake_source(10), process_index=process_index, process_count=process_count, **loader_kwargs()
+    )
+
+
+def test_a_checkpoint_of_another_process_count_stops_unless_reshuffling_is_asked_for():
+    from puzzle_jax import config_checks
+
+    saved = {"iterators": ["state of process 0", "state of process 1"]}
+    iterator = iter(_fake_loader())
+    with pytest.raises(config_checks.ConfigError) as raised:
+        training._restore_data_state(iterator, saved, step=40, checkpoints="/runs/x/checkpoints", reshuffle=False)
+    message = str(raised.value)
+    assert "/runs/x/checkpoints: the checkpoint of step 40 was saved by 2 process(es) and this run has 1" in message
+    assert "--config.data.reshuffle_on_process_change=true" in message
+    # Reshuffling: the stream starts again from its beginning (the states, which name another layout, are unused).
+    training._restore_data_state(iterator, saved, step=40, checkpoints="/runs/x/checkpoints", reshuffle=True)
+    np.testing.assert_array_equal(next(iterator)["image"], next(iter(_fake_loader()))["image"])
+
+
+def test_a_checkpoint_from_before_per_process_states_resumes_the_same_data_order():
+    """Checkpoints of earlier versions hold one process's state of grain's IndexSampler, whose stream
+    GlobalOrderSampler reproduces: the resumed batches are those the old loader would have produced next."""
+    import grain.python as grain
+
+    from tests.test_input_pipeline import loader_kwargs, make_fake_source
+
+    kwargs = loader_kwargs()
+    old_loader = grain.DataLoader(
+        data_source=make_fake_source(10),
+        sampler=grain.IndexSampler(
+            num_records=10, shard_options=grain.ShardOptions(0, 1, True), shuffle=True, num_epochs=None,
+            seed=kwargs["seed"],
+        ),
+        operations=[kwargs["transform"], grain.Batch(batch_size=4, drop_remainder=True)],
+        worker_count=0,
+        shard_options=grain.ShardOptions(0, 1, True),
+    )
+    old = iter(old_loader)
+    for _ in range(3):
+        next(old)
+    legacy = {"iterator": old.get_state().decode()}
+    expected = [next(old)["image"] for _ in range(4)]
+    resumed = iter(_fake_loader())
+    training._restore_data_state(resumed, legacy, step=3, checkpoints="ckpt", reshuffle=False)
+    for image in expected:
+        np.testing.assert_array_equal(next(resumed)["image"], image)
