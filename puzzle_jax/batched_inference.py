@@ -102,8 +102,8 @@ def create_forward(
     """
     model.eval()
     graphdef, state = nnx.split(model)
-    if mesh is not None:
-        state = sharding.replicate(state, mesh)
+    # On the devices once (a loaded model's weights are host arrays), not copied at every call.
+    state = sharding.replicate(state, mesh) if mesh is not None else jax.device_put(state)
 
     @jax.jit
     def forward(state, images, boxes):

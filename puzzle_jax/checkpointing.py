@@ -124,11 +124,20 @@ class TrainingCheckpointer:
 
 
 def _as_abstract(leaf: Any) -> Any:
-    """The restore target of ``leaf``. A leaf without a placement goes to this process's first device: Orbax would
-    otherwise take the placement it was saved with, which names devices of the saving run (a pod's export loaded
-    on one machine would fail)."""
-    sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf
+    return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=getattr(leaf, "sharding", None))
+
+
+def _restore_target(leaf: Any) -> Any:
+    """An exported model's restore target for ``leaf``: where it has a placement, there; without one (a model built
+    by ``nnx.eval_shape``), a host array. Orbax would otherwise use the placement it was saved with, which names
+    the devices of the saving run (a pod's export loaded on one machine would fail), and arrays committed to one
+    device could not enter a computation on a mesh of several."""
+    abstract = _as_abstract(leaf)
+    if abstract.sharding is None:
+        return np.zeros(abstract.shape, abstract.dtype)
+    return abstract
 
 
 def export_model(directory: str, params: Any, batch_stats: Any, model_config: dict) -> None:
@@ -187,7 +196,7 @@ def load_exported_model(directory: str, target: Any) -> tuple[Any, Any, dict]:
         ``(params, batch_stats, model_config)``.
     """
     _check_export(directory)
-    abstract = jax.tree.map(_as_abstract, target)
+    abstract = jax.tree.map(_restore_target, target)
     try:
         with _composite_checkpointer() as checkpointer:
             restored = checkpointer.restore(

@@ -364,3 +364,21 @@ def test_a_process_that_never_arrives_fails_the_barrier_after_the_timeout(tmp_pa
     (code_0, output_0), _ = _coordinate(tmp_path, "absent", "3")
     assert code_0 == 3 and time.time() - started < 60
     assert "process 0 of 2 waited 3 s at 'stage train_cam done' for every process" in output_0
+
+
+def test_a_dataset_that_fails_to_prepare_fails_both_processes_of_a_run_with_its_message(tmp_path):
+    workdir, missing = str(tmp_path / "run"), str(tmp_path / "no_such_folder")
+    arguments = [
+        "--config=configs/demo.py", f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'data'}",
+        "--config.compilation_cache_dir=", "--config.stages=train_cam", "--config.train_cam.init_from=",
+        "--config.data.dataset=voc_folder", f"--config.data.root={missing}",
+    ]
+    logs = str(tmp_path / "logs")
+    started = time.time()
+    results = _finish(_start(2, 1, arguments, logs), logs, timeout=300)
+    message = f"Dataset 'voc_folder': root {missing} is not a directory."
+    (code_0, log_0), (code_1, log_1) = results
+    assert code_0 != 0 and code_1 != 0 and time.time() - started < 240
+    assert f"FileNotFoundError: {message}" in log_0
+    assert f"ProcessesOutOfStepError: process 0 failed at 'dataset voc_folder train prepared': FileNotFoundError: " \
+           f"{message}" in log_1

@@ -1,5 +1,7 @@
 """Tests of the data-parallel mesh helpers."""
 
+import collections
+
 import jax
 import numpy as np
 import pytest
@@ -31,16 +33,75 @@ def test_batch_size_must_divide_over_devices():
         sharding.check_batch_size(12, mesh, "train.batch_size")
 
 
-def test_process_barrier_waits_only_when_there_are_several_processes(monkeypatch):
-    from jax.experimental import multihost_utils
+class _FakeCoordinationClient:
+    """The key-value store and barriers of JAX's coordination service, in this process (tests/test_multiprocess.py
+    runs the real one between processes)."""
 
-    names = []
-    monkeypatch.setattr(multihost_utils, "sync_global_devices", names.append)
+    def __init__(self):
+        self.values, self.barriers = {}, []
+
+    def wait_at_barrier(self, key, timeout_in_ms):
+        self.barriers.append((key, timeout_in_ms))
+
+    def key_value_set(self, key, value):
+        assert key not in self.values, f"{key} set twice"
+        self.values[key] = value
+
+    def blocking_key_value_get(self, key, timeout_in_ms):
+        if key not in self.values:
+            raise RuntimeError(f"DEADLINE_EXCEEDED: {key} after {timeout_in_ms} ms")
+        return self.values[key]
+
+
+@pytest.fixture
+def fake_client(monkeypatch):
+    client = _FakeCoordinationClient()
+    monkeypatch.setattr(sharding, "_coordination_client", lambda: client)
+    monkeypatch.setattr(sharding, "_USES", collections.Counter())
+    yield client
+    sharding.configure_barriers(3600)
+
+
+def test_process_barrier_waits_only_when_there_are_several_processes(monkeypatch, fake_client):
     sharding.wait_for_all_processes("alone")
-    assert names == []  # one process: nothing to wait for (and no collective to compile)
+    assert fake_client.barriers == []  # one process: nothing to wait for
     monkeypatch.setattr(jax, "process_count", lambda: 4)
+    sharding.configure_barriers(90)
     sharding.wait_for_all_processes("stage done")
-    assert names == ["stage done"]
+    sharding.wait_for_all_processes("stage done")
+    # Each use of a name is a barrier of its own, with the configured timeout.
+    assert fake_client.barriers == [("puzzle_jax/stage done/1", 90000), ("puzzle_jax/stage done/2", 90000)]
+
+
+def test_process_zero_goes_first_and_its_failure_is_every_process_s(monkeypatch, fake_client):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    calls = []
+    # Process 1 asks before process 0 has answered: it fails after the timeout, naming the place.
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with pytest.raises(sharding.ProcessesOutOfStepError, match="waited 3600 s at 'prepare' for process 0"):
+        sharding.first_on_process_zero("prepare", lambda: calls.append(1))
+    assert calls == []
+    # Process 0 succeeds, then process 1 runs the function too.
+    monkeypatch.setattr(sharding, "_USES", collections.Counter())
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    assert sharding.first_on_process_zero("prepare", lambda: "zero") == "zero"
+    monkeypatch.setattr(sharding, "_USES", collections.Counter())
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert sharding.first_on_process_zero("prepare", lambda: "one") == "one"
+    # Process 0 fails: it raises its error, process 1 the same message without running the function.
+
+    def broken():
+        raise FileNotFoundError("root /data is not a directory")
+
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with pytest.raises(FileNotFoundError):
+        sharding.first_on_process_zero("prepare val", broken)
+    monkeypatch.setattr(sharding, "_USES", collections.Counter())
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with pytest.raises(sharding.ProcessesOutOfStepError) as raised:
+        sharding.first_on_process_zero("prepare val", lambda: calls.append(1))
+    assert str(raised.value) == "process 0 failed at 'prepare val': FileNotFoundError: root /data is not a directory"
+    assert calls == []
 
 
 def test_local_mesh_holds_only_this_processs_devices(monkeypatch):
