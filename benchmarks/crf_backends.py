@@ -28,19 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import crf_workers  # noqa: E402
 from puzzle_jax import cam_files, labels, per_image  # noqa: E402
-from puzzle_jax.refine import cam_labels, label_folders  # noqa: E402
+from puzzle_jax.refine import label_folders  # noqa: E402
 
-SIZES = {"demo (104x96)": (104, 96), "VOC (375x500)": (375, 500)}
-RULES = {
-    "aff_labels (2 x 10 steps)": (
-        "hr_cam",
-        functools.partial(cam_labels.affinity_labels_from_file, fg_threshold=0.4, bg_threshold=0.1, iterations=10),
-    ),
-    "pseudo_labels (1 step)": (
-        "rw",
-        functools.partial(cam_labels.pseudo_labels_from_file, threshold=0.35, iterations=1),
-    ),
-}
+# The image sizes and label rules of crf_workers.py, so the two tables compare.
+SIZES = crf_workers.SIZES
+RULES = crf_workers.RULES
 
 
 def _time(records, score_dir, label_dir, function, backend) -> tuple[float, float, float]:

@@ -61,18 +61,9 @@ fi
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 logs=$workdir/logs
 
-# Prints its arguments as one shell command line (arguments with special characters in single quotes).
-quoted() {
-  local words=() word
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      words+=("$word")
-    else
-      words+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
+# quoted: prints its arguments as one shell command line.
+# shellcheck source=launch/shell_words.sh
+source "$(dirname "${BASH_SOURCE[0]}")/shell_words.sh"
 
 process_command() {  # $1: the process id; fills the array `command`
   command=("$python" -m puzzle_jax.main --config="$config" --workdir="$workdir"

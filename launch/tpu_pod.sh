@@ -65,18 +65,9 @@ zone=$3
 shift 3
 repo_dir=$(cd "$(dirname "$0")/.." && pwd)
 
-# Prints its arguments as one shell command line (arguments with special characters in single quotes).
-quoted() {
-  local words=() word
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      words+=("$word")
-    else
-      words+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
+# quoted: prints its arguments as one shell command line.
+# shellcheck source=launch/shell_words.sh
+source "$(dirname "${BASH_SOURCE[0]}")/shell_words.sh"
 
 execute() {  # runs the command, or prints it under --dry-run
   if ((dry_run)); then

@@ -133,20 +133,7 @@ def train_and_export(
     return summary
 
 
-def _fit(
-    section,
-    stage,
-    total_steps,
-    model,
-    optimizer,
-    compute_loss,
-    loader,
-    mesh,
-    paths,
-    *,
-    validate=None,
-    reshuffle_on_process_change=False,
-):
+def _fit(section, stage, total_steps, model, optimizer, compute_loss, loader, mesh, paths, *, validate=None, **options):
     """``training.fit`` with the settings of the training section ``section``; ``validate(model)`` (None: none)
     scores the model in evaluation mode every ``section.validate_every_epochs`` epochs."""
     every = section.get("validate_every_epochs", 0) if validate is not None else 0
@@ -175,7 +162,7 @@ def _fit(
         max_to_keep=section.max_to_keep,
         validate=validate_state if every > 0 else None,
         validate_every_steps=every * total_steps // section.epochs if every > 0 else 0,
-        reshuffle_on_process_change=reshuffle_on_process_change,
+        **options,
     )
 
 
