@@ -148,24 +148,21 @@ def test_split_opened_without_masks_has_the_same_records_minus_the_mask(demo_spl
             assert record["id"] == full["id"]
 
 
-@pytest.mark.parametrize("process_index", [0, 1])
-def test_in_a_multi_process_run_process_0_prepares_before_the_others_open(monkeypatch, process_index):
-    import jax
+def test_in_a_multi_process_run_process_0_prepares_before_the_others_open(monkeypatch):
+    """The split is opened through ``sharding.first_on_process_zero``: its order and failures are tested in
+    tests/test_sharding.py, with two real processes in tests/test_multiprocess.py."""
     import ml_collections
 
     from puzzle_jax import sharding
 
     events = []
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(jax, "process_index", lambda: process_index)
-    monkeypatch.setattr(sharding, "wait_for_all_processes", lambda name: events.append("barrier"))
+    monkeypatch.setattr(sharding, "first_on_process_zero", lambda name, function: events.append(name) or function())
     monkeypatch.setattr(datasets, "load_split", lambda *args, **kwargs: events.append("prepare and open") or (1, 2))
     data_config = ml_collections.ConfigDict(
         {"dataset": "puzzle_demo", "root": "", "data_dir": "/data", "builder_kwargs": {}}
     )
     assert datasets.load_split_from_config(data_config, "train") == (1, 2)
-    expected = ["prepare and open", "barrier"] if process_index == 0 else ["barrier", "prepare and open"]
-    assert events == expected
+    assert events == ["dataset puzzle_demo train prepared", "prepare and open"]
 
 
 def test_pretrain_images_are_disjoint_from_train_and_val(demo_splits):
