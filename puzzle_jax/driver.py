@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from puzzle_jax import checkpointing, models, optim, sharding, training
+from puzzle_jax import checkpointing, config_checks, models, optim, sharding, training
 from puzzle_jax.data import input_pipeline
 from puzzle_jax.tasks import base
 
@@ -110,6 +110,8 @@ def train_and_export(
             validate=None if validation is None else lambda model: task.validation_scores(model, validation),
             reshuffle_on_process_change=config.data.get("reshuffle_on_process_change", False),
         )
+    except training.ResumeMismatchError as error:
+        raise config_checks.ConfigError(f"[{stage}] {error}") from error
     except FloatingPointError as error:
         raise FloatingPointError(
             f"[{stage}] {error} Lower {stage}.learning_rate and train the stage afresh with "

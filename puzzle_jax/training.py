@@ -302,7 +302,7 @@ def fit(
     Raises:
         Preempted: when a stop was requested (SIGTERM; in a multi-process run, a preemption notice that any
             process received): every process saved the same step first.
-        config_checks.ConfigError: the checkpoint was saved by another number of processes (and
+        ResumeMismatchError: the checkpoint was saved by another number of processes (and
             ``reshuffle_on_process_change`` is off).
         FloatingPointError: when the loss or the gradient norm becomes NaN or infinite (the message names the step
             and the newest checkpoint). The check runs on every step that is logged and, before each save, on the
@@ -395,6 +395,11 @@ def fit(
     return graphdef, state, summary
 
 
+class ResumeMismatchError(ValueError):
+    """A checkpoint that this run, as configured, cannot resume (saved by another number of processes); the
+    driver reports it as a config error."""
+
+
 def _data_state(iterator: Any) -> dict:
     """Every process's data-iterator state, in process order: each reads its own place in the data stream, and
     process 0 writes the checkpoint's JSON."""
@@ -407,7 +412,7 @@ def _restore_data_state(
     """Puts this process's iterator where the checkpoint's same-numbered process was.
 
     Raises:
-      config_checks.ConfigError: the checkpoint holds another number of processes' states (and not ``reshuffle``).
+      ResumeMismatchError: the checkpoint holds another number of processes' states (and not ``reshuffle``).
     """
     if not data_state:
         return
@@ -421,9 +426,7 @@ def _restore_data_state(
         states = data_state["iterators"]
     if len(states) != jax.process_count():
         if not reshuffle:
-            from puzzle_jax import config_checks  # here: config_checks imports objectives, which imports this module
-
-            raise config_checks.ConfigError(
+            raise ResumeMismatchError(
                 f"{checkpoints}: the checkpoint of step {step} was saved by {len(states)} process(es) and this run "
                 f"has {jax.process_count()}; each process continues its own place in the data stream, so the run "
                 f"cannot resume with another number. Run it with {len(states)} process(es), or pass "

@@ -433,11 +433,10 @@ def _fake_loader(process_count=1, process_index=0):
 
 
 def test_a_checkpoint_of_another_process_count_stops_unless_reshuffling_is_asked_for():
-    from puzzle_jax import config_checks
-
     saved = {"iterators": ["state of process 0", "state of process 1"]}
     iterator = iter(_fake_loader())
-    with pytest.raises(config_checks.ConfigError) as raised:
+    # (The driver turns it into a config error: exit status 2 with the message.)
+    with pytest.raises(training.ResumeMismatchError) as raised:
         training._restore_data_state(iterator, saved, step=40, checkpoints="/runs/x/checkpoints", reshuffle=False)
     message = str(raised.value)
     assert "/runs/x/checkpoints: the checkpoint of step 40 was saved by 2 process(es) and this run has 1" in message
