@@ -338,8 +338,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dic
     """
     stages = check_stages(config.stages)
     config_checks.check_config(config)
-    mesh = config.get("mesh")
-    sharding.configure_barriers(60 * (mesh.get("barrier_timeout_minutes", 60.0) if mesh is not None else 60.0))
+    sharding.configure_barriers(60 * config.get("mesh", {}).get("barrier_timeout_minutes", 60.0))
     forced = _force_stages(config, stages)
     layout = Workdir(workdir)
     changes = check_stage_configs(config, layout, stages, forced)

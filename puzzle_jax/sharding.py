@@ -90,8 +90,9 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
-# How long a process waits for the others (a barrier, process 0's outcome, the others' texts) before failing.
-_BARRIER_TIMEOUT_S = [3600.0]
+# How long a process waits for the others (a barrier, process 0's outcome, the others' texts) before failing
+# (configure_barriers).
+_barrier_timeout_s = 3600.0
 # Uses of each name so far: every process makes the same calls in the same order, so name + count is one key for
 # all of them, and a name can be used again (each stage's barrier, each checkpoint's gather).
 _USES: collections.Counter = collections.Counter()
@@ -105,9 +106,14 @@ class ProcessesOutOfStepError(RuntimeError):
 
 def configure_barriers(timeout_s: float) -> None:
     """Sets how long a process waits for the others at every meeting point (``config.barrier_timeout_minutes``)."""
+    global _barrier_timeout_s
     if not timeout_s > 0:
         raise ValueError(f"the barrier timeout must be > 0 seconds; got {timeout_s}.")
-    _BARRIER_TIMEOUT_S[0] = float(timeout_s)
+    _barrier_timeout_s = float(timeout_s)
+
+
+def _timeout_ms() -> int:
+    return int(_barrier_timeout_s * 1000)
 
 
 def _coordination_client() -> Any:
@@ -127,7 +133,7 @@ def _key(name: str) -> str:
 
 def _out_of_step(name: str, what: str, error: Exception) -> ProcessesOutOfStepError:
     return ProcessesOutOfStepError(
-        f"process {jax.process_index()} of {jax.process_count()} waited {_BARRIER_TIMEOUT_S[0]:.0f} s at "
+        f"process {jax.process_index()} of {jax.process_count()} waited {_barrier_timeout_s:.0f} s at "
         f"'{name}' for {what}: another process failed or is gone (see its log), or is slower than "
         f"config.barrier_timeout_minutes allows. ({type(error).__name__}: {str(error).splitlines()[0][:300]})"
     )
@@ -144,7 +150,7 @@ def wait_for_all_processes(name: str) -> None:
         return
     key = _key(name)
     try:
-        _coordination_client().wait_at_barrier(key, int(_BARRIER_TIMEOUT_S[0] * 1000))
+        _coordination_client().wait_at_barrier(key, _timeout_ms())
     except Exception as error:  # jax's XlaRuntimeError (DEADLINE_EXCEEDED, a process that left), by message
         raise _out_of_step(name, "every process", error) from error
 
@@ -169,7 +175,7 @@ def first_on_process_zero(name: str, function: Callable[[], _Result]) -> _Result
         client.key_value_set(key, "")
         return result
     try:
-        failure = client.blocking_key_value_get(key, int(_BARRIER_TIMEOUT_S[0] * 1000))
+        failure = client.blocking_key_value_get(key, _timeout_ms())
     except Exception as error:
         raise _out_of_step(name, "process 0", error) from error
     if failure:
@@ -189,7 +195,7 @@ def gather_texts(name: str, text: str) -> list[str]:
     client.key_value_set(f"{key}/{jax.process_index()}", text)
     try:
         return [
-            client.blocking_key_value_get(f"{key}/{index}", int(_BARRIER_TIMEOUT_S[0] * 1000))
+            client.blocking_key_value_get(f"{key}/{index}", _timeout_ms())
             for index in range(jax.process_count())
         ]
     except Exception as error:
@@ -206,9 +212,6 @@ def device_memory_limit() -> int | None:
 
 def same_on_all_processes(flag: bool) -> bool:
     """Process 0's ``flag`` on every process: a decision that changes the compiled program must be the same on all
-    processes of a run, or their collectives would not match."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+    processes of a run, or their collectives would not match. Through ``gather_texts``, so a missing process
+    fails it after the barrier timeout like every other meeting."""
+    return gather_texts("same on all processes", "1" if flag else "")[0] == "1"

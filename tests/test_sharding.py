@@ -113,3 +113,13 @@ def test_local_mesh_holds_only_this_processs_devices(monkeypatch):
     assert sharding.create_local_mesh(2).devices.tolist() == everything[4:6]
     with pytest.raises(ValueError, match="4 device"):
         sharding.create_local_mesh(5)
+
+
+def test_same_on_all_processes_is_process_zero_s_flag(monkeypatch, fake_client):
+    assert sharding.same_on_all_processes(True) is True  # one process: its own flag, no meeting
+    assert fake_client.values == {}
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    fake_client.values["puzzle_jax/same on all processes/1/0"] = "1"  # process 0 decided True
+    assert sharding.same_on_all_processes(False) is True
+    assert fake_client.values["puzzle_jax/same on all processes/1/1"] == ""
