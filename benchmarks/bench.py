@@ -148,6 +148,8 @@ class RowSpec:
         pipeline.
       warmup: untimed steps (images for inference) after compilation.
       steps: timed steps (images for inference, batches for the pipeline).
+      program: JAX train rows only: the model's program choices as ``GROUPED_CONV/BN_STATISTICS`` (for example
+        ``split/one_pass``: ``model.grouped_conv`` and ``model.bn_statistics``); empty for the config defaults.
     """
 
     kind: str
@@ -160,13 +162,44 @@ class RowSpec:
     layout: str
     warmup: int
     steps: int
+    program: str = ""
 
     @property
     def row_id(self) -> str:
         return (
             f"{self.kind}/{self.framework}/{self.arch or '-'}/b{self.batch}/"
             f"{self.height}x{self.width}/{self.dtype}/{self.layout}"
-        )
+        ) + (f"/{self.program}" if self.program else "")
+
+
+def program_options(program: str) -> dict[str, str]:
+    """``create_classifier`` keywords of a row's ``program`` (``"split/one_pass"``); ``{}`` for ``""``."""
+    if not program:
+        return {}
+    grouped_conv, separator, bn_statistics = program.partition("/")
+    if not separator:
+        raise ValueError(f"program {program!r}: expected GROUPED_CONV/BN_STATISTICS, e.g. 'split/one_pass'")
+    return {"grouped_conv": grouped_conv, "bn_statistics": bn_statistics}
+
+
+def with_programs(rows: Sequence[RowSpec], programs: Sequence[str]) -> list[RowSpec]:
+    """Each JAX train row once per program (in the given order); ResNets, which have no grouped convolutions,
+    only with the programs whose grouped convolution is the default one (``grouped``), each statistics once."""
+    if not programs:
+        return list(rows)
+    expanded: list[RowSpec] = []
+    for row in rows:
+        if row.framework != "jax" or row.kind != "train":
+            expanded.append(row)
+            continue
+        for program in programs:
+            options = program_options(program)
+            if row.arch.startswith("resnet") and not row.arch.startswith("resnest"):
+                program = f"grouped/{options['bn_statistics']}"
+            candidate = dataclasses.replace(row, program=program)
+            if candidate not in expanded:
+                expanded.append(candidate)
+    return expanded
 
 
 def _train_rows(
@@ -319,7 +352,7 @@ def build_suite(name: str, options: argparse.Namespace) -> list[RowSpec]:
                 )
     else:
         raise ValueError(f"--suite={name!r}; allowed values are {list(SUITES)}.")
-    return _filter_rows(rows, options)
+    return _filter_rows(with_programs(rows, getattr(options, "jax_programs", ())), options)
 
 
 def _filter_rows(rows: list[RowSpec], options: argparse.Namespace) -> list[RowSpec]:
@@ -599,6 +632,7 @@ def build_jax_train_step(
     num_devices: int = 1,
     seed: int = 0,
     remat: bool = False,
+    model_options: dict[str, str] | None = None,
 ):
     """Our Puzzle-CAM training step, built only from the library's public functions, and its inputs.
 
@@ -610,6 +644,7 @@ def build_jax_train_step(
       num_devices: mesh size (0 = all devices).
       seed: initialisation and synthetic-data seed.
       remat: recompute each residual block's activations in the backward pass (``model.remat``).
+      model_options: more ``models.create_classifier`` keywords (``grouped_conv``, ``bn_statistics``).
 
     Returns:
       ``(train_step, state, batch, devices)``: the jitted, state-donating step of
@@ -633,6 +668,7 @@ def build_jax_train_step(
         dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype],
         remat=remat,
         rngs=nnx.Rngs(seed),
+        **(model_options or {}),
     )
     model.train()
     _, params, _ = training.split_model(model)
@@ -696,6 +732,7 @@ class _JaxRunner:
             dtype=spec.dtype,
             num_devices=self.settings.num_devices,
             seed=self.settings.seed,
+            model_options=program_options(spec.program),
         )
         global_batch = spec.batch * devices
         started = time.perf_counter()
@@ -1411,7 +1448,7 @@ def format_table(rows: Sequence[dict]) -> str:
                 str(row["batch"]),
                 f"{row['height']}x{row['width']}",
                 {"bfloat16": "bf16", "float32": "fp32"}.get(row["dtype"], row["dtype"]),
-                row["layout"],
+                row["layout"] + (f" {row['program']}" if row.get("program") else ""),
                 _format_number(row.get("images_per_second"), ".1f"),
                 _format_number(row.get("step_time_ms"), ".1f"),
                 _format_number(row.get("compile_time_s"), ".1f"),
@@ -1482,6 +1519,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--image-size", type=int, default=None, help="train crop side (suite default otherwise)"
+    )
+    parser.add_argument(
+        "--jax-programs",
+        type=csv(str),
+        default=(),
+        help="JAX train rows once per program GROUPED_CONV/BN_STATISTICS (e.g. grouped/two_pass,split/one_pass: "
+        "model.grouped_conv and model.bn_statistics); default: the config's",
     )
     parser.add_argument(
         "--warmup-steps", type=int, default=None, help="untimed steps after compilation"
@@ -1564,6 +1608,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         unknown = [value for value in values if value not in allowed]
         if unknown:
             parser.error(f"{name}: {unknown} not allowed; allowed values are {list(allowed)}")
+    for program in options.jax_programs:
+        try:
+            program_options(program)
+        except ValueError as error:
+            parser.error(f"--jax-programs: {error}")
     if options.hard_limit_s < options.time_budget_s:
         parser.error(
             f"--hard-limit-s={options.hard_limit_s} must be >= "

@@ -144,6 +144,14 @@ def get_config() -> ml_collections.ConfigDict:
     # step without it exceeds 90% of a device's memory; decided by compiling the step once; off on CPUs). A field of
     # either type, so that both --config.model.remat=True and --config.model.remat=auto parse.
     config.model.remat = config_dict.FieldReference(False, field_type=object)
+    # How training BatchNorm computes a batch's statistics: "two_pass" (the mean, then the squared deviations from it:
+    # two reads of every activation) or "one_pass" (shifted sum and sum of squares in one read); the same values up to
+    # float rounding. Only the program's speed differs (BENCHMARKS.md, "GPU waste").
+    config.model.bn_statistics = "two_pass"
+    # ResNeSt only: the program of the split-attention blocks' grouped 3x3 convolution: "grouped" (one convolution
+    # with feature groups), "split" (one plain convolution per radix split) or "block_diagonal" (one plain convolution
+    # with a block-diagonal kernel, twice the arithmetic); the same function and parameters (BENCHMARKS.md).
+    config.model.grouped_conv = "grouped"
 
     config.cam = ml_collections.ConfigDict()
     # Loss terms, as the authors' --loss_option: cl (plain CAM), cl_pcl, cl_re, cl_pcl_re (Puzzle-CAM).

@@ -103,7 +103,10 @@ NEUTRAL_FIELDS = (
     "*.max_to_keep",
     "*.validation_split",
     "*.validate_every_epochs",
+    # How the same function is computed (the program), not what it computes.
     "model.remat",
+    "model.bn_statistics",
+    "model.grouped_conv",
 )
 
 

@@ -183,6 +183,62 @@ def test_batch_norm_sharded_batch_matches_single_device(mode):
     np.testing.assert_allclose(new_state["var"][...], reference.var[...], rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["global", "per_replica"])
+def test_one_pass_statistics_equal_two_pass_ones_and_their_gradients(mode):
+    """Float64: the same outputs, running statistics and input/parameter gradients to rounding (1e-12); a shifted
+    one-pass variance that dropped the shift's correction, or a gradient through the shift, would be off by O(1)."""
+    x = _inputs((4, 5, 6, 3)) + 3.0
+    weights = np.random.RandomState(7).randn(*x.shape)
+    results = {}
+    with jax.enable_x64(True):
+        for statistics in ("two_pass", "one_pass"):
+            bn = _bn_with_random_affine(3, mode=mode, group_size=2, statistics=statistics)
+            stats = nnx.state(bn, nnx.BatchStat)
+            nnx.update(bn, jax.tree.map(lambda value: jnp.asarray(value, jnp.float64), stats))
+
+            def loss(module, inputs):
+                return jnp.sum(module(inputs) * weights)
+
+            value, (grad_bn, grad_x) = nnx.value_and_grad(loss, argnums=(0, 1))(bn, jnp.asarray(x, jnp.float64))
+            results[statistics] = (
+                value, grad_x, grad_bn["scale"][...], grad_bn["bias"][...], bn.mean[...], bn.var[...]
+            )
+    for two_pass, one_pass in zip(results["two_pass"], results["one_pass"], strict=True):
+        np.testing.assert_allclose(one_pass, two_pass, rtol=1e-12, atol=1e-12)
+
+
+def test_one_pass_variance_stays_accurate_far_from_zero_mean():
+    """Float32, mean 1000 and std 1: the shifted sums keep the variance to 1e-4 where the unshifted
+    E[x^2] - E[x]^2 (the control below) is off by more than 1%."""
+    x = (np.random.RandomState(3).randn(8, 16, 16, 4) + 1000.0).astype(np.float32)
+    truth = x.astype(np.float64).var(axis=(0, 1, 2)) * (x[..., 0].size / (x[..., 0].size - 1))
+    bn = layers.BatchNorm(4, momentum=1.0, statistics="one_pass")
+    out = bn(jnp.asarray(x))
+    np.testing.assert_allclose(bn.var[...], truth, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(out).std(axis=(0, 1, 2)), 1.0, rtol=1e-3)
+    axes = (0, 1, 2)
+    unshifted = jnp.mean(jnp.square(jnp.asarray(x)), axis=axes) - jnp.square(jnp.mean(jnp.asarray(x), axis=axes))
+    assert np.max(np.abs(np.asarray(unshifted) / truth - 1)) > 1e-2
+
+
+@pytest.mark.parametrize("statistics", ["two_pass", "one_pass"])
+@pytest.mark.parametrize(
+    "mode,training", [("global", True), ("per_replica", True), ("global", False), ("frozen", True)]
+)
+def test_channel_parts_equal_one_call_on_their_concatenation(statistics, mode, training):
+    x = _inputs((4, 5, 6, 7))
+    whole = _bn_with_random_affine(7, mode=mode, group_size=2, statistics=statistics, use_running_average=not training)
+    parted = _bn_with_random_affine(7, mode=mode, group_size=2, statistics=statistics, use_running_average=not training)
+    expected = whole(jnp.asarray(x))
+    outputs = parted.call_channel_parts([jnp.asarray(x[..., :3]), jnp.asarray(x[..., 3:])])
+    assert [output.shape[-1] for output in outputs] == [3, 4]
+    np.testing.assert_allclose(np.concatenate(outputs, axis=-1), expected, atol=1e-6)
+    np.testing.assert_allclose(parted.mean[...], whole.mean[...], atol=1e-7)
+    np.testing.assert_allclose(parted.var[...], whole.var[...], rtol=1e-6)
+    with pytest.raises(ValueError, match="BatchNorm of 7 channels got parts of \\[3, 3\\] channels"):
+        parted.call_channel_parts([jnp.asarray(x[..., :3]), jnp.asarray(x[..., 3:6])])
+
+
 # ------------------------------------------------------------------------------------------- convolution
 
 
@@ -212,6 +268,49 @@ def test_conv_matches_torch(kwargs):
         groups=kwargs.get("groups", 1),
     ).numpy()
     np.testing.assert_allclose(conv(jnp.asarray(x)), expected.transpose(0, 2, 3, 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_grouped_conv_programs_compute_the_grouped_conv_and_its_gradient(groups):
+    """Float64: per-group convolutions and the block-diagonal dense one equal ``feature_group_count``, values and
+    kernel/bias/input gradients; the block-diagonal kernel's zero blocks are not parameters."""
+    rng = np.random.RandomState(0)
+    x = rng.randn(2, 9, 11, 6)
+    weights = rng.randn(2, 9, 11, 12)
+    with jax.enable_x64(True):
+        conv = layers.Conv2d(6, 12, 3, padding=2, dilation=2, groups=groups, use_bias=True, rngs=nnx.Rngs(0),
+                             dtype=jnp.float64)
+        conv.kernel.set_value(jnp.asarray(conv.kernel[...], jnp.float64))
+        conv.bias.set_value(jnp.asarray(rng.randn(12)))
+        group_in = 6 // groups
+
+        def programs(module, inputs):
+            parts = [inputs[..., g * group_in : (g + 1) * group_in] for g in range(groups)]
+            return {
+                "grouped": module(inputs),
+                "block_diagonal": module.call_block_diagonal(inputs),
+                "split": jnp.concatenate(module.call_groups(parts), axis=-1),
+            }
+
+        outputs = programs(conv, jnp.asarray(x))
+        gradients = {
+            name: nnx.grad(lambda module, inputs, name=name: jnp.sum(programs(module, inputs)[name] * weights),
+                           argnums=(0, 1))(conv, jnp.asarray(x))
+            for name in outputs
+        }
+    for name in ("block_diagonal", "split"):
+        np.testing.assert_allclose(outputs[name], outputs["grouped"], rtol=1e-12, atol=1e-12)
+        (module_grad, input_grad), (reference_module, reference_input) = gradients[name], gradients["grouped"]
+        assert module_grad["kernel"][...].shape == (3, 3, group_in, 12)
+        pairs = (
+            (module_grad["kernel"][...], reference_module["kernel"][...]),
+            (module_grad["bias"][...], reference_module["bias"][...]),
+            (input_grad, reference_input),
+        )
+        for ours, reference in pairs:
+            np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=f"call_groups needs {groups} inputs, got 1"):
+        conv.call_groups([jnp.asarray(x)])
 
 
 @pytest.mark.parametrize("mode,fan", [("fan_out", 3 * 3 * 256), ("fan_in", 3 * 3 * 128)])

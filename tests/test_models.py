@@ -19,6 +19,8 @@ def test_classifier_config_is_the_export_schema_and_builds_the_classifier():
         "bn_group_size": 4,
         "dtype": "bfloat16",
         "remat": True,
+        "bn_statistics": "two_pass",
+        "grouped_conv": "grouped",
     }
     model = models.create_model(config, rngs=nnx.Rngs(0))
     assert isinstance(model, models.Classifier) and model.classifier.kernel.shape[-1] == 3
@@ -36,6 +38,22 @@ def test_configs_without_a_family_are_classifiers():
     assert isinstance(models.create_model(legacy, rngs=nnx.Rngs(0)), models.Classifier)
 
 
+def test_the_program_choices_are_recorded_and_built():
+    config = models.classifier_config(
+        arch="resnest50", num_classes=2, bn_mode="global", bn_statistics="one_pass", grouped_conv="split"
+    )
+    model = nnx.eval_shape(lambda: models.create_model(config, rngs=nnx.Rngs(0)))
+    assert model.model.layer1[0].conv2.grouped_conv == "split"
+    assert {layer.statistics for _, layer in nnx.iter_graph(model) if isinstance(layer, models.BatchNorm)} == {
+        "one_pass"
+    }
+    # Exports written before the fields existed build the programs they ran.
+    legacy = dict(config)
+    del legacy["bn_statistics"], legacy["grouped_conv"]
+    model = nnx.eval_shape(lambda: models.create_model(legacy, rngs=nnx.Rngs(0)))
+    assert model.model.layer1[0].conv2.grouped_conv == "grouped" and model.model.bn1.statistics == "two_pass"
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -45,6 +63,9 @@ def test_configs_without_a_family_are_classifiers():
         (dict(output_stride=4), "output_stride must be one of"),
         (dict(bn_mode="per_replica"), "bn_group_size must be a positive int"),
         (dict(num_classes=0), "num_classes must be a positive int"),
+        (dict(bn_statistics="welford"), "model.bn_statistics='welford'; allowed values"),
+        (dict(grouped_conv="fused"), "model.grouped_conv='fused'; allowed values"),
+        (dict(grouped_conv="split"), "applies to ResNeSt backbones; resnet_tiny has no grouped"),
     ],
 )
 def test_bad_model_configs_name_the_field(overrides, message):

@@ -25,13 +25,13 @@ FINAL_SIZES = {
 }
 
 
-def _check(arch, output_stride, size, train_float32=False, float64=True):
+def _check(arch, output_stride, size, train_float32=False, float64=True, **options):
     height, width = size
     reference = torch_resnest(arch, output_stride)
     images = random_images(batch=4, size=max(size))[:, :height, :width]
 
     def create_model(dtype):
-        return converted_backbone(arch, reference, output_stride, dtype)
+        return converted_backbone(arch, reference, output_stride, dtype, **options)
 
     shapes = nnx.eval_shape(lambda module, batch: module(batch), create_model(jnp.float32), jnp.asarray(images))
     final = FINAL_SIZES[size][output_stride]
@@ -50,6 +50,18 @@ def test_resnest50_matches_official(output_stride):
     # OS32 differs from OS16 only in geometry, which the (well-conditioned) float32 eval check covers.
     _check(
         "resnest50", output_stride, (72, 88), train_float32=output_stride == 16, float64=output_stride != 32
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "grouped_conv,bn_statistics", [("split", "one_pass"), ("block_diagonal", "two_pass"), ("grouped", "one_pass")]
+)
+def test_the_faster_programs_match_official(grouped_conv, bn_statistics):
+    """The grouped-convolution and BatchNorm-statistics programs compute the official network: float32 eval,
+    float32 train as accurate as torch's own, float64 train exact (stage outputs and every BN statistic)."""
+    _check(
+        "resnest50", 16, (40, 56), train_float32=True, grouped_conv=grouped_conv, bn_statistics=bn_statistics
     )
 
 

@@ -156,9 +156,10 @@ def random_images(batch: int = 2, size: int = 64, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randn(batch, size, size, 3).astype(np.float32)
 
 
-def converted_backbone(arch: str, reference, output_stride: int, dtype, bn_mode: str = "global"):
+def converted_backbone(arch: str, reference, output_stride: int, dtype, bn_mode: str = "global", **options):
     """The NNX backbone with ``reference``'s weights, built abstractly (``nnx.eval_shape``) and then filled:
-    no time is spent on a random initialisation that the weights replace."""
+    no time is spent on a random initialisation that the weights replace. ``options``: more ``create_backbone``
+    keywords (``bn_statistics``, ``grouped_conv``)."""
     from flax import nnx
 
     from puzzle_jax.models import create_backbone
@@ -166,7 +167,7 @@ def converted_backbone(arch: str, reference, output_stride: int, dtype, bn_mode:
 
     model = nnx.eval_shape(
         lambda: create_backbone(
-            arch, output_stride=output_stride, bn_mode=bn_mode, dtype=dtype, rngs=nnx.Rngs(0)
+            arch, output_stride=output_stride, bn_mode=bn_mode, dtype=dtype, rngs=nnx.Rngs(0), **options
         )
     )
     load_torch_weights(model, reference.state_dict(), arch=arch)

@@ -18,7 +18,8 @@ Public API:
     one for DeepLabv3+ (family ``segmentation``); ``create_model(model_config,
     rngs=...)`` builds any family's model from one.
     Configs exported before families were recorded have no ``family`` and are classifiers.
-  * ``ARCHITECTURES``, ``OUTPUT_STRIDES``, ``BN_MODES``, ``DTYPES``: the accepted values.
+  * ``ARCHITECTURES``, ``OUTPUT_STRIDES``, ``BN_MODES``, ``BN_STATISTICS``, ``GROUPED_CONV_IMPLEMENTATIONS``,
+    ``DTYPES``: the accepted values.
 
 Every model holds only ``nnx.Param`` and ``nnx.BatchStat`` variables, so
 ``nnx.split(model, nnx.Param, nnx.BatchStat)`` is exhaustive, and keeps its backbone under the attribute ``model``
@@ -37,8 +38,8 @@ from puzzle_jax.models import resnest, resnet
 from puzzle_jax.models.affinity import AffinityNet
 from puzzle_jax.models.classifier import Classifier
 from puzzle_jax.models.deeplab import DeepLabV3Plus
-from puzzle_jax.models.layers import BN_MODES, BatchNorm
-from puzzle_jax.models.resnest import ResNeSt
+from puzzle_jax.models.layers import BN_MODES, BN_STATISTICS, BatchNorm
+from puzzle_jax.models.resnest import GROUPED_CONV_IMPLEMENTATIONS, ResNeSt
 from puzzle_jax.models.resnet import OUTPUT_STRIDES, ResNet
 
 ARCHITECTURES = tuple(resnet.RESNET_BLOCKS) + tuple(resnest.RESNEST_BLOCKS)
@@ -51,6 +52,8 @@ __all__ = [
     "ARCHITECTURES",
     "AffinityNet",
     "BN_MODES",
+    "BN_STATISTICS",
+    "GROUPED_CONV_IMPLEMENTATIONS",
     "OUTPUT_STRIDES",
     "DTYPES",
     "MODEL_FAMILIES",
@@ -83,12 +86,28 @@ def _check_arguments(arch: str, output_stride: int, bn_mode: str, bn_group_size:
         raise ValueError(f"bn_group_size must be a positive int when bn_mode='per_replica', got {bn_group_size!r}")
 
 
+def _check_programs(arch: str, bn_statistics: str, grouped_conv: str) -> None:
+    if bn_statistics not in BN_STATISTICS:
+        raise ValueError(f"model.bn_statistics={bn_statistics!r}; allowed values are {list(BN_STATISTICS)}.")
+    if grouped_conv not in GROUPED_CONV_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.grouped_conv={grouped_conv!r}; allowed values are {list(GROUPED_CONV_IMPLEMENTATIONS)}."
+        )
+    if grouped_conv != "grouped" and arch in resnet.RESNET_BLOCKS:
+        raise ValueError(
+            f"model.grouped_conv={grouped_conv!r} applies to ResNeSt backbones; {arch} has no grouped convolutions "
+            "(leave it at 'grouped')."
+        )
+
+
 def create_backbone(
     arch: str,
     *,
     output_stride: int = 16,
     bn_mode: str = "frozen",
     bn_group_size: int | None = None,
+    bn_statistics: str = "two_pass",
+    grouped_conv: str = "grouped",
     dtype=jnp.float32,
     remat: bool = False,
     rngs: nnx.Rngs,
@@ -100,6 +119,9 @@ def create_backbone(
       output_stride: 8, 16 (the authors' setting) or 32; see ``resnet`` / ``resnest`` for how each is built.
       bn_mode: ``"global"``, ``"per_replica"`` or ``"frozen"`` (see ``layers.BatchNorm``).
       bn_group_size: images per BN statistics group, required for ``"per_replica"``.
+      bn_statistics: how training BatchNorm computes batch statistics (``BN_STATISTICS``; same values, other program).
+      grouped_conv: ResNeSt's grouped-convolution program (``GROUPED_CONV_IMPLEMENTATIONS``; same function); ResNets
+        have no grouped convolutions and take only the default.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters and BN statistics stay float32.
       remat: recompute each residual block's activations in the backward pass.
       rngs: random generators for the initialisation (not stored).
@@ -110,20 +132,23 @@ def create_backbone(
       ``stage_features`` (channels of the five stages).
 
     Raises:
-      ValueError: unknown ``arch``, ``output_stride`` or ``bn_mode``, or a missing ``bn_group_size``.
+      ValueError: unknown ``arch``, ``output_stride``, ``bn_mode``, ``bn_statistics`` or ``grouped_conv``, or a
+        missing ``bn_group_size``.
     """
     _check_arguments(arch, output_stride, bn_mode, bn_group_size)
+    _check_programs(arch, bn_statistics, grouped_conv)
     kwargs = dict(
         output_stride=output_stride,
         bn_mode=bn_mode,
         bn_group_size=bn_group_size,
+        bn_statistics=bn_statistics,
         dtype=dtype,
         remat=remat,
         rngs=rngs,
     )
     if arch in resnet.RESNET_BLOCKS:
         return resnet.create_resnet(arch, **kwargs)
-    return resnest.create_resnest(arch, **kwargs)
+    return resnest.create_resnest(arch, grouped_conv=grouped_conv, **kwargs)
 
 
 def create_classifier(arch: str, num_classes: int, *, rngs: nnx.Rngs, **backbone_options) -> Classifier:
@@ -154,11 +179,13 @@ def classifier_config(
     bn_group_size: int | None = None,
     dtype: str = "float32",
     remat: bool = False,
+    bn_statistics: str = "two_pass",
+    grouped_conv: str = "grouped",
 ) -> dict[str, Any]:
     """The model config of a Puzzle-CAM classifier (``create_classifier``'s arguments, JSON-serialisable).
 
     Args:
-      arch, num_classes, output_stride, bn_mode: as in ``create_classifier``.
+      arch, num_classes, output_stride, bn_mode, bn_statistics, grouped_conv: as in ``create_classifier``.
       bn_group_size: images per BatchNorm group; kept only for ``bn_mode="per_replica"``.
       dtype: a key of ``DTYPES``.
       remat: recompute each residual block's activations in the backward pass.
@@ -172,6 +199,7 @@ def classifier_config(
         raise ValueError(f"model.remat={remat!r}; a model config takes True or False.")
     group_size = int(bn_group_size) if bn_mode == "per_replica" and bn_group_size is not None else None
     _check_arguments(arch, int(output_stride), bn_mode, group_size)
+    _check_programs(arch, bn_statistics, grouped_conv)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     return {
@@ -183,6 +211,8 @@ def classifier_config(
         "bn_group_size": group_size,
         "dtype": dtype,
         "remat": remat,
+        "bn_statistics": bn_statistics,
+        "grouped_conv": grouped_conv,
     }
 
 
@@ -195,6 +225,9 @@ def _create_classifier_from_config(model_config: Mapping[str, Any], rngs: nnx.Rn
         bn_group_size=model_config["bn_group_size"],
         dtype=DTYPES[model_config["dtype"]],
         remat=bool(model_config["remat"]),
+        # Exports written before these fields existed ran the defaults.
+        bn_statistics=model_config.get("bn_statistics", "two_pass"),
+        grouped_conv=model_config.get("grouped_conv", "grouped"),
         rngs=rngs,
     )
 

@@ -4,7 +4,8 @@ This module owns the numerics that must match the authors' PyTorch code exactly:
 
 * ``BatchNorm``: epsilon 1e-5, torch momentum 0.1 (``running = 0.9 * running + 0.1 * batch``), the running
   variance updated with the *unbiased* batch variance while the input is normalised with the biased one, and
-  three modes (``global``, ``per_replica``, ``frozen``; see the class docstring).
+  three modes (``global``, ``per_replica``, ``frozen``; see the class docstring), and two ways to compute the
+  batch statistics (``two_pass``, ``one_pass``; see ``BN_STATISTICS``).
 * ``max_pool2d`` / ``avg_pool2d``: padding, ``ceil_mode`` and ``count_include_pad`` exactly as
   ``torch.nn.functional`` defines them (max pooling pads with -inf, not with zeros).
 * ``Conv2d``: torch-style convolution arguments (symmetric padding, dilation, groups) and
@@ -30,6 +31,14 @@ import numpy as np
 from flax import nnx
 
 BN_MODES = ("global", "per_replica", "frozen")
+# How training-mode BatchNorm computes a batch's mean and variance:
+#   * ``two_pass``: the mean, then the mean of squared deviations from it: two reads of the activation, the second
+#     waiting for the first, and in the backward pass one more reduction (of x - mean, zero in exact arithmetic).
+#   * ``one_pass``: sums of (x - shift) and (x - shift)^2 in one read (XLA fuses the two sibling reductions), with a
+#     per-channel shift taken from the data itself (the first position of the group's first image) so that the
+#     difference of the two moments does not cancel: the float32 error of the variance is that of the two-pass
+#     formula times about 1 + ((shift - mean) / std)^2, i.e. a small factor for any shift drawn from the data.
+BN_STATISTICS = ("two_pass", "one_pass")
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -151,19 +160,61 @@ class Conv2d(nnx.Module):
             self.kernel = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * std)
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
+    def _convolve(self, x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
+        return jax.lax.conv_general_dilated(
             x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
+            kernel.astype(self.dtype),
             window_strides=self.stride,
             padding=tuple((p, p) for p in self.padding),
             rhs_dilation=self.dilation,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups,
+            feature_group_count=groups,
         )
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+
+    def _add_bias(self, y: jax.Array, channels: slice = slice(None)) -> jax.Array:
+        return y if self.bias is None else y + self.bias[...][channels].astype(self.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self._add_bias(self._convolve(x, self.kernel[...], self.groups))
+
+    def call_block_diagonal(self, x: jax.Array) -> jax.Array:
+        """``__call__`` of a grouped convolution as one dense convolution whose kernel is block-diagonal.
+
+        Twice the arithmetic for two groups, but one plain convolution (no per-group channel slicing in the
+        convolution library); the gradient reaches only the kernel's own blocks.
+        """
+        if self.groups == 1:
+            return self(x)
+        kernel = self.kernel[...]
+        group_in, group_out = self.in_features // self.groups, self.out_features // self.groups
+        dense = jnp.zeros((*self.kernel_size, self.in_features, self.out_features), kernel.dtype)
+        for group in range(self.groups):
+            dense = jax.lax.dynamic_update_slice(
+                dense,
+                kernel[..., group * group_out : (group + 1) * group_out],
+                (0, 0, group * group_in, group * group_out),
+            )
+        return self._add_bias(self._convolve(x, dense, 1))
+
+    def call_groups(self, parts: Sequence[jax.Array]) -> list[jax.Array]:
+        """``__call__`` of a grouped convolution as one plain convolution per group.
+
+        Args:
+          parts: the input of each group (group ``g`` reads input channels ``[g * in/groups, (g + 1) * in/groups)``).
+
+        Returns:
+          Each group's output (``out/groups`` channels each); their concatenation is ``__call__`` of the
+          concatenated input.
+        """
+        if len(parts) != self.groups:
+            raise ValueError(f"call_groups needs {self.groups} inputs, got {len(parts)}")
+        group_out = self.out_features // self.groups
+        kernel = self.kernel[...]
+        outputs = []
+        for group, part in enumerate(parts):
+            channels = slice(group * group_out, (group + 1) * group_out)
+            outputs.append(self._add_bias(self._convolve(part, kernel[..., channels], 1), channels))
+        return outputs
 
 
 class BatchNorm(nnx.Module):
@@ -196,6 +247,7 @@ class BatchNorm(nnx.Module):
         momentum: float = 0.1,
         epsilon: float = 1e-5,
         use_running_average: bool = False,
+        statistics: str = "two_pass",
         dtype=jnp.float32,
     ):
         """Creates the layer.
@@ -207,6 +259,7 @@ class BatchNorm(nnx.Module):
           momentum: torch momentum: ``running = (1 - momentum) * running + momentum * batch``.
           epsilon: added to the variance.
           use_running_average: start in evaluation (True) or training (False) behaviour.
+          statistics: one of ``BN_STATISTICS``: how a training batch's mean and variance are computed.
           dtype: dtype of the output.
         """
         if mode not in BN_MODES:
@@ -215,12 +268,15 @@ class BatchNorm(nnx.Module):
             raise ValueError(
                 f"bn_group_size must be a positive int when bn_mode='per_replica', got {group_size!r}"
             )
+        if statistics not in BN_STATISTICS:
+            raise ValueError(f"bn_statistics must be one of {BN_STATISTICS}, got {statistics!r}")
         self.num_features = num_features
         self.mode = mode
         self.group_size = group_size if mode == "per_replica" else None
         self.momentum = momentum
         self.epsilon = epsilon
         self.use_running_average = use_running_average
+        self.statistics = statistics
         self.dtype = dtype
         # From numpy: eager jnp.ones/zeros would compile a fill kernel per distinct width.
         ones, zeros = np.ones((num_features,), np.float32), np.zeros((num_features,), np.float32)
@@ -234,44 +290,78 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    def _normalize(self, x, mean, var):
+    def _normalize(self, x, mean, var, channels: slice):
         # Everything in x's precision (float32 variables would otherwise cap a float64 computation), and
         # (x - mean) first, as torch does: folding the mean into the bias (x * a + (b - mean * a)) loses
         # precision when |mean| >> std.
         dtype = x.dtype
-        inverse = jax.lax.rsqrt(var.astype(dtype) + self.epsilon) * self.scale[...].astype(dtype)
-        return (x - mean.astype(dtype)) * inverse + self.bias[...].astype(dtype)
+        inverse = jax.lax.rsqrt(var.astype(dtype) + self.epsilon) * self.scale[...][channels].astype(dtype)
+        return (x - mean.astype(dtype)) * inverse + self.bias[...][channels].astype(dtype)
+
+    def _group_statistics(self, groups: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Mean and biased variance of each group (axis 0) over everything but the group and channel axes."""
+        axes = tuple(range(1, groups.ndim - 1))
+        if self.statistics == "two_pass":
+            mean = jnp.mean(groups, axis=axes, keepdims=True)
+            return mean, jnp.mean(jnp.square(groups - mean), axis=axes, keepdims=True)
+        # The shift only conditions the sums: mean and variance do not depend on it in exact arithmetic, so no
+        # gradient flows through it.
+        shift = jax.lax.stop_gradient(groups[(slice(None),) + (slice(0, 1),) * len(axes)])
+        shifted = groups - shift
+        shifted_mean = jnp.mean(shifted, axis=axes, keepdims=True)
+        mean_square = jnp.mean(jnp.square(shifted), axis=axes, keepdims=True)
+        return shift + shifted_mean, jnp.maximum(mean_square - jnp.square(shifted_mean), 0.0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalises ``x`` of shape (B, ..., C); updates the running statistics when training."""
+        return self.call_channel_parts([x])[0]
+
+    def call_channel_parts(self, parts: Sequence[jax.Array]) -> list[jax.Array]:
+        """``__call__`` of the channel-wise concatenation of ``parts``, without building it.
+
+        Args:
+          parts: arrays of one shape but the last axis, whose channels, concatenated in order, are this layer's.
+
+        Returns:
+          Each part normalised with its own channels' statistics and parameters; in training, the running
+          statistics of all channels are updated, as one call on the concatenation would.
+        """
+        widths = [part.shape[-1] for part in parts]
+        if sum(widths) != self.num_features:
+            raise ValueError(f"BatchNorm of {self.num_features} channels got parts of {widths} channels")
+        offsets = np.cumsum([0, *widths])
+        channel_slices = [slice(int(start), int(stop)) for start, stop in zip(offsets[:-1], offsets[1:], strict=True)]
         # Statistics in float32 at least (bfloat16 inputs are promoted; float64 ones, used by the parity tests
         # under jax.enable_x64, are kept).
-        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        parts = [part.astype(jnp.promote_types(part.dtype, jnp.float32)) for part in parts]
         if self.mode == "frozen" or self.use_running_average:
-            return self._normalize(x, self.mean[...], self.var[...]).astype(self.dtype)
+            return [
+                self._normalize(part, self.mean[...][channels], self.var[...][channels], channels).astype(self.dtype)
+                for part, channels in zip(parts, channel_slices, strict=True)
+            ]
 
-        if self.mode == "global":
-            groups = x[None]
-        else:
-            batch = x.shape[0]
-            if batch % self.group_size:
-                raise ValueError(
-                    f"per_replica BatchNorm: batch size {batch} is not a multiple of "
-                    f"bn_group_size={self.group_size}"
-                )
-            groups = x.reshape((batch // self.group_size, self.group_size) + x.shape[1:])
-        # Axes of one group: images and all spatial positions, i.e. everything but the group and the channels.
-        axes = tuple(range(1, groups.ndim - 1))
-        count = math.prod(groups.shape[1:-1])
-        group_mean = jnp.mean(groups, axis=axes, keepdims=True)
-        # Two-pass variance: E[(x - mean)^2] is exact where E[x^2] - mean^2 cancels badly.
-        group_var = jnp.mean(jnp.square(groups - group_mean), axis=axes, keepdims=True)
-        out = self._normalize(groups, group_mean, group_var).reshape(x.shape)
-
-        # torch updates the running variance with the unbiased estimate (count / (count - 1)).
-        unbiased = count / max(count - 1, 1)
-        batch_mean = jnp.mean(group_mean.reshape(-1, self.num_features), axis=0)
-        batch_var = jnp.mean(group_var.reshape(-1, self.num_features), axis=0) * unbiased
+        outputs, batch_means, batch_vars = [], [], []
+        for part, channels in zip(parts, channel_slices, strict=True):
+            if self.mode == "global":
+                groups = part[None]
+            else:
+                batch = part.shape[0]
+                if batch % self.group_size:
+                    raise ValueError(
+                        f"per_replica BatchNorm: batch size {batch} is not a multiple of "
+                        f"bn_group_size={self.group_size}"
+                    )
+                groups = part.reshape((batch // self.group_size, self.group_size) + part.shape[1:])
+            group_mean, group_var = self._group_statistics(groups)
+            normalized = self._normalize(groups, group_mean, group_var, channels)
+            outputs.append(normalized.reshape(part.shape).astype(self.dtype))
+            # torch updates the running variance with the unbiased estimate (count / (count - 1)).
+            count = math.prod(groups.shape[1:-1])
+            width = part.shape[-1]
+            batch_means.append(jnp.mean(group_mean.reshape(-1, width), axis=0))
+            batch_vars.append(jnp.mean(group_var.reshape(-1, width), axis=0) * (count / max(count - 1, 1)))
+        batch_mean = batch_means[0] if len(parts) == 1 else jnp.concatenate(batch_means)
+        batch_var = batch_vars[0] if len(parts) == 1 else jnp.concatenate(batch_vars)
         momentum = self.momentum
         new_mean = (1.0 - momentum) * self.mean[...] + momentum * batch_mean
         new_var = (1.0 - momentum) * self.var[...] + momentum * batch_var
@@ -280,7 +370,7 @@ class BatchNorm(nnx.Module):
         # statistics stay float32 whatever the compute precision.
         self.mean.set_value(new_mean.astype(self.mean[...].dtype))
         self.var.set_value(new_var.astype(self.var[...].dtype))
-        return out.astype(self.dtype)
+        return outputs
 
 
 class ReLU(nnx.Module):

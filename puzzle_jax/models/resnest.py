@@ -40,6 +40,15 @@ _RESNEST_LAYER_GEOMETRY = {
 
 RADIX = 2
 REDUCTION_FACTOR = 4
+# How the split-attention block computes its grouped (groups = radix) 3x3 convolution; the same function and
+# parameters in each case, only the program differs (which one is fastest is a property of the accelerator's
+# convolution library, see BENCHMARKS.md):
+#   * ``grouped``: one convolution with ``feature_group_count=radix`` (cuDNN slices the channels of each group).
+#   * ``split``: one plain convolution per radix split, on that split's input channels; the splits stay separate
+#     arrays through BatchNorm, ReLU and the attention-weighted sum, so nothing is sliced or concatenated but the
+#     block's input (a slice XLA can fuse into the producing BatchNorm/ReLU).
+#   * ``block_diagonal``: one plain convolution with a block-diagonal kernel (radix x the arithmetic).
+GROUPED_CONV_IMPLEMENTATIONS = ("grouped", "split", "block_diagonal")
 
 
 class SplitAttentionConv(nnx.Module):
@@ -47,7 +56,8 @@ class SplitAttentionConv(nnx.Module):
 
     A grouped conv (groups = radix) outputs radix x channels; BN, ReLU; the radix splits are summed,
     globally average-pooled, passed through fc1 (1x1 with bias) -> BN -> ReLU -> fc2 (1x1 with bias), and a
-    softmax over the radix axis weighs the splits in the output sum.
+    softmax over the radix axis weighs the splits in the output sum. ``grouped_conv`` chooses the program of the
+    grouped conv (``GROUPED_CONV_IMPLEMENTATIONS``).
     """
 
     def __init__(
@@ -59,11 +69,15 @@ class SplitAttentionConv(nnx.Module):
         dilation: int,
         radix: int = RADIX,
         bn_kwargs: dict,
+        grouped_conv: str = "grouped",
         dtype=jnp.float32,
         rngs: nnx.Rngs | layers.KernelInitializer,
     ):
+        if grouped_conv not in GROUPED_CONV_IMPLEMENTATIONS:
+            raise ValueError(f"grouped_conv must be one of {GROUPED_CONV_IMPLEMENTATIONS}, got {grouped_conv!r}")
         self.radix = radix
         self.channels = channels
+        self.grouped_conv = grouped_conv
         inter_features = max(in_features * radix // REDUCTION_FACTOR, 32)
         self.conv = layers.Conv2d(
             in_features,
@@ -83,14 +97,25 @@ class SplitAttentionConv(nnx.Module):
             inter_features, channels * radix, 1, use_bias=True, dtype=dtype, rngs=rngs
         )
 
+    def _attention(self, summed: jax.Array) -> jax.Array:
+        """Softmax weights (B, 1, 1, radix, C) of the splits, from their sum (B, H, W, C)."""
+        gap = jnp.mean(summed, axis=(1, 2), keepdims=True)
+        attention = self.fc2(jax.nn.relu(self.bn1(self.fc1(gap))))
+        return jax.nn.softmax(attention.reshape(summed.shape[0], 1, 1, self.radix, self.channels), axis=3)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jax.nn.relu(self.bn0(self.conv(x)))
+        if self.grouped_conv == "split":
+            group_in = x.shape[-1] // self.radix
+            inputs = [x[..., r * group_in : (r + 1) * group_in] for r in range(self.radix)]
+            splits = [jax.nn.relu(split) for split in self.bn0.call_channel_parts(self.conv.call_groups(inputs))]
+            attention = self._attention(sum(splits[1:], splits[0]))
+            return sum(attention[..., r, :] * split for r, split in enumerate(splits))
+        x = self.conv(x) if self.grouped_conv == "grouped" else self.conv.call_block_diagonal(x)
+        x = jax.nn.relu(self.bn0(x))
         batch, height, width, _ = x.shape
         # torch.split along channels: split r holds channels [r*C, (r+1)*C).
         splits = x.reshape(batch, height, width, self.radix, self.channels)
-        gap = jnp.mean(jnp.sum(splits, axis=3), axis=(1, 2), keepdims=True)
-        attention = self.fc2(jax.nn.relu(self.bn1(self.fc1(gap))))
-        attention = jax.nn.softmax(attention.reshape(batch, 1, 1, self.radix, self.channels), axis=3)
+        attention = self._attention(jnp.sum(splits, axis=3))
         return jnp.sum(attention * splits, axis=3)
 
 
@@ -107,6 +132,7 @@ class ResNeStBottleneck(nnx.Module):
         is_first: bool,
         downsample: bool,
         bn_kwargs: dict,
+        grouped_conv: str = "grouped",
         dtype=jnp.float32,
         rngs: nnx.Rngs | layers.KernelInitializer,
     ):
@@ -122,6 +148,7 @@ class ResNeStBottleneck(nnx.Module):
             stride=1 if use_avd else stride,
             dilation=dilation,
             bn_kwargs=bn_kwargs,
+            grouped_conv=grouped_conv,
             dtype=dtype,
             rngs=rngs,
         )
@@ -160,6 +187,8 @@ class ResNeSt(nnx.Module):
         output_stride: int = 16,
         bn_mode: str = "frozen",
         bn_group_size: int | None = None,
+        bn_statistics: str = "two_pass",
+        grouped_conv: str = "grouped",
         dtype=jnp.float32,
         remat: bool = False,
         rngs: nnx.Rngs,
@@ -169,12 +198,13 @@ class ResNeSt(nnx.Module):
         Args:
           blocks_per_layer: blocks in layer1..4 (ResNeSt-50: [3, 4, 6, 3]).
           stem_width: channels of the first two stem convs; stage1 has 2x as many.
-          output_stride, bn_mode, bn_group_size, dtype, remat, rngs: as in ``resnet.ResNet``.
+          output_stride, bn_mode, bn_group_size, bn_statistics, dtype, remat, rngs: as in ``resnet.ResNet``.
+          grouped_conv: the program of the split-attention convolutions, one of ``GROUPED_CONV_IMPLEMENTATIONS``.
         """
         check_output_stride(output_stride)
         # One key from rngs, all kernels drawn at once at the end (see layers.KernelInitializer).
         kernels = layers.KernelInitializer(rngs)
-        bn_kwargs = dict(mode=bn_mode, group_size=bn_group_size, dtype=dtype)
+        bn_kwargs = dict(mode=bn_mode, group_size=bn_group_size, statistics=bn_statistics, dtype=dtype)
         self.remat = remat
         self.output_stride = output_stride
         self.conv1 = nnx.List(
@@ -201,6 +231,7 @@ class ResNeSt(nnx.Module):
                 is_first=first and layer_index > 0,
                 downsample=downsample,
                 bn_kwargs=bn_kwargs,
+                grouped_conv=grouped_conv,
                 dtype=dtype,
                 rngs=kernels,
             )

@@ -150,6 +150,7 @@ class ResNet(nnx.Module):
         output_stride: int = 16,
         bn_mode: str = "frozen",
         bn_group_size: int | None = None,
+        bn_statistics: str = "two_pass",
         dtype=jnp.float32,
         remat: bool = False,
         rngs: nnx.Rngs,
@@ -163,6 +164,7 @@ class ResNet(nnx.Module):
           output_stride: 8, 16 or 32 (see the module docstring).
           bn_mode: BatchNorm mode, one of ``layers.BN_MODES``.
           bn_group_size: images per BN statistics group for ``per_replica``.
+          bn_statistics: how training BatchNorm computes batch statistics, one of ``layers.BN_STATISTICS``.
           dtype: compute dtype (parameters stay float32).
           remat: recompute each block's activations in the backward pass (``nnx.remat``).
           rngs: random generators for the initialisation.
@@ -170,7 +172,7 @@ class ResNet(nnx.Module):
         check_output_stride(output_stride)
         # One key from rngs, all kernels drawn at once at the end (see layers.KernelInitializer).
         kernels = layers.KernelInitializer(rngs)
-        bn_kwargs = dict(mode=bn_mode, group_size=bn_group_size, dtype=dtype)
+        bn_kwargs = dict(mode=bn_mode, group_size=bn_group_size, statistics=bn_statistics, dtype=dtype)
         self.remat = remat
         self.output_stride = output_stride
         self.conv1 = layers.Conv2d(3, base_width, 7, stride=2, padding=3, dtype=dtype, rngs=kernels)

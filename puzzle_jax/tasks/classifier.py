@@ -59,6 +59,8 @@ class ClassifierTask(base.Task):
             dtype=section.dtype,
             # "auto" starts without remat; the driver decides and records the decision.
             remat=section.remat is True,
+            bn_statistics=section.bn_statistics,
+            grouped_conv=section.grouped_conv,
         )
 
     def init_parts(self, section) -> tuple[str, ...]:
