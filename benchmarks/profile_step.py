@@ -2,7 +2,8 @@
 
 Builds the Puzzle-CAM step exactly as ``python -m benchmarks.bench`` does (``bench.build_jax_train_step``), compiles
 it, runs ``--warmup`` steps, times ``--steps`` steps, then traces ``--steps`` more with ``jax.profiler`` and reads the
-Chrome-trace JSON (gzip) that the profiler writes under the trace folder. It prints:
+Chrome-trace JSON (gzip) that the profiler writes under the trace folder (or its ``.xplane.pb`` where a jax writes no
+JSON). It prints:
 
   1. device time per step by kernel class (ms per step, share), with cuDNN's channel-slicing kernels
      (``nhwcSliceCKernel``, grouped convolutions) as a sub-row of the convolutions;
@@ -117,25 +118,39 @@ def is_channel_slicing(name: str) -> bool:
 
 
 def find_trace_file(trace_dir: str, not_before: float = 0.0) -> str:
-    """The newest Chrome-trace JSON the profiler wrote under ``trace_dir`` (modified at or after ``not_before``).
+    """The newest trace the profiler wrote under ``trace_dir`` (modified at or after ``not_before``).
 
-    jax writes ``plugins/profile/<run>/<host>.trace.json.gz`` and, asked to, ``perfetto_trace.json.gz`` next to it
-    (the same events); the folder layout is globbed, not assumed.
+    jax writes ``plugins/profile/<run>/<host>.xplane.pb``, ``<host>.trace.json.gz`` and, asked to,
+    ``perfetto_trace.json.gz`` (the JSON files hold the same events); the folder layout is globbed, not assumed.
+    The Chrome-trace JSON is preferred; the ``.xplane.pb`` is the fallback for a jax that writes no JSON.
     """
-    candidates = [path for pattern in ("**/perfetto_trace.json.gz", "**/*.trace.json.gz", "**/*.trace.json")
-                  for path in glob.glob(os.path.join(trace_dir, pattern), recursive=True)
-                  if os.path.getmtime(path) >= not_before]
-    if not candidates:
-        raise FileNotFoundError(
-            f"no trace JSON (*.trace.json.gz, perfetto_trace.json.gz) under {trace_dir}; found "
-            f"{sorted(os.path.relpath(path, trace_dir) for path in glob.glob(os.path.join(trace_dir, '**', '*'), recursive=True))[:20]}. "  # noqa: E501
-            "Check that jax.profiler traced (a profiler already running in this process fails the trace)."
-        )
-    return max(candidates, key=lambda path: (os.path.getmtime(path), "perfetto" in path))
+    for patterns in (("**/perfetto_trace.json.gz", "**/*.trace.json.gz", "**/*.trace.json"), ("**/*.xplane.pb",)):
+        candidates = [path for pattern in patterns
+                      for path in glob.glob(os.path.join(trace_dir, pattern), recursive=True)
+                      if os.path.getmtime(path) >= not_before]
+        if candidates:
+            return max(candidates, key=lambda path: (os.path.getmtime(path), "perfetto" in path))
+    found = sorted(os.path.relpath(path, trace_dir) for path in glob.glob(f"{trace_dir}/**/*", recursive=True))
+    raise FileNotFoundError(
+        f"no trace (*.trace.json.gz, perfetto_trace.json.gz, *.xplane.pb) under {trace_dir}; found {found[:20]}. "
+        "Check that jax.profiler traced (a profiler already running in this process fails the trace)."
+    )
 
 
 def read_trace_events(path: str) -> list[dict[str, Any]]:
-    """The ``traceEvents`` of a Chrome-trace JSON file, gzip or plain."""
+    """The Chrome-trace events of a trace file: the ``traceEvents`` of a JSON file (gzip or plain), or the same
+    events built from an ``.xplane.pb`` (planes as processes, lines as threads, event stats as ``args``)."""
+    if path.endswith(".xplane.pb"):
+        from jax.profiler import ProfileData
+
+        events: list[dict[str, Any]] = []
+        for pid, plane in enumerate(ProfileData.from_file(path).planes):
+            events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": plane.name}})
+            for tid, line in enumerate(plane.lines):
+                events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": line.name}})
+                events += [{"ph": "X", "pid": pid, "tid": tid, "name": event.name, "ts": event.start_ns / 1000.0,
+                            "dur": event.duration_ns / 1000.0, "args": dict(event.stats)} for event in line.events]
+        return events
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as file:
         document = json.load(file)

@@ -1,6 +1,7 @@
 """Tests of ``benchmarks.profile_step``: kernel classes from names, device time from a Chrome trace (nested and
 overlapping events counted once, host threads and derived lines left out) and a real traced step on the CPU."""
 
+import glob
 import gzip
 import json
 import os
@@ -190,8 +191,15 @@ def test_the_newest_trace_file_is_found_and_a_missing_one_is_named(tmp_path):
         os.utime(path, (stamp, stamp))
     assert profile_step.find_trace_file(str(tmp_path)) == str(new)
     assert len(profile_step.read_trace_events(str(new))) == len(_gpu_trace())
-    with pytest.raises(FileNotFoundError, match="no trace JSON"):
-        profile_step.find_trace_file(str(tmp_path), not_before=3000.0)
+    # A jax that writes no JSON: the profiler's own .xplane.pb is read.
+    xplane = tmp_path / "plugins" / "profile" / "run_3" / "host.xplane.pb"
+    xplane.parent.mkdir()
+    xplane.write_bytes(b"")
+    os.utime(xplane, (3000.0, 3000.0))
+    assert profile_step.find_trace_file(str(tmp_path)) == str(new)
+    assert profile_step.find_trace_file(str(tmp_path), not_before=2500.0) == str(xplane)
+    with pytest.raises(FileNotFoundError, match="no trace .* under .*run_3/host.xplane.pb"):
+        profile_step.find_trace_file(str(tmp_path), not_before=4000.0)
 
 
 def test_model_options_are_passed_only_when_given(monkeypatch, tmp_path):
@@ -237,6 +245,11 @@ def test_profiles_a_real_step_on_the_cpu(tmp_path, capsys):
     assert result["busy_ms_per_step"] <= result["traced_wall_ms_per_step"]
     assert result["images_per_second"] == pytest.approx(2000.0 / result["wall_ms_per_step"])
     assert len(result["top_kernels"]) == 15
+    # The profiler's .xplane.pb of the same trace, read as a fallback, gives the same table.
+    (xplane,) = glob.glob(os.path.join(os.path.dirname(result["trace_file"]), "*.xplane.pb"))
+    from_xplane = profile_step.summarise_trace(profile_step.read_trace_events(xplane), steps=2)
+    assert [row["ms_per_step"] for row in from_xplane["classes"]] == pytest.approx(
+        [row["ms_per_step"] for row in result["classes"]], rel=1e-6)
     for kernel_class in KERNEL_CLASSES:
         assert f"| {kernel_class} |" in printed
     assert "images/s" in printed
