@@ -412,3 +412,74 @@ def test_gpu_followup_script_runs_its_four_parts_and_leaves_their_json(tmp_path)
     assert [estimate["remat"] for estimate in estimates] == [False, True]
     assert all(estimate["total_bytes"] > 0 for estimate in estimates)
     assert "memory estimate exited 0" in completed.stderr
+
+
+def test_programs_expand_the_jax_train_rows_and_reach_the_model():
+    options = bench.parse_arguments(
+        ["--suite", "grid", "--archs", "resnest101,resnet50", "--dtypes", "bfloat16",
+         "--jax-programs", "grouped/two_pass,split/one_pass,block_diagonal/two_pass"]
+    )
+    rows = bench.build_suite("grid", options)
+    programs = [(row.framework, row.arch, row.program) for row in rows]
+    assert programs == [
+        ("jax", "resnest101", "grouped/two_pass"), ("jax", "resnest101", "split/one_pass"),
+        ("jax", "resnest101", "block_diagonal/two_pass"), ("torch", "resnest101", ""),
+        # ResNets have no grouped convolution: each statistics program once.
+        ("jax", "resnet50", "grouped/two_pass"), ("jax", "resnet50", "grouped/one_pass"), ("torch", "resnet50", ""),
+    ]
+    assert rows[1].row_id.endswith("/bfloat16/nhwc/split/one_pass")
+    assert bench.program_options("split/one_pass") == {"grouped_conv": "split", "bn_statistics": "one_pass"}
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--jax-programs", "split"])
+    # The keywords reach the model of the step.
+    from puzzle_jax import models
+
+    created = []
+    original = models.create_classifier
+
+    def recording(*args, **kwargs):
+        created.append(kwargs)
+        return original(*args, **kwargs)
+
+    models.create_classifier = recording
+    try:
+        bench.build_jax_train_step(
+            "resnest50", batch_per_device=1, height=32, width=32, model_options=bench.program_options("split/one_pass")
+        )
+    finally:
+        models.create_classifier = original
+    assert created[0]["grouped_conv"] == "split" and created[0]["bn_statistics"] == "one_pass"
+
+
+@pytest.mark.slow
+def test_gpu_step_waste_script_measures_the_programs_profiles_the_fastest_and_summarises(tmp_path):
+    """benchmarks/gpu_step_waste.sh part a on the CPU, at smoke size (ResNets: the statistics programs only)."""
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    environment.update(
+        BENCH_REQUIRE_ACCELERATOR="0",
+        WHEELS_DIR=str(tmp_path / "no_wheels"),
+        STEP_WASTE_TOTAL_S="560",
+        STEP_WASTE_CACHE=str(tmp_path / "cache"),
+        STEP_WASTE_PROGRAMS="grouped/two_pass,grouped/one_pass",
+        STEP_WASTE_SHAPE="--archs resnet_tiny --batch-sizes 2 --dtypes float32 --image-size 64 --warmup-steps 1 "
+        "--timed-steps 2",
+        STEP_WASTE_PROFILE_SHAPE="--arch resnet_tiny --batch 2 --dtype float32 --size 64 --steps 1 --warmup 1",
+    )
+    completed = subprocess.run(
+        ["bash", os.path.join(repository, "benchmarks", "gpu_step_waste.sh"), str(tmp_path / "out")],
+        capture_output=True, text=True, env=environment, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = tmp_path / "out"
+    (torch_row,) = json.loads((out / "torch.json").read_text())["rows"]
+    assert torch_row["framework"] == "torch" and torch_row["status"] == "ok"
+    jax_rows = json.loads((out / "jax.json").read_text())["rows"]
+    assert [row["program"] for row in jax_rows] == ["grouped/two_pass", "grouped/one_pass"]
+    assert all(row["status"] == "ok" for row in jax_rows)
+    profiles = sorted(path.name for path in out.glob("profile_*.json"))
+    assert "profile_grouped_two_pass.json" in profiles
+    profile = json.loads((out / profiles[0]).read_text())
+    assert abs(sum(entry["share"] for entry in profile["classes"]) - 1.0) < 1e-6
+    summary = (out / "summary.txt").read_text()
+    assert "PyTorch autocast:" in summary and "grouped/one_pass" in summary and "profile_grouped" in summary

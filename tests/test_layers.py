@@ -207,6 +207,56 @@ def test_one_pass_statistics_equal_two_pass_ones_and_their_gradients(mode):
         np.testing.assert_allclose(one_pass, two_pass, rtol=1e-12, atol=1e-12)
 
 
+def _activation_reductions(closed_jaxpr, size: int) -> int:
+    """Reductions of an activation-sized operand over more than a size-1 axis, in the jaxpr and its sub-jaxprs."""
+    count = 0
+    for eqn in closed_jaxpr.jaxpr.eqns:
+        operand = eqn.invars[0].aval if eqn.invars else None
+        if eqn.primitive.name == "reduce_sum" and operand.size >= size:
+            count += any(operand.shape[axis] > 1 for axis in eqn.params["axes"])
+        for param in eqn.params.values():
+            if isinstance(param, jax.extend.core.ClosedJaxpr):
+                count += _activation_reductions(param, size)
+    return count
+
+
+def test_one_pass_backward_reads_the_activation_for_two_sibling_reductions_only():
+    """The point of ``one_pass``: forward 2 reductions (siblings, one read), backward 2 (sum dy, sum dy x_hat);
+    automatic differentiation of the two-pass form has 4 in its backward."""
+    x = jnp.asarray(_inputs((4, 6, 6, 8)))
+    counts = {}
+    for statistics in ("two_pass", "one_pass"):
+        graphdef, state = nnx.split(layers.BatchNorm(8, statistics=statistics))
+        state = nnx.as_pure(state)
+
+        def loss(state, inputs, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, state)(inputs) * jnp.arange(8.0))
+
+        forward = _activation_reductions(jax.make_jaxpr(loss)(state, x), x.size)
+        both = _activation_reductions(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(state, x), x.size)
+        counts[statistics] = (forward - 1, both - forward)  # without the loss's own sum
+    assert counts == {"two_pass": (2, 4), "one_pass": (2, 2)}
+
+
+def test_one_pass_in_bfloat16_keeps_the_activation_dtype_and_the_gradient():
+    x = jnp.asarray(_inputs((4, 5, 6, 3)), jnp.bfloat16)
+    weights = jnp.asarray(np.random.RandomState(2).randn(4, 5, 6, 3), jnp.float32)
+    gradients = {}
+    for statistics in ("two_pass", "one_pass"):
+        bn = _bn_with_random_affine(3, statistics=statistics, dtype=jnp.bfloat16)
+
+        def loss(module, inputs):
+            out = module(inputs)
+            assert out.dtype == jnp.bfloat16
+            return jnp.sum(out.astype(jnp.float32) * weights)
+
+        gradients[statistics] = nnx.grad(loss, argnums=(0, 1))(bn, x)
+    (module_one, input_one), (module_two, input_two) = gradients["one_pass"], gradients["two_pass"]
+    assert input_one.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(input_one, np.float32), np.asarray(input_two, np.float32), atol=0.05)
+    np.testing.assert_allclose(module_one["scale"][...], module_two["scale"][...], rtol=1e-5, atol=1e-4)
+
+
 def test_one_pass_variance_stays_accurate_far_from_zero_mean():
     """Float32, mean 1000 and std 1: the shifted sums keep the variance to 1e-4 where the unshifted
     E[x^2] - E[x]^2 (the control below) is off by more than 1%."""

@@ -22,6 +22,7 @@ Everything is NHWC.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -31,14 +32,73 @@ import numpy as np
 from flax import nnx
 
 BN_MODES = ("global", "per_replica", "frozen")
-# How training-mode BatchNorm computes a batch's mean and variance:
-#   * ``two_pass``: the mean, then the mean of squared deviations from it: two reads of the activation, the second
-#     waiting for the first, and in the backward pass one more reduction (of x - mean, zero in exact arithmetic).
+# How training-mode BatchNorm computes a batch's statistics and its gradient:
+#   * ``two_pass``: the mean, then the mean of squared deviations from it (two reads of the activation, the second
+#     waiting for the first); the gradient by automatic differentiation, whose backward pass has five
+#     activation-sized reductions (algebraically redundant ones among them).
 #   * ``one_pass``: sums of (x - shift) and (x - shift)^2 in one read (XLA fuses the two sibling reductions), with a
 #     per-channel shift taken from the data itself (the first position of the group's first image) so that the
 #     difference of the two moments does not cancel: the float32 error of the variance is that of the two-pass
-#     formula times about 1 + ((shift - mean) / std)^2, i.e. a small factor for any shift drawn from the data.
+#     formula times about 1 + ((shift - mean) / std)^2, a small factor for any shift drawn from the data; and the
+#     closed-form gradient (``_batch_norm_one_pass``): two sibling reductions and one elementwise pass.
 BN_STATISTICS = ("two_pass", "one_pass")
+
+
+def _statistics_dtype(dtype) -> jnp.dtype:
+    # At least float32 (bfloat16 is promoted; float64, used by the parity tests under jax.enable_x64, is kept).
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_one_pass(groups, scale, bias, epsilon):
+    """Training BatchNorm of ``groups`` (G, n, ..., C) with each group's statistics over its middle axes.
+
+    Returns ``(normalised, mean, variance)`` in the statistics dtype, mean and biased variance shaped (G, 1, ..., C).
+    ``scale`` and ``bias`` are (C,) in the statistics dtype. The gradient is the closed form
+    dx = scale / (n std) * (n dy - sum(dy) - x_hat sum(dy x_hat)) (plus the terms of the mean and variance outputs),
+    so the backward pass reads dy and x once, for two sibling reductions, and once more to write dx.
+    """
+    return _batch_norm_one_pass_forward(groups, scale, bias, epsilon)[0]
+
+
+def _batch_norm_one_pass_forward(groups, scale, bias, epsilon):
+    x = groups.astype(_statistics_dtype(groups.dtype))
+    axes = tuple(range(1, x.ndim - 1))
+    # The shift only conditions the sums: mean and variance do not depend on it in exact arithmetic.
+    shift = x[(slice(None),) + (slice(0, 1),) * len(axes)]
+    shifted = x - shift
+    shifted_mean = jnp.mean(shifted, axis=axes, keepdims=True)
+    mean_square = jnp.mean(jnp.square(shifted), axis=axes, keepdims=True)
+    mean = shift + shifted_mean
+    var = jnp.maximum(mean_square - jnp.square(shifted_mean), 0.0)
+    inverse = jax.lax.rsqrt(var + epsilon)
+    # (x - mean) first, as in BatchNorm._normalize.
+    normalized = (x - mean) * (inverse * scale) + bias
+    # The activation is kept in its own dtype (bfloat16 stays bfloat16), as automatic differentiation would.
+    return (normalized, mean, var), (groups, mean, inverse, scale)
+
+
+def _batch_norm_one_pass_backward(epsilon, residuals, cotangents):
+    del epsilon
+    groups, mean, inverse, scale = residuals
+    d_normalized, d_mean, d_var = cotangents
+    x = groups.astype(mean.dtype)
+    axes = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1])
+    centered = x - mean
+    x_hat = centered * inverse
+    sum_d = jnp.sum(d_normalized, axis=axes, keepdims=True)
+    sum_d_x_hat = jnp.sum(d_normalized * x_hat, axis=axes, keepdims=True)
+    d_x = (inverse * scale / count) * (count * d_normalized - sum_d - x_hat * sum_d_x_hat)
+    # The statistics outputs (running averages take them under stop_gradient, so these are zeros there).
+    d_x = d_x + d_mean / count + d_var * (2.0 / count) * centered
+    channels = scale.shape[-1]
+    d_scale = jnp.sum(sum_d_x_hat.reshape(-1, channels), axis=0)
+    d_bias = jnp.sum(sum_d.reshape(-1, channels), axis=0)
+    return d_x.astype(groups.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+_batch_norm_one_pass.defvjp(_batch_norm_one_pass_forward, _batch_norm_one_pass_backward)
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -298,19 +358,18 @@ class BatchNorm(nnx.Module):
         inverse = jax.lax.rsqrt(var.astype(dtype) + self.epsilon) * self.scale[...][channels].astype(dtype)
         return (x - mean.astype(dtype)) * inverse + self.bias[...][channels].astype(dtype)
 
-    def _group_statistics(self, groups: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Mean and biased variance of each group (axis 0) over everything but the group and channel axes."""
+    def _normalize_groups(self, groups: jax.Array, channels: slice) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Each group (axis 0) normalised with its statistics over everything but the group and channel axes;
+        returns (normalised, mean, biased variance) in the statistics dtype."""
+        if self.statistics == "one_pass":
+            dtype = _statistics_dtype(groups.dtype)
+            scale, bias = (variable[...][channels].astype(dtype) for variable in (self.scale, self.bias))
+            return _batch_norm_one_pass(groups, scale, bias, self.epsilon)
+        groups = groups.astype(_statistics_dtype(groups.dtype))
         axes = tuple(range(1, groups.ndim - 1))
-        if self.statistics == "two_pass":
-            mean = jnp.mean(groups, axis=axes, keepdims=True)
-            return mean, jnp.mean(jnp.square(groups - mean), axis=axes, keepdims=True)
-        # The shift only conditions the sums: mean and variance do not depend on it in exact arithmetic, so no
-        # gradient flows through it.
-        shift = jax.lax.stop_gradient(groups[(slice(None),) + (slice(0, 1),) * len(axes)])
-        shifted = groups - shift
-        shifted_mean = jnp.mean(shifted, axis=axes, keepdims=True)
-        mean_square = jnp.mean(jnp.square(shifted), axis=axes, keepdims=True)
-        return shift + shifted_mean, jnp.maximum(mean_square - jnp.square(shifted_mean), 0.0)
+        mean = jnp.mean(groups, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(groups - mean), axis=axes, keepdims=True)
+        return self._normalize(groups, mean, var, channels), mean, var
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalises ``x`` of shape (B, ..., C); updates the running statistics when training."""
@@ -331,12 +390,12 @@ class BatchNorm(nnx.Module):
             raise ValueError(f"BatchNorm of {self.num_features} channels got parts of {widths} channels")
         offsets = np.cumsum([0, *widths])
         channel_slices = [slice(int(start), int(stop)) for start, stop in zip(offsets[:-1], offsets[1:], strict=True)]
-        # Statistics in float32 at least (bfloat16 inputs are promoted; float64 ones, used by the parity tests
-        # under jax.enable_x64, are kept).
-        parts = [part.astype(jnp.promote_types(part.dtype, jnp.float32)) for part in parts]
         if self.mode == "frozen" or self.use_running_average:
             return [
-                self._normalize(part, self.mean[...][channels], self.var[...][channels], channels).astype(self.dtype)
+                self._normalize(
+                    part.astype(_statistics_dtype(part.dtype)), self.mean[...][channels], self.var[...][channels],
+                    channels,
+                ).astype(self.dtype)
                 for part, channels in zip(parts, channel_slices, strict=True)
             ]
 
@@ -352,8 +411,9 @@ class BatchNorm(nnx.Module):
                         f"bn_group_size={self.group_size}"
                     )
                 groups = part.reshape((batch // self.group_size, self.group_size) + part.shape[1:])
-            group_mean, group_var = self._group_statistics(groups)
-            normalized = self._normalize(groups, group_mean, group_var, channels)
+            normalized, group_mean, group_var = self._normalize_groups(groups, channels)
+            # The running statistics take no gradient.
+            group_mean, group_var = jax.lax.stop_gradient(group_mean), jax.lax.stop_gradient(group_var)
             outputs.append(normalized.reshape(part.shape).astype(self.dtype))
             # torch updates the running variance with the unbiased estimate (count / (count - 1)).
             count = math.prod(groups.shape[1:-1])
