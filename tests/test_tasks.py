@@ -52,7 +52,12 @@ def test_classifier_task_tells_the_driver_what_it_builds_and_initialises():
         "bn_group_size": None,
         "dtype": "float32",
         "remat": False,
+        "bn_statistics": "two_pass",
+        "grouped_conv": "grouped",
     }
+    # The program choices travel from the config to the model config.
+    faster = classifier_task.ClassifierTask(_model_section(bn_statistics="one_pass"), objective="classification")
+    assert faster.model_config(info)["bn_statistics"] == "one_pass"
     per_replica = classifier_task.ClassifierTask(
         _model_section(bn_mode="per_replica", bn_group_size=4, remat=True), objective="classification"
     )

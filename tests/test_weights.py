@@ -163,7 +163,8 @@ def test_convert_command_writes_a_model_that_init_from_loads(source, tmp_path, c
     config = checkpointing.load_model_config(str(output))
     assert config == {
         "family": "classifier", "arch": "resnet_tiny", "num_classes": 20, "output_stride": 16, "bn_mode": "frozen",
-        "bn_group_size": None, "dtype": "float32", "remat": False,
+        "bn_group_size": None, "dtype": "float32", "remat": False, "bn_statistics": "two_pass",
+        "grouped_conv": "grouped",
     }
     model = create_classifier("resnet_tiny", 20, rngs=nnx.Rngs(0))
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
