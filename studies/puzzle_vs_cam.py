@@ -15,6 +15,8 @@ threshold sweep, and reports the gain. Each recipe changes one thing from the de
 * ``long_pretrain``: 30 pretraining epochs instead of 8;
 * ``standard_momentum``: momentum 0.9 and learning rate 0.01 in both training stages instead of the authors'
   effective momentum (= weight decay) and 0.05;
+* ``pretrain_momentum``: the same in the pretrain stage only (the stand-in for ImageNet weights, which are trained
+  with momentum 0.9), train_cam with the authors' optimizer; it shares ``standard_momentum``'s pretrain;
 * ``more_images``: train_cam on 1,200 images instead of 600 (the first 600 are the same images);
 * ``output_stride_8``: output stride 8 instead of 16 (pretrain too).
 
@@ -98,6 +100,15 @@ RECIPES: tuple[Recipe, ...] = (
         {
             f"{section}.{field}": value
             for section in ("pretrain", "train_cam")
+            for field, value in (("momentum_mode", "standard"), ("momentum", "0.9"), ("learning_rate", "0.01"))
+        },
+    ),
+    Recipe(
+        "pretrain_momentum",
+        "momentum 0.9 and lr 0.01 in the pretrain stage only (as ImageNet backbones are trained); train_cam as the "
+        "authors",
+        {
+            f"pretrain.{field}": value
             for field, value in (("momentum_mode", "standard"), ("momentum", "0.9"), ("learning_rate", "0.01"))
         },
     ),

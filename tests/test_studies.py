@@ -179,14 +179,17 @@ def test_dry_run_commands_share_pretrains_and_change_one_thing(capsys, monkeypat
     monkeypatch.chdir(REPO)  # the commands name configs/demo.py relative to the repository
     pretrains, runs, output = _dry_run(capsys, tmp_path)
     assert not os.path.exists(tmp_path / "data")  # a dry run writes nothing, not even the dataset
-    assert "12 rows: 10 distinct pretrains (10 to run) and 48 runs (48 to run); estimated" in output
+    assert "14 rows: 10 distinct pretrains (10 to run) and 56 runs (56 to run); estimated" in output
     assert "python -m studies.parts_dataset --out" in output
-    # base and more_images share one pretrain per dataset; every other recipe pretrains on its own.
+    # base and more_images share one pretrain per dataset, standard_momentum and pretrain_momentum another; every
+    # other recipe pretrains on its own.
     assert set(pretrains) == {
         f"{dataset}/{recipe}" for dataset in ("demo", "parts")
-        for recipe in ("small_backbone", "long_pretrain", "standard_momentum", "output_stride_8")
-    } | {"demo/base, demo/more_images", "parts/base, parts/more_images"}
-    assert len(runs) == 48
+        for recipe in ("small_backbone", "long_pretrain", "output_stride_8")
+    } | {f"{dataset}/base, {dataset}/more_images" for dataset in ("demo", "parts")} | {
+        f"{dataset}/standard_momentum, {dataset}/pretrain_momentum" for dataset in ("demo", "parts")
+    }
+    assert len(runs) == 56
     pretrain_configs = {names: _parse(command) for names, command in pretrains.items()}
     run_configs = {name: _parse(command) for name, command in runs.items()}
     for name, config in run_configs.items():
@@ -219,6 +222,7 @@ def test_dry_run_commands_share_pretrains_and_change_one_thing(capsys, monkeypat
             for section in ("pretrain", "train_cam")
             for field in ("momentum_mode", "learning_rate")
         },
+        "pretrain_momentum": {"pretrain.momentum_mode", "pretrain.learning_rate"},
         "output_stride_8": {"model.output_stride"},
     }
     for dataset in ("demo", "parts"):
