@@ -380,14 +380,29 @@ def test_end_to_end_rate_is_the_median_after_the_skipped_steps(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_followup_script_runs_its_four_parts_and_leaves_their_json(tmp_path):
-    """benchmarks/gpu_followup.sh (the next GPU lease's one call) runs run_gpu.sh, random_walk.py, end_to_end.py
-    and memory_estimate.py in turn; here on the CPU at smoke size, with the same script and flags as on the GPU."""
+def _run_gpu_script_on_the_cpu(script: str, tmp_path, **settings) -> str:
+    """Runs ``benchmarks/<script> tmp_path/out`` on this CPU with the stack already installed; returns its stderr."""
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     environment.update(
         BENCH_REQUIRE_ACCELERATOR="0",
         WHEELS_DIR=str(tmp_path / "no_wheels"),  # nothing to install: this machine has the stack
+        **settings,
+    )
+    completed = subprocess.run(
+        ["bash", os.path.join(repository, "benchmarks", script), str(tmp_path / "out")],
+        capture_output=True, text=True, env=environment, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stderr
+
+
+def test_gpu_followup_script_runs_its_four_parts_and_leaves_their_json(tmp_path):
+    """benchmarks/gpu_followup.sh (the next GPU lease's one call) runs run_gpu.sh, random_walk.py, end_to_end.py
+    and memory_estimate.py in turn; here on the CPU at smoke size, with the same script and flags as on the GPU."""
+    stderr = _run_gpu_script_on_the_cpu(
+        "gpu_followup.sh",
+        tmp_path,
         FOLLOWUP_TOTAL_S="500",
         FOLLOWUP_BENCH_BUDGET_S="150",
         FOLLOWUP_MEMORY_MIN_S="20",
@@ -397,11 +412,6 @@ def test_gpu_followup_script_runs_its_four_parts_and_leaves_their_json(tmp_path)
         "--batch 4 --steps 8 --skip-steps 4 --log-every 2 --train-images 8 --workers 0",
         FOLLOWUP_MEMORY_ARGS="--archs resnet_tiny --batch 2 --size 64 --dtypes float32 --remat 0,1",
     )
-    completed = subprocess.run(
-        ["bash", os.path.join(repository, "benchmarks", "gpu_followup.sh"), str(tmp_path / "out")],
-        capture_output=True, text=True, env=environment, timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     (row,) = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     assert row["kind"] == "train" and row["status"] == "ok" and row["images_per_second"] > 0
     stencil, dense = json.loads((tmp_path / "out" / "random_walk.json").read_text())["results"]
@@ -411,7 +421,7 @@ def test_gpu_followup_script_runs_its_four_parts_and_leaves_their_json(tmp_path)
     estimates = json.loads((tmp_path / "out" / "memory.json").read_text())["results"]
     assert [estimate["remat"] for estimate in estimates] == [False, True]
     assert all(estimate["total_bytes"] > 0 for estimate in estimates)
-    assert "memory estimate exited 0" in completed.stderr
+    assert "memory estimate exited 0" in stderr
 
 
 def test_programs_expand_the_jax_train_rows_and_reach_the_model():
@@ -454,11 +464,9 @@ def test_programs_expand_the_jax_train_rows_and_reach_the_model():
 @pytest.mark.slow
 def test_gpu_step_waste_script_measures_the_programs_profiles_the_fastest_and_summarises(tmp_path):
     """benchmarks/gpu_step_waste.sh part a on the CPU, at smoke size (ResNets: the statistics programs only)."""
-    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    environment.update(
-        BENCH_REQUIRE_ACCELERATOR="0",
-        WHEELS_DIR=str(tmp_path / "no_wheels"),
+    _run_gpu_script_on_the_cpu(
+        "gpu_step_waste.sh",
+        tmp_path,
         STEP_WASTE_TOTAL_S="560",
         STEP_WASTE_CACHE=str(tmp_path / "cache"),
         STEP_WASTE_PROGRAMS="grouped/two_pass,grouped/one_pass",
@@ -466,11 +474,6 @@ def test_gpu_step_waste_script_measures_the_programs_profiles_the_fastest_and_su
         "--timed-steps 2",
         STEP_WASTE_PROFILE_SHAPE="--arch resnet_tiny --batch 2 --dtype float32 --size 64 --steps 1 --warmup 1",
     )
-    completed = subprocess.run(
-        ["bash", os.path.join(repository, "benchmarks", "gpu_step_waste.sh"), str(tmp_path / "out")],
-        capture_output=True, text=True, env=environment, timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     out = tmp_path / "out"
     (torch_row,) = json.loads((out / "torch.json").read_text())["rows"]
     assert torch_row["framework"] == "torch" and torch_row["status"] == "ok"
