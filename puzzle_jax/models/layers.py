@@ -49,6 +49,12 @@ def _statistics_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _scale_and_shift(x, mean, inverse_std, scale, bias):
+    # (x - mean) first, as torch does: folding the mean into the bias (x * a + (b - mean * a)) loses precision when
+    # |mean| >> std.
+    return (x - mean) * (inverse_std * scale) + bias
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _batch_norm_one_pass(groups, scale, bias, epsilon):
     """Training BatchNorm of ``groups`` (G, n, ..., C) with each group's statistics over its middle axes.
@@ -72,8 +78,7 @@ def _batch_norm_one_pass_forward(groups, scale, bias, epsilon):
     mean = shift + shifted_mean
     var = jnp.maximum(mean_square - jnp.square(shifted_mean), 0.0)
     inverse = jax.lax.rsqrt(var + epsilon)
-    # (x - mean) first, as in BatchNorm._normalize.
-    normalized = (x - mean) * (inverse * scale) + bias
+    normalized = _scale_and_shift(x, mean, inverse, scale, bias)
     # The activation is kept in its own dtype (bfloat16 stays bfloat16), as automatic differentiation would.
     return (normalized, mean, var), (groups, mean, inverse, scale)
 
@@ -351,12 +356,15 @@ class BatchNorm(nnx.Module):
             self.use_running_average = use_running_average
 
     def _normalize(self, x, mean, var, channels: slice):
-        # Everything in x's precision (float32 variables would otherwise cap a float64 computation), and
-        # (x - mean) first, as torch does: folding the mean into the bias (x * a + (b - mean * a)) loses
-        # precision when |mean| >> std.
+        # Everything in x's precision (float32 variables would otherwise cap a float64 computation).
         dtype = x.dtype
-        inverse = jax.lax.rsqrt(var.astype(dtype) + self.epsilon) * self.scale[...][channels].astype(dtype)
-        return (x - mean.astype(dtype)) * inverse + self.bias[...][channels].astype(dtype)
+        return _scale_and_shift(
+            x,
+            mean.astype(dtype),
+            jax.lax.rsqrt(var.astype(dtype) + self.epsilon),
+            self.scale[...][channels].astype(dtype),
+            self.bias[...][channels].astype(dtype),
+        )
 
     def _normalize_groups(self, groups: jax.Array, channels: slice) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Each group (axis 0) normalised with its statistics over everything but the group and channel axes;
