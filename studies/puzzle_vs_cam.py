@@ -88,6 +88,15 @@ class Recipe:
     more_images: bool = False
 
 
+def _standard_momentum(*sections: str) -> Overrides:
+    """Momentum 0.9 and learning rate 0.01 in these training sections, instead of the authors' effective momentum."""
+    return {
+        f"{section}.{field}": value
+        for section in sections
+        for field, value in (("momentum_mode", "standard"), ("momentum", "0.9"), ("learning_rate", "0.01"))
+    }
+
+
 RECIPES: tuple[Recipe, ...] = (
     Recipe("base", "configs/demo.py as it is"),
     Recipe(
@@ -97,20 +106,13 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe(
         "standard_momentum",
         "momentum 0.9 and lr 0.01 in both stages instead of the authors' effective momentum and lr 0.05",
-        {
-            f"{section}.{field}": value
-            for section in ("pretrain", "train_cam")
-            for field, value in (("momentum_mode", "standard"), ("momentum", "0.9"), ("learning_rate", "0.01"))
-        },
+        _standard_momentum("pretrain", "train_cam"),
     ),
     Recipe(
         "pretrain_momentum",
         "momentum 0.9 and lr 0.01 in the pretrain stage only (as ImageNet backbones are trained); train_cam as the "
         "authors",
-        {
-            f"pretrain.{field}": value
-            for field, value in (("momentum_mode", "standard"), ("momentum", "0.9"), ("learning_rate", "0.01"))
-        },
+        _standard_momentum("pretrain"),
     ),
     Recipe("more_images", "train_cam on 1,200 images instead of 600 (the first 600 the same)", more_images=True),
     Recipe("output_stride_8", "output stride 8 instead of 16 (pretrain too)", {"model.output_stride": "8"}),
