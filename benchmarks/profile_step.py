@@ -57,8 +57,6 @@ ELEMENTWISE = "elementwise fusions"
 COPIES = "copies/transposes"
 OTHER = "other"
 KERNEL_CLASSES = (CONVOLUTIONS, MATMULS, REDUCTIONS, ELEMENTWISE, COPIES, OTHER)
-GROUPED_CONV_CHOICES = ("grouped", "split", "block_diagonal")
-BN_STATISTICS_CHOICES = ("two_pass", "one_pass")
 
 _MEMORY = re.compile(r"memcpy|memset")
 _MATMUL_OP = re.compile(r"cublas|gemm|matmul|(^|[^a-z])dot([^a-z]|$)")
@@ -357,6 +355,8 @@ def profile_step(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    from puzzle_jax.models import BN_STATISTICS, GROUPED_CONV_IMPLEMENTATIONS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnest101")
     parser.add_argument("--batch", type=int, default=16, help="images per device")
@@ -367,9 +367,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--trace-dir", default="", help="where the profiler writes (default: a new temporary folder)")
     parser.add_argument("--json", default="", help="write the tables and timings here")
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
-    parser.add_argument("--grouped-conv", default=None, choices=GROUPED_CONV_CHOICES,
+    parser.add_argument("--grouped-conv", default=None, choices=GROUPED_CONV_IMPLEMENTATIONS,
                         help="model option grouped_conv (default: the model's)")
-    parser.add_argument("--bn-statistics", default=None, choices=BN_STATISTICS_CHOICES,
+    parser.add_argument("--bn-statistics", default=None, choices=BN_STATISTICS,
                         help="model option bn_statistics (default: the model's)")
     options = parser.parse_args(argv)
     for name in ("batch", "size", "steps", "top"):
