@@ -179,17 +179,17 @@ def test_dry_run_commands_share_pretrains_and_change_one_thing(capsys, monkeypat
     monkeypatch.chdir(REPO)  # the commands name configs/demo.py relative to the repository
     pretrains, runs, output = _dry_run(capsys, tmp_path)
     assert not os.path.exists(tmp_path / "data")  # a dry run writes nothing, not even the dataset
-    assert "14 rows: 10 distinct pretrains (10 to run) and 56 runs (56 to run); estimated" in output
+    assert "16 rows: 12 distinct pretrains (12 to run) and 64 runs (64 to run); estimated" in output
     assert "python -m studies.parts_dataset --out" in output
     # base and more_images share one pretrain per dataset, standard_momentum and pretrain_momentum another; every
     # other recipe pretrains on its own.
     assert set(pretrains) == {
         f"{dataset}/{recipe}" for dataset in ("demo", "parts")
-        for recipe in ("small_backbone", "long_pretrain", "output_stride_8")
+        for recipe in ("small_backbone", "long_pretrain", "output_stride_8", "combined")
     } | {f"{dataset}/base, {dataset}/more_images" for dataset in ("demo", "parts")} | {
         f"{dataset}/standard_momentum, {dataset}/pretrain_momentum" for dataset in ("demo", "parts")
     }
-    assert len(runs) == 56
+    assert len(runs) == 64
     pretrain_configs = {names: _parse(command) for names, command in pretrains.items()}
     run_configs = {name: _parse(command) for name, command in runs.items()}
     for name, config in run_configs.items():
@@ -204,8 +204,8 @@ def test_dry_run_commands_share_pretrains_and_change_one_thing(capsys, monkeypat
         assert pretrain_config["stages"] == ("pretrain",) and pretrain_config["seed"] == 0
         for field, value in pretrain_config.items():
             # (demo/more_images only asks for a larger train split, which leaves the pretrain split as it is.)
-            if field.startswith(("model.", "pretrain.", "data.")) and (row, field) != (
-                "demo/more_images", "data.builder_kwargs"
+            if field.startswith(("model.", "pretrain.", "data.")) and (
+                field != "data.builder_kwargs" or row not in ("demo/more_images", "demo/combined")
             ):
                 assert config[field] == value, (name, field)
         dataset = row.split("/")[0]
@@ -228,6 +228,9 @@ def test_dry_run_commands_share_pretrains_and_change_one_thing(capsys, monkeypat
     for dataset in ("demo", "parts"):
         base = run_configs[f"{dataset}/base cl seed 0"]
         expected["more_images"] = {"data.builder_kwargs"} if dataset == "demo" else {"train_cam.split"}
+        expected["combined"] = set().union(*(expected[recipe] for recipe in (
+            "small_backbone", "long_pretrain", "standard_momentum", "more_images"
+        )))
         for recipe, fields in expected.items():
             config = run_configs[f"{dataset}/{recipe} cl seed 0"]
             changed = {field for field in config if config[field] != base[field]} - {"train_cam.init_from"}
