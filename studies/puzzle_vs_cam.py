@@ -100,7 +100,7 @@ def _standard_momentum(*sections: str) -> Overrides:
     }
 
 
-RECIPES: tuple[Recipe, ...] = (
+_ONE_FACTOR_RECIPES: tuple[Recipe, ...] = (
     Recipe("base", "configs/demo.py as it is"),
     Recipe(
         "small_backbone", "resnet_small (2 blocks per stage) instead of resnet_tiny", {"model.arch": "resnet_small"}
@@ -119,15 +119,24 @@ RECIPES: tuple[Recipe, ...] = (
     ),
     Recipe("more_images", "train_cam on 1,200 images instead of 600 (the first 600 the same)", more_images=True),
     Recipe("output_stride_8", "output stride 8 instead of 16 (pretrain too)", {"model.output_stride": "8"}),
+)
+
+
+def _combined_recipe(name: str, recipe_names: Sequence[str]) -> Recipe:
+    """The one-factor recipes ``recipe_names`` applied together (each sets fields of its own)."""
+    parts = [recipe for recipe in _ONE_FACTOR_RECIPES if recipe.name in recipe_names]
+    overrides = {field: value for recipe in parts for field, value in recipe.overrides.items()}
+    return Recipe(
+        name, f"{', '.join(recipe_names)} together", overrides, more_images=any(recipe.more_images for recipe in parts)
+    )
+
+
+RECIPES: tuple[Recipe, ...] = (
+    *_ONE_FACTOR_RECIPES,
     # Not one factor: the setting nearest an independent PyTorch transcription of the authors' step that saw
     # Puzzle-CAM gain 2-3 points on another synthetic dataset (a deeper narrow ResNet, a long warm start, momentum
     # 0.9, more images), to tell whether the factors only act together.
-    Recipe(
-        "combined",
-        "small_backbone, long_pretrain, standard_momentum and more_images together",
-        {"model.arch": "resnet_small", "pretrain.epochs": "30", **_standard_momentum("pretrain", "train_cam")},
-        more_images=True,
-    ),
+    _combined_recipe("combined", ("small_backbone", "long_pretrain", "standard_momentum", "more_images")),
 )
 
 # The hidden --smoke option: a few steps on tiny images, for the runner's own test. Applied after the recipe (so
