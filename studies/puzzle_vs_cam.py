@@ -54,6 +54,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from puzzle_jax import fileio
+from puzzle_jax.evaluation import report
 from studies import parts_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -576,7 +577,7 @@ def format_row(result: Mapping[str, Any]) -> str:
 
     def thresholds(option: str) -> str:
         return ",".join(
-            f"{r['best_threshold']:.2f}" + (" (edge)" if r.get("best_threshold_at_sweep_edge") else "")
+            report.threshold_text(r["best_threshold"]) + (" (edge)" if r.get("best_threshold_at_sweep_edge") else "")
             for r in runs[option] if "miou" in r
         ) or "-"
 

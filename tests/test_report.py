@@ -61,7 +61,8 @@ def test_part_recall_is_printed_under_the_table_and_summarised_when_the_sweep_ha
     summary = report.sweep_summary(names, _result_with_parts())
     assert summary["part_recall"] == {"body": 0.34, "part": None}
     assert summary["per_threshold_part_recall"] == {
-        "body": {"0.05": 0.5, "0.1": 0.34, "0.15": 0.2}, "part": {"0.05": None, "0.1": None, "0.15": None}
+        "body": {"0.05": 0.5, "0.1": 0.34, "0.15": 0.2},
+        "part": {"0.05": None, "0.1": None, "0.15": None},
     }
     assert summary["part_pixels"] == {"body": 1200, "part": 0} and summary["num_images_with_parts"] == 2
     # The sweep-edge warning stays the last line.
@@ -75,7 +76,10 @@ def test_the_refinement_chain_reads_each_stage_summary_and_the_walk_at_its_thres
     pseudo = {"miou": 61.25, "miou_ignoring_predicted_void": 63.0}
     rows = report.refinement_chain(cam, walk, pseudo, rw_threshold=0.35)
     assert [(step, value) for step, value, _ in rows] == [
-        ("CAM", 50.0), ("+ random walk", 60.0), ("+ random walk", 58.5), ("+ dCRF (pseudo labels)", 61.25)
+        ("CAM", 50.0),
+        ("+ random walk", 60.0),
+        ("+ random walk", 58.5),
+        ("+ dCRF (pseudo labels)", 61.25),
     ]
     table = report.format_chain_table(rows)
     assert "61.25" in table and "63.00" in table and "at rw_threshold 0.35" in table
@@ -85,3 +89,23 @@ def test_the_refinement_chain_reads_each_stage_summary_and_the_walk_at_its_thres
         "+ dCRF (pseudo labels)"
     ]
     assert "n/a" in report.format_chain_table(report.refinement_chain(cam, walk, pseudo, rw_threshold=0.9))
+
+
+def test_a_fine_sweep_prints_its_thresholds_with_the_decimals_that_tell_them_apart():
+    names = ["background", "cat", "dog"]
+    fine = [0.001 * step for step in range(1, 21)]  # float steps, as an arange gives them: 0.006000000000000001
+    with_parts = {
+        **_result(fine[5], thresholds=fine),
+        "part_recall": {"body": 0.5, "part": 0.25},
+        "part_pixels": {"body": 1200, "part": 300},
+        "num_images_with_parts": 2,
+    }
+    table = report.format_sweep_table(names, with_parts)
+    first, *_, sweep, recall = table.splitlines()
+    assert first == "CAM mIoU: 60.00% at background threshold 0.006 (3 images)"
+    assert sweep.startswith("threshold sweep: 0.001:50.0  0.002:50.0") and "0.006:60.0" in sweep
+    assert recall.startswith("object recall at threshold 0.006:")
+    # The usual sweeps keep two decimals; a value that no decimals up to 6 print exactly gets 6.
+    assert report.threshold_decimals([0.05, 0.1, 0.75]) == 2
+    assert report.threshold_decimals([0.01 * step for step in range(1, 96)]) == 2
+    assert report.threshold_decimals([1 / 3]) == 6

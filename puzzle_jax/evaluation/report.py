@@ -36,6 +36,20 @@ def parts_for_json(result: dict) -> dict:
     }
 
 
+def threshold_decimals(thresholds: Sequence[float]) -> int:
+    """The decimals that print every threshold of a sweep exactly (at least 2, at most 6), so that a fine sweep
+    (e.g. 0.001 steps) does not print as repeated 0.00, 0.01, ..."""
+    for decimals in range(2, 7):
+        if all(abs(round(t, decimals) - t) < 1e-9 for t in thresholds):
+            return decimals
+    return 6
+
+
+def threshold_text(threshold: float) -> str:
+    """One threshold printed with the decimals it needs (at least 2)."""
+    return f"{threshold:.{threshold_decimals([threshold])}f}"
+
+
 def format_part_recall(result: dict) -> str | None:
     """The line that reports a sweep's part recall at its best threshold; None when it had no part maps."""
     if "part_recall" not in result:
@@ -46,9 +60,10 @@ def format_part_recall(result: dict) -> str | None:
         return "n/a" if value is None or np.isnan(value) else f"{100.0 * value:.1f}%"
 
     pixels = result["part_pixels"]
+    decimals = threshold_decimals(result["thresholds"])
     return (
-        f"object recall at threshold {result['best_threshold']:.2f}: body {shown('body')}, discriminative part "
-        f"{shown('part')} (of {pixels['body']} body and {pixels['part']} part pixels in "
+        f"object recall at threshold {result['best_threshold']:.{decimals}f}: body {shown('body')}, "
+        f"discriminative part {shown('part')} (of {pixels['body']} body and {pixels['part']} part pixels in "
         f"{result['num_images_with_parts']} images with part maps)"
     )
 
@@ -73,14 +88,15 @@ def format_sweep_table(class_names: Sequence[str], result: dict, *, title: str =
       result: the sweep result (``per_class_iou`` and ``miou`` in percent).
       title: heading line.
     """
+    decimals = threshold_decimals(result["thresholds"])
     lines = [
-        f"{title}: {result['miou']:.2f}% at background threshold {result['best_threshold']:.2f} "
+        f"{title}: {result['miou']:.2f}% at background threshold {result['best_threshold']:.{decimals}f} "
         f"({result['num_images']} images)",
         *_per_class_lines(class_names, result["per_class_iou"], result["miou"]),
     ]
     lines.append(
         "threshold sweep: "
-        + "  ".join(f"{t:.2f}:{m:.1f}" for t, m in zip(result["thresholds"], result["per_threshold_miou"]))
+        + "  ".join(f"{t:.{decimals}f}:{m:.1f}" for t, m in zip(result["thresholds"], result["per_threshold_miou"]))
     )
     part_recall = format_part_recall(result)
     if part_recall is not None:
@@ -167,18 +183,30 @@ def refinement_chain(
 
     rows = []
     if cam_summary is not None:
-        rows.append(("CAM", cam_summary["miou"], f"best background threshold {cam_summary['best_threshold']:.2f}"))
+        rows.append(
+            ("CAM", cam_summary["miou"], f"best background threshold {threshold_text(cam_summary['best_threshold'])}")
+        )
     if walk_summary is not None and "miou" in walk_summary:
         rows.append(
-            ("+ random walk", walk_summary["miou"], f"best background threshold {walk_summary['best_threshold']:.2f}")
+            (
+                "+ random walk",
+                walk_summary["miou"],
+                f"best background threshold {threshold_text(walk_summary['best_threshold'])}",
+            )
         )
-        rows.append(("+ random walk", at_threshold(walk_summary, rw_threshold), f"at rw_threshold {rw_threshold:.2f}"))
+        rows.append(
+            (
+                "+ random walk",
+                at_threshold(walk_summary, rw_threshold),
+                f"at rw_threshold {threshold_text(rw_threshold)}",
+            )
+        )
     if "miou" in pseudo_summary:
         rows.append(
             (
                 "+ dCRF (pseudo labels)",
                 pseudo_summary["miou"],
-                f"at rw_threshold {rw_threshold:.2f}; predicted 255 counted as wrong "
+                f"at rw_threshold {threshold_text(rw_threshold)}; predicted 255 counted as wrong "
                 f"(ignored: {pseudo_summary['miou_ignoring_predicted_void']:.2f}%)",
             )
         )

@@ -39,7 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir) -> dict:
         gallery_path = gallery.write_cam_gallery(
             workdir.gallery_dir("eval_cam"), source, workdir.cam_dir(), count=config.eval.gallery_images,
             class_names=info.class_names, threshold=result["best_threshold"],
-            title=f"CAMs of {workdir.root} ({split}, threshold {result['best_threshold']:.2f})",
+            title=f"CAMs of {workdir.root} ({split}, threshold {report.threshold_text(result['best_threshold'])})",
             run_name=os.path.basename(workdir.root), compare_dir=compare and compare.cam_dir(),
             compare_name=compare and os.path.basename(compare.root),
         )
