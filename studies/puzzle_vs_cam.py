@@ -124,8 +124,10 @@ _ONE_FACTOR_RECIPES: tuple[Recipe, ...] = (
 
 
 def _combined_recipe(name: str, recipe_names: Sequence[str]) -> Recipe:
-    """The one-factor recipes ``recipe_names`` applied together (each sets fields of its own)."""
-    parts = [recipe for recipe in _ONE_FACTOR_RECIPES if recipe.name in recipe_names]
+    """The one-factor recipes ``recipe_names`` applied together (each sets fields of its own); a name that is not
+    one of them is a KeyError."""
+    by_name = {recipe.name: recipe for recipe in _ONE_FACTOR_RECIPES}
+    parts = [by_name[name] for name in recipe_names]
     overrides = {field: value for recipe in parts for field, value in recipe.overrides.items()}
     return Recipe(
         name, f"{', '.join(recipe_names)} together", overrides, more_images=any(recipe.more_images for recipe in parts)
