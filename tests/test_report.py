@@ -61,8 +61,7 @@ def test_part_recall_is_printed_under_the_table_and_summarised_when_the_sweep_ha
     summary = report.sweep_summary(names, _result_with_parts())
     assert summary["part_recall"] == {"body": 0.34, "part": None}
     assert summary["per_threshold_part_recall"] == {
-        "body": {"0.05": 0.5, "0.1": 0.34, "0.15": 0.2},
-        "part": {"0.05": None, "0.1": None, "0.15": None},
+        "body": {"0.05": 0.5, "0.1": 0.34, "0.15": 0.2}, "part": {"0.05": None, "0.1": None, "0.15": None}
     }
     assert summary["part_pixels"] == {"body": 1200, "part": 0} and summary["num_images_with_parts"] == 2
     # The sweep-edge warning stays the last line.
@@ -76,10 +75,7 @@ def test_the_refinement_chain_reads_each_stage_summary_and_the_walk_at_its_thres
     pseudo = {"miou": 61.25, "miou_ignoring_predicted_void": 63.0}
     rows = report.refinement_chain(cam, walk, pseudo, rw_threshold=0.35)
     assert [(step, value) for step, value, _ in rows] == [
-        ("CAM", 50.0),
-        ("+ random walk", 60.0),
-        ("+ random walk", 58.5),
-        ("+ dCRF (pseudo labels)", 61.25),
+        ("CAM", 50.0), ("+ random walk", 60.0), ("+ random walk", 58.5), ("+ dCRF (pseudo labels)", 61.25)
     ]
     table = report.format_chain_table(rows)
     assert "61.25" in table and "63.00" in table and "at rw_threshold 0.35" in table
